@@ -1,0 +1,13 @@
+"""Build the shimcore Cython extension; all metadata lives in pyproject.toml."""
+from setuptools import Extension, setup
+from Cython.Build import cythonize
+
+extensions = [
+    Extension(
+        "shimcore._engine",
+        ["src/shimcore/_engine.pyx"],
+        extra_compile_args=["-O2", "-D_GNU_SOURCE"],
+    )
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

@@ -1,0 +1,38 @@
+"""Typed signatures of the compiled page cache (see _engine.pyx for the design)."""
+from typing import Any, Dict
+
+PAGE_SIZE: int
+
+class EngineError(OSError):
+    """An OSError raised by the engine; ``errno`` says what failed."""
+
+class PageCache:
+    """A bounded cache of 4 KiB pages of many backing files; thread-safe, GIL released for I/O."""
+
+    def __init__(self, cache_size: int) -> None: ...
+    def register(self, fd: int, size: int) -> int:
+        """Start caching backing fd ``fd`` of ``size`` bytes; return the file id."""
+    def unregister(self, fid: int) -> None:
+        """Forget the file and all its pages, dirty ones included (write back first)."""
+    def size(self, fid: int) -> int:
+        """The size this node believes the file has."""
+    def set_size(self, fid: int, size: int) -> None:
+        """Record a new size without touching pages (use truncate to shrink)."""
+    def dirty_bytes(self, fid: int) -> int:
+        """Bytes of dirty pages, in whole pages."""
+    def read(self, fid: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset``, fewer only at the cached end of file; misses are preadv'd."""
+    def prefetch(self, fid: int, offset: int, size: int) -> int:
+        """Load the pages of the range into the cache; return the bytes read from the backing file."""
+    def write(self, fid: int, offset: int, data: Any) -> int:
+        """Copy a buffer into the cache, mark it dirty, extend the size; return its length."""
+    def writeback(self, fid: int) -> int:
+        """pwritev all dirty runs (no fsync); on error keep them dirty and raise OSError."""
+    def truncate(self, fid: int, size: int) -> None:
+        """Set the size, drop pages past it and zero the tail of the last page."""
+    def invalidate(self, fid: int, offset: int, length: int) -> int:
+        """Drop clean pages overlapping the range; return how many were dropped."""
+    def file_stats(self, fid: int) -> Dict[str, int]: ...
+    def stats(self) -> Dict[str, int]: ...
+    def check(self) -> None:
+        """Assert the internal invariants (tests only)."""

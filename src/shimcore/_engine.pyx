@@ -1,0 +1,870 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled page cache: the data path between FUSE requests and backing files.
+
+One :class:`PageCache` owns a fixed arena of page slots (``cache_size`` bytes
+of anonymous memory), an open-addressing table from (file, page) to slot, a
+dirty bitmap per file, and the ``preadv``/``pwritev`` loops that move pages
+between the arena and the backing file descriptors.
+
+Concurrency (see docs/engine.md): every public method may be called from any
+thread.  All metadata (table, slot states, bitmaps, sizes, counters) is guarded
+by one pthread mutex that is only ever taken with the GIL released, and never
+held across a system call.  Slots are *pinned* while a thread copies into or
+out of them outside the mutex, and a pinned or LOADING slot is never evicted
+or reused.  The engine knows nothing of FUSE or trio.
+"""
+
+from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t, int32_t
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memset
+from libc.errno cimport errno, EINTR
+from posix.unistd cimport usleep
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t preadv(int fd, const iovec *iov, int iovcnt, long offset)
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, long offset)
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+DEF PAGE = 4096
+DEF PAGE_SHIFT = 12
+# Longest run moved by one preadv/pwritev: IOV_MAX (1024) iovecs of one page.
+DEF MAX_RUN = 1024
+
+# Slot states.
+DEF S_FREE = 0
+DEF S_LOADING = 1
+DEF S_VALID = 2
+
+cdef struct Slot:
+    int64_t file          # owning file id, -1 when free
+    int64_t page          # page index within the file
+    uint32_t pins         # threads copying in/out or writing back this slot
+    uint8_t state
+    uint8_t dirty
+    uint8_t ref           # CLOCK reference bit
+    uint8_t orphan        # dropped from the table while pinned: free on last unpin
+
+cdef struct FileRec:
+    int fd
+    int64_t size          # the size this node believes the file has
+    uint64_t *dirty       # one bit per page
+    int64_t nwords
+    int64_t ndirty        # pages set in the bitmap
+    int64_t cached        # slots owned by this file
+    # counters
+    uint64_t hits, misses, bytes_fetched, bytes_written, read_ops, write_ops, errors
+
+cdef inline uint64_t _hash(int64_t f, int64_t p) nogil:
+    cdef uint64_t h = <uint64_t>p * 0x9E3779B97F4A7C15ULL
+    h ^= <uint64_t>f * 0xC2B2AE3D27D4EB4FULL
+    h ^= h >> 29
+    return h
+
+
+class EngineError(OSError):
+    """An OSError raised by the engine; ``errno`` says what failed."""
+
+
+cdef class PageCache:
+    """A bounded cache of 4 KiB pages of many backing files.
+
+    ``cache_size`` bytes are reserved as anonymous memory (touched lazily, so
+    resident memory grows with use).  Files are registered with
+    :meth:`register` and addressed by the returned integer id.
+    """
+    cdef pthread_mutex_t mu
+    cdef char *arena
+    cdef size_t arena_len
+    cdef Slot *slots
+    cdef int64_t nslots
+    cdef int32_t *table
+    cdef int64_t tmask
+    cdef int64_t hand
+    cdef int64_t *freelist
+    cdef int64_t nfree
+    cdef FileRec **files
+    cdef int64_t nfiles_cap
+    cdef uint64_t evictions, wait_spins
+
+    def __cinit__(self, size_t cache_size):
+        pthread_mutex_init(&self.mu, NULL)
+        self.nslots = max(<int64_t>(cache_size // PAGE), 16)
+        self.arena_len = <size_t>self.nslots * PAGE
+        self.arena = <char *>mmap(NULL, self.arena_len, PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if <void *>self.arena == MAP_FAILED:
+            self.arena = NULL
+            raise MemoryError("cannot reserve %d bytes for the page cache" % self.arena_len)
+        self.slots = <Slot *>calloc(self.nslots, sizeof(Slot))
+        cdef int64_t tsize = 1
+        while tsize < 2 * self.nslots:
+            tsize <<= 1
+        self.table = <int32_t *>malloc(tsize * sizeof(int32_t))
+        self.freelist = <int64_t *>malloc(self.nslots * sizeof(int64_t))
+        self.nfiles_cap = 64
+        self.files = <FileRec **>calloc(self.nfiles_cap, sizeof(FileRec *))
+        if not self.slots or not self.table or not self.freelist or not self.files:
+            raise MemoryError()
+        self.tmask = tsize - 1
+        cdef int64_t i
+        for i in range(tsize):
+            self.table[i] = -1
+        for i in range(self.nslots):
+            self.slots[i].file = -1
+            self.freelist[i] = self.nslots - 1 - i
+        self.nfree = self.nslots
+
+    def __dealloc__(self):
+        cdef int64_t i
+        if self.files:
+            for i in range(self.nfiles_cap):
+                if self.files[i]:
+                    free(self.files[i].dirty)
+                    free(self.files[i])
+            free(self.files)
+        free(self.slots)
+        free(self.table)
+        free(self.freelist)
+        if self.arena:
+            munmap(self.arena, self.arena_len)
+        pthread_mutex_destroy(&self.mu)
+
+    # ------------------------------------------------------------------
+    # table (caller holds mu)
+    cdef inline int64_t _find(self, int64_t f, int64_t p) noexcept nogil:
+        cdef int64_t i = _hash(f, p) & self.tmask
+        cdef int32_t s
+        while True:
+            s = self.table[i]
+            if s < 0:
+                return -1
+            if self.slots[s].file == f and self.slots[s].page == p:
+                return s
+            i = (i + 1) & self.tmask
+
+    cdef inline void _insert(self, int64_t s) noexcept nogil:
+        cdef int64_t i = _hash(self.slots[s].file, self.slots[s].page) & self.tmask
+        while self.table[i] >= 0:
+            i = (i + 1) & self.tmask
+        self.table[i] = <int32_t>s
+
+    cdef void _remove(self, int64_t s) noexcept nogil:
+        """Take slot s out of the table (backward-shift deletion)."""
+        cdef int64_t i = _hash(self.slots[s].file, self.slots[s].page) & self.tmask
+        cdef int64_t j, k
+        cdef int32_t t
+        while self.table[i] != s:
+            i = (i + 1) & self.tmask
+        j = i
+        while True:
+            j = (j + 1) & self.tmask
+            t = self.table[j]
+            if t < 0:
+                break
+            k = _hash(self.slots[t].file, self.slots[t].page) & self.tmask
+            # move t into the hole at i unless its home k lies cyclically in (i, j]
+            if (j > i and (k <= i or k > j)) or (j < i and (k <= i and k > j)):
+                self.table[i] = t
+                i = j
+        self.table[i] = -1
+
+    cdef void _release_slot(self, int64_t s) noexcept nogil:
+        """Forget slot s entirely and put it on the free list."""
+        cdef FileRec *fr
+        if self.slots[s].file >= 0 and self.slots[s].file < self.nfiles_cap:
+            fr = self.files[self.slots[s].file]
+            if fr:
+                fr.cached -= 1
+        self.slots[s].file = -1
+        self.slots[s].state = S_FREE
+        self.slots[s].dirty = 0
+        self.slots[s].orphan = 0
+        self.slots[s].pins = 0
+        self.freelist[self.nfree] = s
+        self.nfree += 1
+
+    cdef void _drop(self, int64_t s) noexcept nogil:
+        """Remove s from the table; free it now or on its last unpin."""
+        self._remove(s)
+        if self.slots[s].pins:
+            self.slots[s].orphan = 1
+        else:
+            self._release_slot(s)
+
+    cdef inline void _unpin(self, int64_t s) noexcept nogil:
+        self.slots[s].pins -= 1
+        if self.slots[s].pins == 0 and self.slots[s].orphan:
+            self._release_slot(s)
+
+    cdef int64_t _alloc(self, int64_t f, int64_t p) noexcept nogil:
+        """A pinned LOADING slot for (f, p), or -1 if every slot is busy or dirty."""
+        cdef int64_t s = -1, n
+        if self.nfree:
+            self.nfree -= 1
+            s = self.freelist[self.nfree]
+        else:
+            n = 0
+            while n < 2 * self.nslots:
+                n += 1
+                s = self.hand
+                self.hand += 1
+                if self.hand == self.nslots:
+                    self.hand = 0
+                if self.slots[s].pins or self.slots[s].state != S_VALID or self.slots[s].dirty:
+                    s = -1
+                    continue
+                if self.slots[s].ref:
+                    self.slots[s].ref = 0
+                    s = -1
+                    continue
+                self.evictions += 1
+                self._drop(s)
+                self.nfree -= 1
+                s = self.freelist[self.nfree]
+                break
+            if s < 0:
+                return -1
+        self.slots[s].file = f
+        self.slots[s].page = p
+        self.slots[s].state = S_LOADING
+        self.slots[s].dirty = 0
+        self.slots[s].orphan = 0
+        self.slots[s].ref = 1
+        self.slots[s].pins = 1
+        self._insert(s)
+        self.files[f].cached += 1
+        return s
+
+    cdef int64_t _any_dirty_file(self) noexcept nogil:
+        cdef int64_t i
+        for i in range(self.nfiles_cap):
+            if self.files[i] and self.files[i].ndirty:
+                return i
+        return -1
+
+    # ------------------------------------------------------------------
+    # dirty bitmap (caller holds mu)
+    cdef int _bitmap_fit(self, FileRec *fr, int64_t page) noexcept nogil:
+        cdef int64_t need = page // 64 + 1, n
+        cdef uint64_t *nb
+        if need <= fr.nwords:
+            return 0
+        n = max(need, 2 * fr.nwords)
+        nb = <uint64_t *>realloc(fr.dirty, n * sizeof(uint64_t))
+        if not nb:
+            return -1
+        memset(nb + fr.nwords, 0, (n - fr.nwords) * sizeof(uint64_t))
+        fr.dirty = nb
+        fr.nwords = n
+        return 0
+
+    cdef inline void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil:
+        cdef int64_t p = self.slots[s].page
+        cdef uint64_t bit = 1ULL << (p & 63)
+        if not self.slots[s].dirty:
+            self.slots[s].dirty = 1
+        if not (fr.dirty[p >> 6] & bit):
+            fr.dirty[p >> 6] |= bit
+            fr.ndirty += 1
+
+    cdef inline void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
+        cdef uint64_t bit = 1ULL << (p & 63)
+        if p >> 6 < fr.nwords and fr.dirty[p >> 6] & bit:
+            fr.dirty[p >> 6] &= ~bit
+            fr.ndirty -= 1
+
+    cdef int64_t _next_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
+        """First dirty page >= p, or -1."""
+        cdef int64_t w = p >> 6
+        cdef uint64_t word
+        if w >= fr.nwords:
+            return -1
+        word = fr.dirty[w] & (~0ULL << (p & 63))
+        while True:
+            if word:
+                return (w << 6) + __builtin_ctzll(word)
+            w += 1
+            if w >= fr.nwords:
+                return -1
+            word = fr.dirty[w]
+
+    # ------------------------------------------------------------------
+    cdef FileRec *_file(self, int64_t fid) except NULL:
+        if fid < 0 or fid >= self.nfiles_cap or not self.files[fid]:
+            raise KeyError("no such file id %d" % fid)
+        return self.files[fid]
+
+    def register(self, int fd, int64_t size):
+        """Start caching backing file descriptor ``fd`` of ``size`` bytes; return its id."""
+        cdef int64_t i, fid = -1
+        cdef FileRec **nf
+        cdef FileRec *fr = <FileRec *>calloc(1, sizeof(FileRec))
+        if not fr:
+            raise MemoryError()
+        fr.fd = fd
+        fr.size = size
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for i in range(self.nfiles_cap):
+                if not self.files[i]:
+                    fid = i
+                    break
+            if fid < 0:
+                nf = <FileRec **>realloc(self.files, 2 * self.nfiles_cap * sizeof(FileRec *))
+                if nf:
+                    memset(nf + self.nfiles_cap, 0, self.nfiles_cap * sizeof(FileRec *))
+                    fid = self.nfiles_cap
+                    self.files = nf
+                    self.nfiles_cap *= 2
+            if fid >= 0:
+                self.files[fid] = fr
+            pthread_mutex_unlock(&self.mu)
+        if fid < 0:
+            free(fr)
+            raise MemoryError()
+        return fid
+
+    def unregister(self, int64_t fid):
+        """Forget a file and all its pages, dirty ones included (flush first)."""
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t s
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for s in range(self.nslots):
+                if self.slots[s].file == fid and not self.slots[s].orphan:
+                    self._drop(s)
+            # orphans still pinned by other threads keep pointing at fid; detach them
+            for s in range(self.nslots):
+                if self.slots[s].file == fid:
+                    self.slots[s].file = -2
+            self.files[fid] = NULL
+            pthread_mutex_unlock(&self.mu)
+        free(fr.dirty)
+        free(fr)
+
+    def size(self, int64_t fid):
+        """The size the cache holds for the file."""
+        return self._file(fid).size
+
+    def set_size(self, int64_t fid, int64_t size):
+        """Record a new size without touching cached pages (see :meth:`truncate`)."""
+        cdef FileRec *fr = self._file(fid)
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            fr.size = size
+            pthread_mutex_unlock(&self.mu)
+
+    def dirty_bytes(self, int64_t fid):
+        """Bytes in dirty pages of the file (whole pages)."""
+        return self._file(fid).ndirty * PAGE
+
+    # ------------------------------------------------------------------
+    cdef int _load(self, FileRec *fr, int64_t *slot_list, int64_t first_page,
+                   int64_t n) noexcept nogil:
+        """preadv pages [first_page, first_page+n) into the given slots (mu not held).
+
+        Bytes past the backing file's end read as zeros.  Returns 0 or an errno.
+        """
+        cdef iovec iov[MAX_RUN]
+        cdef int64_t i, done = 0, total = n * PAGE, off
+        cdef ssize_t r
+        cdef int64_t k, skip
+        while done < total:
+            # (re)build the iovec list from `done` onwards
+            k = 0
+            i = done // PAGE
+            skip = done - i * PAGE
+            while i < n:
+                iov[k].iov_base = self.arena + slot_list[i] * PAGE + skip
+                iov[k].iov_len = PAGE - skip
+                skip = 0
+                k += 1
+                i += 1
+            off = first_page * PAGE + done
+            r = preadv(fr.fd, iov, <int>k, off)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                return errno
+            if r == 0:
+                break
+            done += r
+        # zero the tail beyond the backing end
+        while done < total:
+            i = done // PAGE
+            skip = done - i * PAGE
+            memset(self.arena + slot_list[i] * PAGE + skip, 0, PAGE - skip)
+            done += PAGE - skip
+        return 0
+
+    cdef int _store(self, FileRec *fr, int64_t *slot_list, int64_t first_page,
+                    int64_t n, int64_t last_len) noexcept nogil:
+        """pwritev n slots to pages starting at first_page; the last one only last_len bytes."""
+        cdef iovec iov[MAX_RUN]
+        cdef int64_t i, done = 0, total = (n - 1) * PAGE + last_len, k, skip
+        cdef ssize_t r
+        while done < total:
+            k = 0
+            i = done // PAGE
+            skip = done - i * PAGE
+            while i < n:
+                iov[k].iov_base = self.arena + slot_list[i] * PAGE + skip
+                iov[k].iov_len = (PAGE if i < n - 1 else last_len) - skip
+                skip = 0
+                k += 1
+                i += 1
+            r = pwritev(fr.fd, iov, <int>k, first_page * PAGE + done)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                return errno
+            done += r
+        return 0
+
+    cdef void _discard(self, int64_t s) noexcept nogil:
+        """Give back a slot this thread allocated but never filled."""
+        if self.slots[s].orphan:
+            self._unpin(s)
+        else:
+            self.slots[s].pins -= 1
+            self._drop(s)
+
+    cdef int _fault_in(self, int64_t fid, FileRec *fr, int64_t p0, int64_t p1,
+                       int64_t *slot_of, bint for_write, int64_t w0, int64_t w1,
+                       int64_t *loaded) noexcept nogil:
+        """Pin a slot for every page in [p0, p1) and fill it from the backing file.
+
+        slot_of[i] receives the pinned slot of page p0+i, or -1 when the cache
+        is full and a read has to fetch that page uncached.  For writes, pages
+        wholly inside the byte range [w0, w1) are not read: their slots are
+        left LOADING (so no reader sees them) until the caller copies the new
+        bytes in and marks them VALID.  Returns 0, an errno, or -1 when a write
+        found no free or clean slot -- the caller then writes back and retries.
+        """
+        cdef int64_t i, s, n = p1 - p0, j, run0, err = 0, runs = 0
+        cdef int64_t *load = <int64_t *>malloc(n * sizeof(int64_t))
+        cdef char *fresh = <char *>calloc(n, 1)
+        cdef int64_t nload
+        cdef bint waiting
+        loaded[0] = 0
+        if not load or not fresh:
+            free(load)
+            free(fresh)
+            return 12  # ENOMEM
+        pthread_mutex_lock(&self.mu)
+        for i in range(n):
+            slot_of[i] = -2   # not resolved yet
+        while True:
+            waiting = False
+            nload = 0
+            for i in range(n):
+                if slot_of[i] != -2:
+                    continue
+                s = self._find(fid, p0 + i)
+                if s >= 0:
+                    if self.slots[s].state == S_LOADING:
+                        waiting = True      # another thread fills it: wait below
+                        continue
+                    self.slots[s].pins += 1
+                    self.slots[s].ref = 1
+                    fr.hits += 1
+                    slot_of[i] = s
+                    continue
+                s = self._alloc(fid, p0 + i)
+                if s < 0:
+                    if for_write:
+                        err = -1
+                        break
+                    slot_of[i] = -1
+                    continue
+                fr.misses += 1
+                slot_of[i] = s
+                fresh[i] = 1
+                if not (for_write and (p0 + i) * PAGE >= w0 and (p0 + i + 1) * PAGE <= w1):
+                    load[nload] = i
+                    nload += 1
+            if err:
+                break
+            pthread_mutex_unlock(&self.mu)
+            # read the missing pages in contiguous runs, mu not held
+            j = 0
+            while j < nload and not err:
+                run0 = j
+                j += 1
+                while j < nload and load[j] == load[j - 1] + 1 and j - run0 < MAX_RUN:
+                    j += 1
+                err = self._load_run(fr, slot_of, load, run0, j, p0)
+                runs += 1
+            pthread_mutex_lock(&self.mu)
+            if err:
+                break
+            for i in range(nload):
+                self.slots[slot_of[load[i]]].state = S_VALID
+                fresh[load[i]] = 0
+            fr.bytes_fetched += nload * PAGE
+            loaded[0] += nload
+            if not waiting:
+                break
+            pthread_mutex_unlock(&self.mu)
+            self.wait_spins += 1
+            usleep(50)
+            pthread_mutex_lock(&self.mu)
+        fr.read_ops += runs
+        if err:
+            if err > 0:
+                fr.errors += 1
+            for i in range(n):
+                if slot_of[i] >= 0:
+                    if fresh[i]:
+                        self._discard(slot_of[i])
+                    else:
+                        self._unpin(slot_of[i])
+                slot_of[i] = -1
+        pthread_mutex_unlock(&self.mu)
+        free(load)
+        free(fresh)
+        return <int>err
+
+    cdef int _load_run(self, FileRec *fr, int64_t *slot_of, int64_t *load,
+                       int64_t a, int64_t b, int64_t p0) noexcept nogil:
+        cdef int64_t tmp[MAX_RUN]
+        cdef int64_t i
+        for i in range(a, b):
+            tmp[i - a] = slot_of[load[i]]
+        return self._load(fr, tmp, p0 + load[a], b - a)
+
+    # ------------------------------------------------------------------
+    def read(self, int64_t fid, int64_t offset, int64_t size):
+        """Return ``size`` bytes at ``offset`` (fewer only at the cached end of file)."""
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t end, p0, p1, i, s, n, pos, a, b, loaded
+        cdef int err = 0
+        cdef char *out
+        cdef int64_t *slot_of
+        cdef ssize_t r
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = offset + size
+        if end > fr.size:
+            end = fr.size
+        if end <= offset:
+            return b""
+        res = PyBytes_FromStringAndSize(NULL, end - offset)
+        out = PyBytes_AS_STRING(res)
+        p0 = offset >> PAGE_SHIFT
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
+        n = p1 - p0
+        slot_of = <int64_t *>malloc(n * sizeof(int64_t))
+        if not slot_of:
+            raise MemoryError()
+        with nogil:
+            err = self._fault_in(fid, fr, p0, p1, slot_of, False, 0, 0, &loaded)
+            if not err:
+                pthread_mutex_lock(&self.mu)
+                for i in range(n):
+                    a = (p0 + i) * PAGE
+                    b = a + PAGE
+                    if a < offset:
+                        a = offset
+                    if b > end:
+                        b = end
+                    s = slot_of[i]
+                    if s >= 0:
+                        memcpy(out + (a - offset), self.arena + s * PAGE + (a - (p0 + i) * PAGE), b - a)
+                        self._unpin(s)
+                pthread_mutex_unlock(&self.mu)
+                # pages the full cache could not hold: read them straight through
+                for i in range(n):
+                    if slot_of[i] != -1 or err:
+                        continue
+                    a = (p0 + i) * PAGE
+                    b = a + PAGE
+                    if a < offset:
+                        a = offset
+                    if b > end:
+                        b = end
+                    pos = a
+                    while pos < b:
+                        r = pread(fr.fd, out + (pos - offset), b - pos, pos)
+                        if r < 0:
+                            if errno == EINTR:
+                                continue
+                            err = errno
+                            break
+                        if r == 0:
+                            memset(out + (pos - offset), 0, b - pos)
+                            break
+                        pos += r
+        free(slot_of)
+        if err:
+            raise EngineError(err, "backing read failed")
+        return res
+
+    def prefetch(self, int64_t fid, int64_t offset, int64_t size):
+        """Load the pages of [offset, offset+size) into the cache; return bytes fetched."""
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t end, p0, p1, i, n, loaded = 0
+        cdef int err = 0
+        cdef int64_t *slot_of
+        end = min(offset + size, fr.size)
+        if offset < 0 or end <= offset:
+            return 0
+        p0 = offset >> PAGE_SHIFT
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
+        n = p1 - p0
+        slot_of = <int64_t *>malloc(n * sizeof(int64_t))
+        if not slot_of:
+            raise MemoryError()
+        with nogil:
+            err = self._fault_in(fid, fr, p0, p1, slot_of, False, 0, 0, &loaded)
+            if not err:
+                pthread_mutex_lock(&self.mu)
+                for i in range(n):
+                    if slot_of[i] >= 0:
+                        self._unpin(slot_of[i])
+                pthread_mutex_unlock(&self.mu)
+        free(slot_of)
+        if err:
+            raise EngineError(err, "backing read failed")
+        return loaded * PAGE
+
+    def write(self, int64_t fid, int64_t offset, data):
+        """Copy ``data`` into the cache at ``offset``, marking the pages dirty.
+
+        Extends the cached size when the write ends past it.  When every slot
+        is dirty, dirty pages are written back first (and errors raised).
+        Returns the number of bytes taken.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef Py_buffer view
+        cdef int64_t end, p0, p1, i, s, n, a, b, victim, loaded
+        cdef int err = 0
+        cdef int64_t *slot_of
+        cdef const char *src
+        if offset < 0:
+            raise ValueError("negative offset")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len == 0:
+                return 0
+            src = <const char *>view.buf
+            end = offset + view.len
+            p0 = offset >> PAGE_SHIFT
+            p1 = (end + PAGE - 1) >> PAGE_SHIFT
+            n = p1 - p0
+            slot_of = <int64_t *>malloc(n * sizeof(int64_t))
+            if not slot_of:
+                raise MemoryError()
+            try:
+                while True:
+                    with nogil:
+                        pthread_mutex_lock(&self.mu)
+                        err = self._bitmap_fit(fr, p1 - 1)
+                        pthread_mutex_unlock(&self.mu)
+                        if not err:
+                            err = self._fault_in(fid, fr, p0, p1, slot_of, True, offset, end, &loaded)
+                    if err != -1:
+                        break
+                    # the cache is full of dirty or busy pages: write some back
+                    with nogil:
+                        pthread_mutex_lock(&self.mu)
+                        victim = self._any_dirty_file()
+                        pthread_mutex_unlock(&self.mu)
+                    if victim < 0:
+                        raise EngineError(16, "page cache too small for this write")  # EBUSY
+                    self.writeback(victim)
+                if err:
+                    raise EngineError(err, "backing read failed")
+                with nogil:
+                    pthread_mutex_lock(&self.mu)
+                    for i in range(n):
+                        s = slot_of[i]
+                        a = (p0 + i) * PAGE
+                        b = a + PAGE
+                        if a < offset:
+                            a = offset
+                        if b > end:
+                            b = end
+                        memcpy(self.arena + s * PAGE + (a - (p0 + i) * PAGE), src + (a - offset), b - a)
+                        self.slots[s].state = S_VALID
+                        if not self.slots[s].orphan:
+                            self._set_dirty(fr, s)
+                        self._unpin(s)
+                    if end > fr.size:
+                        fr.size = end
+                    fr.bytes_written += end - offset
+                    pthread_mutex_unlock(&self.mu)
+            finally:
+                free(slot_of)
+            return view.len
+        finally:
+            PyBuffer_Release(&view)
+
+    def writeback(self, int64_t fid):
+        """Write every dirty page of the file to its backing fd in coalesced runs.
+
+        Does not fsync.  On error the pages that were not written stay dirty
+        and an OSError carrying the errno is raised.  Returns bytes written.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t run[MAX_RUN]
+        cdef int64_t p, q, n, i, s, last_len, written = 0
+        cdef int err = 0
+        with nogil:
+            p = 0
+            while not err:
+                pthread_mutex_lock(&self.mu)
+                p = self._next_dirty(fr, p)
+                if p < 0 or p * PAGE >= fr.size:
+                    # dirty pages wholly past the end are stale after a truncate
+                    while p >= 0:
+                        self._clear_dirty(fr, p)
+                        s = self._find(fid, p)
+                        if s >= 0:
+                            self.slots[s].dirty = 0
+                        p = self._next_dirty(fr, p + 1)
+                    pthread_mutex_unlock(&self.mu)
+                    break
+                n = 0
+                q = p
+                while n < MAX_RUN and q * PAGE < fr.size and q >> 6 < fr.nwords \
+                        and fr.dirty[q >> 6] & (1ULL << (q & 63)):
+                    s = self._find(fid, q)
+                    if s < 0:
+                        break
+                    run[n] = s
+                    self.slots[s].pins += 1
+                    self.slots[s].dirty = 0
+                    self._clear_dirty(fr, q)
+                    n += 1
+                    q += 1
+                last_len = fr.size - (q - 1) * PAGE
+                if last_len > PAGE:
+                    last_len = PAGE
+                pthread_mutex_unlock(&self.mu)
+                if n == 0:
+                    # bitmap says dirty but no slot: cannot happen; clear it
+                    pthread_mutex_lock(&self.mu)
+                    self._clear_dirty(fr, p)
+                    pthread_mutex_unlock(&self.mu)
+                    p += 1
+                    continue
+                err = self._store(fr, run, p, n, last_len)
+                pthread_mutex_lock(&self.mu)
+                for i in range(n):
+                    s = run[i]
+                    if err and not self.slots[s].orphan:
+                        self._set_dirty(fr, s)     # keep it for a retry
+                    self._unpin(s)
+                if err:
+                    fr.errors += 1
+                else:
+                    fr.write_ops += 1
+                    written += (n - 1) * PAGE + last_len
+                pthread_mutex_unlock(&self.mu)
+                p = q
+        if err:
+            raise EngineError(err, "backing write failed")
+        return written
+
+    def truncate(self, int64_t fid, int64_t size):
+        """Set the cached size; drop pages past it and zero the tail of the last one."""
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t s, lastp, tail
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            lastp = (size + PAGE - 1) >> PAGE_SHIFT
+            for s in range(self.nslots):
+                if self.slots[s].file == fid and not self.slots[s].orphan \
+                        and self.slots[s].page >= lastp:
+                    self._clear_dirty(fr, self.slots[s].page)
+                    self.slots[s].dirty = 0
+                    self._drop(s)
+            tail = size & (PAGE - 1)
+            if tail:
+                s = self._find(fid, size >> PAGE_SHIFT)
+                if s >= 0 and self.slots[s].state == S_VALID:
+                    memset(self.arena + s * PAGE + tail, 0, PAGE - tail)
+            fr.size = size
+            pthread_mutex_unlock(&self.mu)
+
+    def invalidate(self, int64_t fid, int64_t offset, int64_t length):
+        """Drop clean cached pages overlapping [offset, offset+length); return how many."""
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t s, p0, p1, dropped = 0
+        p0 = offset >> PAGE_SHIFT
+        p1 = (offset + length + PAGE - 1) >> PAGE_SHIFT
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for s in range(self.nslots):
+                if self.slots[s].file == fid and not self.slots[s].orphan \
+                        and self.slots[s].state == S_VALID and not self.slots[s].dirty \
+                        and p0 <= self.slots[s].page < p1:
+                    self._drop(s)
+                    dropped += 1
+            pthread_mutex_unlock(&self.mu)
+        return dropped
+
+    def file_stats(self, int64_t fid):
+        """Counters of one file, as a dict."""
+        cdef FileRec *fr = self._file(fid)
+        return dict(size=fr.size, cached_bytes=fr.cached * PAGE, dirty_bytes=fr.ndirty * PAGE,
+                    hits=fr.hits, misses=fr.misses, bytes_fetched=fr.bytes_fetched,
+                    bytes_written=fr.bytes_written, backing_reads=fr.read_ops,
+                    backing_writes=fr.write_ops, errors=fr.errors)
+
+    def stats(self):
+        """Counters of the whole cache, as a dict."""
+        return dict(capacity_bytes=self.nslots * PAGE, used_bytes=(self.nslots - self.nfree) * PAGE,
+                    evictions=self.evictions, wait_spins=self.wait_spins,
+                    page_size=PAGE)
+
+    def check(self):
+        """Verify the internal invariants (for tests); raise AssertionError if broken."""
+        cdef int64_t s, used = 0, ndirty
+        cdef int64_t f
+        counts = {}
+        dirty = {}
+        for s in range(self.nslots):
+            if self.slots[s].file == -1:
+                continue
+            used += 1
+            assert self.slots[s].pins == 0, "slot %d still pinned" % s
+            assert self.slots[s].state == S_VALID, "slot %d state %d" % (s, self.slots[s].state)
+            f = self.slots[s].file
+            assert self._find(f, self.slots[s].page) == s, "slot %d not in table" % s
+            counts[f] = counts.get(f, 0) + 1
+            if self.slots[s].dirty:
+                dirty[f] = dirty.get(f, 0) + 1
+        assert used == self.nslots - self.nfree, "free list out of step"
+        for f in range(self.nfiles_cap):
+            if self.files[f]:
+                assert self.files[f].cached == counts.get(f, 0), "file %d cached count" % f
+                assert self.files[f].ndirty == dirty.get(f, 0), "file %d dirty count" % f
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, long offset)
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long) nogil
+
+PAGE_SIZE = PAGE

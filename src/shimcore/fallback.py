@@ -1,0 +1,235 @@
+"""Pure-Python page cache with the same API as :mod:`shimcore._engine`.
+
+It is the executable specification of the engine and the oracle that the
+differential tests compare the compiled engine against.  It is correct but
+slow: one ``os.preadv``/``os.pwritev`` per run, one ``threading.Lock`` held
+across everything, I/O included.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections import OrderedDict
+
+PAGE = 4096
+MAX_RUN = 1024
+
+
+class EngineError(OSError):
+    """An OSError raised by the engine; ``errno`` says what failed."""
+
+
+class _File:
+    __slots__ = ("fd", "size", "dirty", "counters")
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.size = size
+        self.dirty: set[int] = set()
+        self.counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_written=0,
+                             backing_reads=0, backing_writes=0, errors=0)
+
+
+class PageCache:
+    """A bounded LRU cache of 4 KiB pages of many backing files."""
+
+    def __init__(self, cache_size: int):
+        self._lock = threading.RLock()
+        self._nslots = max(cache_size // PAGE, 16)
+        self._pages: OrderedDict[tuple[int, int], bytearray] = OrderedDict()
+        self._files: dict[int, _File] = {}
+        self._next = 0
+        self._evictions = 0
+
+    # -- files -------------------------------------------------------------
+    def _file(self, fid: int) -> _File:
+        try:
+            return self._files[fid]
+        except KeyError:
+            raise KeyError("no such file id %d" % fid) from None
+
+    def register(self, fd: int, size: int) -> int:
+        with self._lock:
+            fid = 0
+            while fid in self._files:
+                fid += 1
+            self._files[fid] = _File(fd, size)
+            return fid
+
+    def unregister(self, fid: int) -> None:
+        with self._lock:
+            self._file(fid)
+            for key in [k for k in self._pages if k[0] == fid]:
+                del self._pages[key]
+            del self._files[fid]
+
+    def size(self, fid: int) -> int:
+        return self._file(fid).size
+
+    def set_size(self, fid: int, size: int) -> None:
+        with self._lock:
+            self._file(fid).size = size
+
+    def dirty_bytes(self, fid: int) -> int:
+        return len(self._file(fid).dirty) * PAGE
+
+    # -- pages -------------------------------------------------------------
+    def _load(self, f: _File, page: int) -> bytearray:
+        try:
+            data = os.pread(f.fd, PAGE, page * PAGE)
+        except OSError as e:
+            f.counters["errors"] += 1
+            raise EngineError(e.errno, "backing read failed") from None
+        f.counters["backing_reads"] += 1
+        f.counters["bytes_fetched"] += PAGE
+        return bytearray(data.ljust(PAGE, b"\0"))
+
+    def _room(self) -> bool:
+        """Evict the least recently used clean page; False if all are dirty."""
+        for key in self._pages:
+            if key[1] not in self._files[key[0]].dirty:
+                del self._pages[key]
+                self._evictions += 1
+                return True
+        return False
+
+    def _page(self, fid: int, page: int, fill: bool, must_cache: bool):
+        f = self._files[fid]
+        key = (fid, page)
+        buf = self._pages.get(key)
+        if buf is not None:
+            self._pages.move_to_end(key)
+            f.counters["hits"] += 1
+            return buf
+        f.counters["misses"] += 1
+        if len(self._pages) >= self._nslots and not self._room():
+            if must_cache:
+                return None
+            return self._load(f, page) if fill else bytearray(PAGE)
+        buf = self._load(f, page) if fill else bytearray(PAGE)
+        self._pages[key] = buf
+        return buf
+
+    def read(self, fid: int, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        with self._lock:
+            f = self._file(fid)
+            end = min(offset + size, f.size)
+            if end <= offset:
+                return b""
+            out = bytearray()
+            for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
+                buf = self._page(fid, p, True, False)
+                a, b = max(offset, p * PAGE), min(end, (p + 1) * PAGE)
+                out += buf[a - p * PAGE:b - p * PAGE]
+            return bytes(out)
+
+    def prefetch(self, fid: int, offset: int, size: int) -> int:
+        with self._lock:
+            f = self._file(fid)
+            end = min(offset + size, f.size)
+            fetched = 0
+            if offset < 0 or end <= offset:
+                return 0
+            for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
+                if (fid, p) not in self._pages:
+                    self._page(fid, p, True, False)
+                    fetched += PAGE
+            return fetched
+
+    def write(self, fid: int, offset: int, data) -> int:
+        if offset < 0:
+            raise ValueError("negative offset")
+        data = memoryview(data).cast("B")
+        if not len(data):
+            return 0
+        with self._lock:
+            f = self._file(fid)
+            end = offset + len(data)
+            f.size = max(f.size, end)   # before any write-back below clamps to it
+            for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
+                a, b = max(offset, p * PAGE), min(end, (p + 1) * PAGE)
+                whole = a == p * PAGE and b == (p + 1) * PAGE
+                while True:
+                    buf = self._page(fid, p, not whole, True)
+                    if buf is not None:
+                        break
+                    victim = next((i for i, g in self._files.items() if g.dirty), None)
+                    if victim is None:
+                        raise EngineError(errno.EBUSY, "page cache too small for this write")
+                    self.writeback(victim)
+                buf[a - p * PAGE:b - p * PAGE] = data[a - offset:b - offset]
+                f.dirty.add(p)
+            f.counters["bytes_written"] += len(data)
+            return len(data)
+
+    def writeback(self, fid: int) -> int:
+        with self._lock:
+            f = self._file(fid)
+            f.dirty = {p for p in f.dirty if p * PAGE < f.size}
+            pages = sorted(f.dirty)
+            written = 0
+            i = 0
+            while i < len(pages):
+                j = i + 1
+                while j < len(pages) and pages[j] == pages[j - 1] + 1 and j - i < MAX_RUN:
+                    j += 1
+                run = pages[i:j]
+                data = b"".join(bytes(self._pages[(fid, p)]) for p in run)
+                data = data[:f.size - run[0] * PAGE]
+                try:
+                    done = 0
+                    while done < len(data):
+                        done += os.pwrite(f.fd, data[done:], run[0] * PAGE + done)
+                except OSError as e:
+                    f.counters["errors"] += 1
+                    raise EngineError(e.errno, "backing write failed") from None
+                f.counters["backing_writes"] += 1
+                f.dirty.difference_update(run)
+                written += len(data)
+                i = j
+            return written
+
+    def truncate(self, fid: int, size: int) -> None:
+        with self._lock:
+            f = self._file(fid)
+            last = (size + PAGE - 1) // PAGE
+            for key in [k for k in self._pages if k[0] == fid and k[1] >= last]:
+                del self._pages[key]
+                f.dirty.discard(key[1])
+            tail = size % PAGE
+            buf = self._pages.get((fid, size // PAGE))
+            if tail and buf is not None:
+                buf[tail:] = bytes(PAGE - tail)
+            f.size = size
+
+    def invalidate(self, fid: int, offset: int, length: int) -> int:
+        with self._lock:
+            f = self._file(fid)
+            p0, p1 = offset // PAGE, (offset + length + PAGE - 1) // PAGE
+            keys = [k for k in self._pages
+                    if k[0] == fid and p0 <= k[1] < p1 and k[1] not in f.dirty]
+            for key in keys:
+                del self._pages[key]
+            return len(keys)
+
+    # -- introspection -----------------------------------------------------
+    def file_stats(self, fid: int) -> dict:
+        with self._lock:
+            f = self._file(fid)
+            cached = sum(1 for k in self._pages if k[0] == fid)
+            return dict(size=f.size, cached_bytes=cached * PAGE, dirty_bytes=len(f.dirty) * PAGE,
+                        **f.counters)
+
+    def stats(self) -> dict:
+        return dict(capacity_bytes=self._nslots * PAGE, used_bytes=len(self._pages) * PAGE,
+                    evictions=self._evictions, wait_spins=0, page_size=PAGE)
+
+    def check(self) -> None:
+        with self._lock:
+            assert len(self._pages) <= self._nslots
+            for fid, f in self._files.items():
+                for p in f.dirty:
+                    assert (fid, p) in self._pages, "dirty page %d of %d not cached" % (p, fid)
