@@ -1,0 +1,71 @@
+"""Async facade over the shimcore engine: every call runs in a worker thread.
+
+The engine releases the GIL for its copies and backing I/O, so these threads
+run in parallel with each other and with the trio thread that serves FUSE.
+Nothing here blocks the trio thread.  Prefetches run as background tasks in
+the mount's nursery, bounded by their own limiter so that they never starve
+the reads a process is waiting for.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+import shimcore
+
+from .readahead import Stream, chunks
+
+log = logging.getLogger(__name__)
+
+
+class AsyncCache:
+    """One engine, two thread pools (foreground and prefetch)."""
+
+    def __init__(self, cache_size: int, read_ahead_bytes: int, threads: int = 8,
+                 prefetch_threads: int = 4):
+        self.engine = shimcore.PageCache(cache_size)
+        # The window may not exceed a quarter of the cache: a stream that
+        # prefetches more than that evicts its own pages before they are read.
+        self.max_window = min(read_ahead_bytes, cache_size // 4)
+        self.limiter = trio.CapacityLimiter(threads)
+        self.prefetch_limiter = trio.CapacityLimiter(prefetch_threads)
+        self.nursery: trio.Nursery | None = None
+        self.prefetch_errors = 0
+
+    async def run(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def stream(self) -> Stream:
+        return Stream(self.max_window)
+
+    # -- data --------------------------------------------------------------
+    async def read(self, fid: int, stream: Stream | None, off: int, size: int) -> bytes:
+        if stream is not None and self.nursery is not None:
+            plan = stream.on_read(off, size)
+            if plan is not None:
+                for c_off, c_len in chunks(*plan):
+                    self.nursery.start_soon(self._prefetch, fid, c_off, c_len)
+        return await self.run(self.engine.read, fid, off, size)
+
+    async def _prefetch(self, fid: int, off: int, length: int) -> None:
+        try:
+            await trio.to_thread.run_sync(self.engine.prefetch, fid, off, length,
+                                          limiter=self.prefetch_limiter)
+        except (OSError, KeyError) as exc:
+            # The read that needs these pages will fetch them and report errors.
+            self.prefetch_errors += 1
+            log.debug("prefetch of file %d at %d failed: %s", fid, off, exc)
+
+    async def write(self, fid: int, off: int, data: bytes) -> int:
+        return await self.run(self.engine.write, fid, off, data)
+
+    async def writeback(self, fid: int, fd: int | None = None) -> int:
+        """Write dirty pages back; with ``fd``, fsync it afterwards (durable)."""
+        def work():
+            n = self.engine.writeback(fid)
+            if fd is not None:
+                os.fsync(fd)
+            return n
+        return await self.run(work)

@@ -1,0 +1,242 @@
+"""Command line: ``shimfs mount|umount|sync|stat``.
+
+Bad input is reported as one line on stderr with a non-zero exit status,
+never as a traceback (see :class:`shimfs.errors.UserError`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+from . import api
+from .config import parse_options
+from .errors import UserError
+
+PROG = "shimfs"
+READY_TIMEOUT = 60.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="shimfs: read/write mmap for files on file systems that cannot map them. "
+                    "Mount it, then `ln -s /data/file MOUNTPOINT` and map MOUNTPOINT/file.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    m = sub.add_parser("mount", help="mount shimfs on a directory",
+                       description="Mount shimfs on MOUNTPOINT. Returns once the mount answers, "
+                                   "unless -f is given.",
+                       epilog="options (-o, comma-separated): backing=DIR (where new files are "
+                              "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
+                              "1024), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
+                              "verbose, allow_other, log=FILE")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, comma-separated (see below)")
+    m.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    m.add_argument("mountpoint")
+
+    u = sub.add_parser("umount", help="write everything back and unmount",
+                       description="Write all dirty data back (fsynced), unmount and wait for "
+                                   "the daemon to exit. Refuses if data cannot be written back, "
+                                   "unless --force.")
+    u.add_argument("--force", action="store_true",
+                   help="unmount even if dirty data cannot be written back (it is lost), "
+                        "or the daemon is gone")
+    u.add_argument("mountpoint")
+
+    s = sub.add_parser("sync", help="write a file's (or a whole mount's) dirty pages back",
+                       description="Like msync(MS_SYNC) from a shell: dirty pages reach the "
+                                   "backing file, which is fsynced, before this returns.")
+    s.add_argument("path")
+
+    st = sub.add_parser("stat", help="show cache counters of a file or mount")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"mount": cmd_mount, "umount": cmd_umount, "sync": cmd_sync,
+                "stat": cmd_stat}[args.cmd](args)
+    except UserError as exc:
+        print("%s: %s" % (PROG, exc), file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check_mountpoint(path: str) -> str:
+    full = os.path.abspath(path)
+    if not os.path.exists(full):
+        raise UserError("mountpoint %s does not exist" % full)
+    if not os.path.isdir(full):
+        raise UserError("mountpoint %s is not a directory" % full)
+    if os.path.ismount(full):
+        raise UserError("%s is already a mount point" % full)
+    return full
+
+
+def _setup_logging(config, foreground: bool) -> None:
+    level = logging.DEBUG if config.verbose else logging.INFO
+    if config.log:
+        handler: logging.Handler = logging.FileHandler(config.log)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s shimfs[%(process)d] %(levelname)s "
+                                           "%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not config.verbose:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def cmd_mount(args) -> int:
+    mnt = _check_mountpoint(args.mountpoint)
+    config = parse_options(args.options)
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("/dev/fuse is missing: load the fuse module", 1)
+    if not args.foreground:
+        return _spawn_daemon(args, mnt)
+    from .mount import serve
+    _setup_logging(config, foreground=args.ready_fd is None)
+
+    def ready():
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ok\n")
+            os.close(args.ready_fd)
+            # From now on nobody reads our stderr: send it to the log or nowhere.
+            devnull = os.open(config.log or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+    serve(mnt, config, ready)
+    return 0
+
+
+def _spawn_daemon(args, mnt: str) -> int:
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "shimfs", "mount", "-f", "--ready-fd", str(w)]
+    for o in args.options:
+        cmd += ["-o", o]
+    cmd.append(mnt)
+    proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd="/")
+    os.close(w)
+    deadline = time.monotonic() + READY_TIMEOUT
+    status = b""
+    while time.monotonic() < deadline:
+        rl, _, _ = select.select([r], [], [], 0.5)
+        if rl:
+            status = os.read(r, 64)
+            break
+        if proc.poll() is not None:
+            break
+    os.close(r)
+    # What the daemon said before it was ready (notices or the error).
+    err = b""
+    if status.startswith(b"ok"):
+        proc.stderr.close()
+    else:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        err = proc.stderr.read()
+        proc.stderr.close()
+    if not status.startswith(b"ok"):
+        lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+        msg = lines[-1] if lines else "the daemon did not start (exit status %s)" % proc.returncode
+        if msg.startswith(PROG + ": "):
+            msg = msg[len(PROG) + 2:]
+        raise UserError(msg, 1)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mnt):
+        # A dead daemon leaves a mount that stat() fails on (ENOTCONN).
+        if not _is_fuse_mount(mnt):
+            raise UserError("%s is not mounted" % mnt)
+    pid = None
+    try:
+        pid = int(api.control_get(mnt, "user.shimfs.pid"))
+        api.sync(mnt)
+    except UserError:
+        raise
+    except OSError as exc:
+        if not args.force:
+            raise UserError("cannot write back %s (%s); nothing unmounted. Use --force to "
+                            "unmount anyway and lose unwritten data" % (mnt, exc.strerror), 1)
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [fusermount, "-u"] if fusermount else ["umount"]
+    if args.force:
+        cmd += ["-z"] if fusermount else ["-l"]
+    res = subprocess.run(cmd + [mnt], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if res.returncode:
+        raise UserError("cannot unmount %s: %s" % (mnt, res.stdout.strip().splitlines()[-1]
+                                                     if res.stdout.strip() else "failed"), 1)
+    if pid:
+        _wait_exit(pid, 30.0)
+    return 0
+
+
+def _is_fuse_mount(mnt: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == mnt and line.split()[2].startswith("fuse")
+                   for line in f)
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+
+
+def cmd_sync(args) -> int:
+    try:
+        api.sync(args.path)
+    except OSError as exc:
+        raise UserError("sync %s failed: %s" % (args.path, exc.strerror), 1)
+    return 0
+
+
+def cmd_stat(args) -> int:
+    data = api.stats(args.path)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    for section in ("file", "mount"):
+        if section in data:
+            print("%s:" % section)
+            for k, v in sorted(data[section].items()):
+                print("  %-24s %s" % (k, v))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Mount options: parsing ``-o a=b,c`` strings into a frozen, validated Config.
+
+Every option is documented on its field.  Parsing raises :class:`UserError`
+with a one-line message for anything unknown or malformed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from .errors import UserError
+
+PAGE = 4096
+_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_CACHE = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    #: Directory under which files created in the mount get their backing
+    #: files; subdirectories of the mount are subdirectories there.  As in
+    #: the original kernel module it defaults to /dev/shm.
+    backing: str = "/dev/shm"
+    #: Read-ahead, in 4 KiB pages (the original module's unit and default):
+    #: the largest window a sequential stream prefetches from the backing file,
+    #: and the kernel's read_ahead_kb for the mount (as root).
+    read_ahead: int = 1024
+    #: Bytes of the daemon's page cache (the bound of its data memory).
+    cache_size: int = 256 << 20
+    #: Log every operation (debug level).
+    verbose: bool = False
+    #: Let users other than the mounting one use the mount (FUSE allow_other).
+    allow_other: bool = False
+    #: Append the daemon's log here (default: syslog when the daemon runs in
+    #: the background, stderr in the foreground).
+    log: str | None = None
+
+    @property
+    def read_ahead_bytes(self) -> int:
+        return self.read_ahead * PAGE
+
+
+def parse_size(text: str, what: str) -> int:
+    """``256M`` -> 268435456.  K/M/G/T suffixes are powers of 1024."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise UserError("%s: %r is not a size (use a number with an optional K, M or G suffix)"
+                        % (what, text))
+    return int(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+def _parse_int(text: str, what: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()):
+        raise UserError("%s: %r is not a non-negative whole number" % (what, text))
+    return int(text)
+
+
+_FLAGS = {"verbose", "allow_other"}
+_VALUED = {"backing", "read_ahead", "cache_size", "log"}
+
+
+def parse_options(opts: list[str]) -> Config:
+    """Turn the ``-o`` arguments (each a comma-separated list) into a Config."""
+    values: dict = {}
+    for group in opts:
+        for item in group.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, val = item.partition("=")
+            if key in _FLAGS:
+                if sep and val not in ("1", "0", "true", "false", "yes", "no"):
+                    raise UserError("option %s takes no value (got %r)" % (key, val))
+                values[key] = (not sep) or val in ("1", "true", "yes")
+            elif key in _VALUED:
+                if not sep or val == "":
+                    raise UserError("option %s needs a value: %s=..." % (key, key))
+                values[key] = val
+            else:
+                raise UserError("unknown mount option %r (known: %s)"
+                                % (key, ", ".join(sorted(_FLAGS | _VALUED))))
+    kw: dict = {}
+    if "backing" in values:
+        kw["backing"] = values["backing"]
+    if "read_ahead" in values:
+        kw["read_ahead"] = _parse_int(values["read_ahead"], "read_ahead")
+    if "cache_size" in values:
+        kw["cache_size"] = parse_size(values["cache_size"], "cache_size")
+        if kw["cache_size"] < MIN_CACHE:
+            raise UserError("cache_size: %s is too small (at least 16M)" % values["cache_size"])
+    if "log" in values:
+        kw["log"] = os.path.abspath(values["log"])
+    for flag in _FLAGS:
+        if flag in values:
+            kw[flag] = values[flag]
+    cfg = Config(**kw)
+    return dataclasses.replace(cfg, backing=check_backing(cfg.backing))
+
+
+def check_backing(path: str) -> str:
+    """The absolute backing directory, or a UserError saying what is wrong with it."""
+    full = os.path.abspath(path)
+    if not os.path.exists(full):
+        raise UserError("backing directory %s does not exist" % full)
+    if not os.path.isdir(full):
+        raise UserError("backing directory %s is not a directory" % full)
+    if not os.access(full, os.W_OK | os.X_OK):
+        raise UserError("backing directory %s is not writable" % full)
+    return os.path.realpath(full)

@@ -1,0 +1,79 @@
+"""Mount lifecycle: mount, serve, flush everything on the way out, unmount.
+
+``serve()`` runs in the daemon process.  It mounts with pyfuse3, starts the
+trio loop with a nursery for background work (prefetch, tuning), handles
+SIGINT/SIGTERM by writing all dirty data back and leaving the main loop, and
+always unmounts.  ``ready`` is called once the mount answers requests.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pyfuse3
+import trio
+
+from .config import Config
+from .errors import UserError
+from .fuseops import ShimOperations
+from .tuning import tune
+from .vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+
+def fuse_options(config: Config) -> set[str]:
+    opts = set(pyfuse3.default_options)     # default_permissions: the kernel checks modes
+    opts |= {"fsname=shimfs", "subtype=shimfs"}
+    if config.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def serve(mountpoint: str, config: Config, ready=lambda: None) -> None:
+    vfs = Vfs(config)
+    ops = ShimOperations(vfs)
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options(config))
+    except RuntimeError as exc:
+        raise UserError("cannot mount %s: %s" % (mountpoint, exc), 1) from None
+    unmount = True
+    try:
+        trio.run(_main, vfs, mountpoint, config, ready)
+    except BaseException:
+        unmount = True
+        raise
+    finally:
+        pyfuse3.close(unmount=unmount)
+
+
+async def _main(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
+    async with trio.open_nursery() as nursery:
+        vfs.cache.nursery = nursery
+        nursery.start_soon(_signals, vfs)
+        nursery.start_soon(_after_mount, mountpoint, config, ready)
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+        finally:
+            nursery.cancel_scope.cancel()
+    vfs.cache.nursery = None
+    await vfs.close_all()
+
+
+async def _after_mount(mountpoint: str, config: Config, ready) -> None:
+    # stat() needs the kernel's INIT answered, which main() does: thread it.
+    for line in await trio.to_thread.run_sync(tune, mountpoint, config.read_ahead):
+        log.warning("%s", line)
+    ready()
+
+
+async def _signals(vfs: Vfs) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %d: writing back and unmounting", sig)
+            failed = await vfs.sync_all()
+            for path, exc in failed:
+                log.error("could not write back %s: %s", path, exc)
+            pyfuse3.terminate()
+            return
