@@ -1,0 +1,267 @@
+"""Real mounts: shadows, created files, mmap, msync, truncate, namespace ops.
+
+Each data test runs over a local backing directory and over the GlusterFS
+stand-in (where the backing file itself cannot be mapped), and compares bytes
+with the backing file read directly.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+
+import pytest
+
+SIZES = [0, 1, 4095, 4097, (1 << 20) + 1]
+
+
+def _make(path: str, size: int, seed: int = 0) -> bytes:
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    data = bytes((b + seed) & 0xFF for b in data[:4096]) + data[4096:]
+    data = os.urandom(size) if size > 8192 else data
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_standin_refuses_shared_mmap(gluster):
+    path = os.path.join(gluster, "refuse-mmap")
+    _make(path, 8192)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as info:
+            mmap.mmap(fd, 0, mmap.MAP_SHARED)
+        assert info.value.errno == errno.ENODEV
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_shadow_is_regular_file_with_backing_bytes(mnt, data_dir, size):
+    src = os.path.join(data_dir, "file%d" % size)
+    data = _make(src, size)
+    os.symlink(src, os.path.join(mnt, "shadow"))
+    shadow = os.path.join(mnt, "shadow")
+    st = os.lstat(shadow)
+    assert stat.S_ISREG(st.st_mode)
+    assert st.st_size == size
+    assert st.st_mtime_ns == os.stat(src).st_mtime_ns
+    assert _read(shadow) == data
+    assert os.getxattr(shadow, "user.shimfs.backing") == os.fsencode(src)
+
+
+def test_ln_into_mountpoint_uses_basename_and_relative_targets(mnt, data_dir):
+    src = os.path.join(data_dir, "dataset.bin")
+    data = _make(src, 10000)
+    # `ln -s /data/file MOUNTPOINT`
+    import subprocess
+    subprocess.run(["ln", "-s", src, mnt], check=True)
+    assert _read(os.path.join(mnt, "dataset.bin")) == data
+    # a relative target resolves against the cwd of the process that ran ln
+    subprocess.run(["ln", "-s", "dataset.bin", os.path.join(mnt, "rel")], check=True,
+                   cwd=data_dir)
+    assert _read(os.path.join(mnt, "rel")) == data
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4097, (1 << 20) + 1])
+def test_mapped_write_msync_reaches_backing(mnt, data_dir, size):
+    src = os.path.join(data_dir, "m%d" % size)
+    data = bytearray(_make(src, size))
+    os.symlink(src, os.path.join(mnt, "m"))
+    fd = os.open(os.path.join(mnt, "m"), os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        assert m[:] == bytes(data)
+        for off in sorted({0, size // 2, size - 1, 4095 % size, 4096 % size}):
+            m[off] = (data[off] + 1) & 0xFF
+            data[off] = (data[off] + 1) & 0xFF
+        m.flush()        # msync(MS_SYNC)
+        assert _read(src) == bytes(data)
+        assert os.path.getsize(src) == size
+        m.close()
+    finally:
+        os.close(fd)
+    assert _read(src) == bytes(data)
+
+
+def test_large_mapped_scan_and_rewrite_with_eviction(mnt, data_dir):
+    """64 MiB through a 32 MiB daemon cache: pages are evicted and re-read."""
+    size = 64 << 20
+    src = os.path.join(data_dir, "big")
+    data = bytearray(_make(src, size))
+    os.symlink(src, os.path.join(mnt, "big"))
+    fd = os.open(os.path.join(mnt, "big"), os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            assert m[:] == bytes(data)
+            pattern = os.urandom(4096)
+            for off in range(0, size, 1 << 20):
+                m[off + 100:off + 100 + 4096] = pattern
+                data[off + 100:off + 100 + 4096] = pattern
+            m.flush()
+    finally:
+        os.close(fd)
+    assert _read(src) == bytes(data)
+
+
+def test_rm_shadow_keeps_backing(mnt, data_dir):
+    src = os.path.join(data_dir, "keep")
+    data = _make(src, 5000)
+    os.symlink(src, os.path.join(mnt, "keep"))
+    with open(os.path.join(mnt, "keep"), "r+b") as f:
+        f.write(b"Z")
+    data = b"Z" + data[1:]
+    os.unlink(os.path.join(mnt, "keep"))
+    assert not os.path.exists(os.path.join(mnt, "keep"))
+    assert _read(src) == data
+
+
+def test_write_and_truncate_pass_through(mnt, data_dir):
+    src = os.path.join(data_dir, "wt")
+    data = bytearray(_make(src, 10000))
+    os.symlink(src, os.path.join(mnt, "wt"))
+    path = os.path.join(mnt, "wt")
+    with open(path, "r+b") as f:
+        f.seek(5000)
+        f.write(b"middle")           # never changes the size
+        data[5000:5006] = b"middle"
+    assert os.path.getsize(src) == 10000
+    assert _read(src) == bytes(data)
+    with open(path, "r+b") as f:
+        f.seek(12000)
+        f.write(b"tail")             # extends, with a hole of zeros
+    data += bytes(2000) + b"tail"
+    assert _read(src) == bytes(data)
+    os.truncate(path, 4097)
+    assert os.path.getsize(src) == 4097
+    assert os.path.getsize(path) == 4097
+    assert _read(path) == bytes(data[:4097])
+    os.truncate(path, 9000)
+    assert _read(src) == bytes(data[:4097]) + bytes(9000 - 4097)
+    assert _read(path) == _read(src)
+    os.truncate(path, 0)
+    assert os.path.getsize(src) == 0 and _read(path) == b""
+
+
+def test_fsync_and_close_flush(mnt, data_dir):
+    src = os.path.join(data_dir, "fs")
+    _make(src, 0)
+    os.symlink(src, os.path.join(mnt, "fs"))
+    fd = os.open(os.path.join(mnt, "fs"), os.O_RDWR)
+    try:
+        os.write(fd, b"a" * 7000)
+        os.fsync(fd)
+        assert _read(src) == b"a" * 7000
+        os.pwrite(fd, b"b" * 10, 3)
+    finally:
+        os.close(fd)
+    assert _read(src) == b"aaa" + b"b" * 10 + b"a" * (7000 - 13)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_created_file_gets_backing_file(mnt, backing, size):
+    data = os.urandom(size)
+    path = os.path.join(mnt, "created")
+    with open(path, "wb") as f:
+        f.write(data)
+    assert _read(os.path.join(backing, "created")) == data
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0) if size else None
+        if m is not None:
+            m[0:1] = b"!"
+            m.flush()
+            m.close()
+            data = b"!" + data[1:]
+    assert _read(os.path.join(backing, "created")) == data
+    os.truncate(path, size // 2)
+    assert _read(os.path.join(backing, "created")) == data[:size // 2]
+    os.unlink(path)
+    assert not os.path.exists(os.path.join(backing, "created"))
+
+
+def test_directories_map_to_backing_subdirectories(mnt, backing):
+    os.makedirs(os.path.join(mnt, "a", "b"))
+    with open(os.path.join(mnt, "a", "b", "f"), "wb") as f:
+        f.write(b"deep")
+    assert _read(os.path.join(backing, "a", "b", "f")) == b"deep"
+    assert sorted(os.listdir(mnt)) == ["a"]
+    assert os.listdir(os.path.join(mnt, "a")) == ["b"]
+    with pytest.raises(OSError) as info:
+        os.rmdir(os.path.join(mnt, "a"))
+    assert info.value.errno == errno.ENOTEMPTY
+    os.rename(os.path.join(mnt, "a"), os.path.join(mnt, "c"))
+    assert _read(os.path.join(backing, "c", "b", "f")) == b"deep"
+    assert _read(os.path.join(mnt, "c", "b", "f")) == b"deep"
+    os.rename(os.path.join(mnt, "c", "b", "f"), os.path.join(mnt, "g"))
+    assert _read(os.path.join(backing, "g")) == b"deep"
+    os.rmdir(os.path.join(mnt, "c", "b"))
+    os.rmdir(os.path.join(mnt, "c"))
+    assert not os.path.exists(os.path.join(backing, "c"))
+    assert sorted(os.listdir(backing)) == ["g"]
+
+
+def test_rename_shadow_keeps_backing_where_it_is(mnt, data_dir, backing):
+    src = os.path.join(data_dir, "r")
+    data = _make(src, 4097)
+    os.symlink(src, os.path.join(mnt, "r1"))
+    os.mkdir(os.path.join(mnt, "d"))
+    os.rename(os.path.join(mnt, "r1"), os.path.join(mnt, "d", "r2"))
+    assert _read(os.path.join(mnt, "d", "r2")) == data
+    assert _read(src) == data
+    assert os.listdir(os.path.join(backing, "d")) == []
+
+
+def test_errors_inside_the_mount(mnt, data_dir):
+    with pytest.raises(FileNotFoundError):
+        os.stat(os.path.join(mnt, "nope"))
+    with pytest.raises(FileNotFoundError):
+        os.symlink(os.path.join(data_dir, "missing"), os.path.join(mnt, "x"))
+    with pytest.raises(IsADirectoryError):
+        os.symlink(data_dir, os.path.join(mnt, "x"))
+    with pytest.raises(OSError) as info:
+        os.mkfifo(os.path.join(mnt, "fifo"))
+    assert info.value.errno == errno.EPERM
+    fifo = os.path.join(data_dir, "fifo")
+    if not data_dir.startswith("/run/"):
+        os.mkfifo(fifo)
+        with pytest.raises(OSError) as info:
+            os.symlink(fifo, os.path.join(mnt, "x"))
+        assert info.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as info:
+        os.link(os.path.join(mnt, "nope2"), os.path.join(mnt, "y"))
+    os.mkdir(os.path.join(mnt, "d"))
+    with pytest.raises(IsADirectoryError):
+        os.unlink(os.path.join(mnt, "d"))
+    assert os.listdir(mnt) == ["d"]      # the daemon is still serving
+
+
+def test_statfs_reports_backing_space(mnt, backing):
+    a, b = os.statvfs(mnt), os.statvfs(backing)
+    assert a.f_blocks * a.f_frsize == b.f_blocks * b.f_frsize
+
+
+def test_stats_and_sync_interfaces(mnt, data_dir):
+    import shimfs
+    from conftest import shimfs_cmd
+    src = os.path.join(data_dir, "s")
+    _make(src, 1 << 20)
+    os.symlink(src, os.path.join(mnt, "s"))
+    path = os.path.join(mnt, "s")
+    with open(path, "r+b") as f:
+        f.read()
+        f.write(b"x")
+        st = shimfs.stats(path)
+        assert st["file"]["backing"] == src
+        assert st["file"]["bytes_fetched"] >= 1 << 20
+        shimfs.sync(path)
+        assert shimfs.stats(path)["file"]["dirty_bytes"] == 0
+    out = shimfs_cmd("stat", "--json", path).stdout
+    assert '"backing"' in out
+    shimfs_cmd("sync", path)
