@@ -651,22 +651,35 @@ cdef class PageCache:
 
         Extends the cached size when the write ends past it.  When every slot
         is dirty, dirty pages are written back first (and errors raised).
-        Returns the number of bytes taken.
+        Large writes go in pieces of at most a quarter of the cache, so any
+        write fits.  Returns the number of bytes taken.
         """
-        cdef FileRec *fr = self._file(fid)
         cdef Py_buffer view
+        cdef int64_t done = 0, piece, step
+        if offset < 0:
+            raise ValueError("negative offset")
+        self._file(fid)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            step = max(min(<int64_t>MAX_RUN, self.nslots // 4), 1) * PAGE
+            while done < view.len:
+                # pieces end on page boundaries so each page is written whole or once
+                piece = min(view.len - done, step - ((offset + done) & (PAGE - 1)))
+                self._write_piece(fid, offset + done, <const char *>view.buf + done, piece)
+                done += piece
+            return view.len
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef _write_piece(self, int64_t fid, int64_t offset, const char *src, int64_t length):
+        cdef FileRec *fr = self._file(fid)
         cdef int64_t end, p0, p1, i, s, n, a, b, victim, loaded
         cdef int err = 0
         cdef int64_t *slot_of
-        cdef const char *src
-        if offset < 0:
-            raise ValueError("negative offset")
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if view.len == 0:
+        if True:
+            if length == 0:
                 return 0
-            src = <const char *>view.buf
-            end = offset + view.len
+            end = offset + length
             p0 = offset >> PAGE_SHIFT
             p1 = (end + PAGE - 1) >> PAGE_SHIFT
             n = p1 - p0
@@ -714,9 +727,7 @@ cdef class PageCache:
                     pthread_mutex_unlock(&self.mu)
             finally:
                 free(slot_of)
-            return view.len
-        finally:
-            PyBuffer_Release(&view)
+            return length
 
     def writeback(self, int64_t fid):
         """Write every dirty page of the file to its backing fd in coalesced runs.

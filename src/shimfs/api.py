@@ -16,13 +16,31 @@ XATTR_SYNC = "user.shimfs.sync"
 XATTR_STATS = "user.shimfs.stats"
 
 
+def mount_of(path: str) -> tuple[str, str]:
+    """(mount point, file system type) of the mount holding ``path``."""
+    real = os.path.realpath(path)
+    best = ("/", "")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, fields[2])
+    return best
+
+
 def _path(path_or_fd) -> str | int:
+    """Check that the target is in a shimfs mount (a stray xattr elsewhere would stick)."""
     if isinstance(path_or_fd, int):
-        return path_or_fd
-    path = os.fspath(path_or_fd)
-    if not os.path.exists(path):
-        raise UserError("%s does not exist" % path)
-    return path
+        path = os.readlink("/proc/self/fd/%d" % path_or_fd)
+        target: str | int = path_or_fd
+    else:
+        path = target = os.fspath(path_or_fd)
+        if not os.path.exists(path):
+            raise UserError("%s does not exist" % path)
+    if mount_of(path)[1] != "fuse.shimfs":
+        raise UserError("%s is not in a shimfs mount" % (path,))
+    return target
 
 
 def _not_shimfs(path, exc: OSError):

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything shimfs needs on a Debian machine, idempotently:
+# apt packages (FUSE, GlusterFS for the pvfs2 stand-in), a virtualenv in
+# .venv, and the build of the Cython engine.  Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in fuse3 libfuse3-dev pkg-config gcc glusterfs-server glusterfs-client attr procps; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+# The build runs every time: it is quick when nothing changed.
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -vE '^WARNING: Location|BuildBackendWarning' || true
+.venv/bin/python -c 'import shimcore._engine, pyfuse3, trio' || { echo "setup: build failed" >&2; exit 1; }
