@@ -79,6 +79,17 @@ cdef inline uint64_t _hash(int64_t f, int64_t p) nogil:
     return h
 
 
+cdef inline void _clip(int64_t page, int64_t offset, int64_t end,
+                       int64_t *a, int64_t *b) noexcept nogil:
+    """The part [a, b) of byte range [offset, end) that falls in ``page``."""
+    a[0] = page * PAGE
+    b[0] = a[0] + PAGE
+    if a[0] < offset:
+        a[0] = offset
+    if b[0] > end:
+        b[0] = end
+
+
 class EngineError(OSError):
     """An OSError raised by the engine; ``errno`` says what failed."""
 
@@ -580,12 +591,7 @@ cdef class PageCache:
             if not err:
                 pthread_mutex_lock(&self.mu)
                 for i in range(n):
-                    a = (p0 + i) * PAGE
-                    b = a + PAGE
-                    if a < offset:
-                        a = offset
-                    if b > end:
-                        b = end
+                    _clip(p0 + i, offset, end, &a, &b)
                     s = slot_of[i]
                     if s >= 0:
                         memcpy(out + (a - offset), self.arena + s * PAGE + (a - (p0 + i) * PAGE), b - a)
@@ -595,12 +601,7 @@ cdef class PageCache:
                 for i in range(n):
                     if slot_of[i] != -1 or err:
                         continue
-                    a = (p0 + i) * PAGE
-                    b = a + PAGE
-                    if a < offset:
-                        a = offset
-                    if b > end:
-                        b = end
+                    _clip(p0 + i, offset, end, &a, &b)
                     pos = a
                     while pos < b:
                         r = pread(fr.fd, out + (pos - offset), b - pos, pos)
@@ -710,12 +711,7 @@ cdef class PageCache:
                     pthread_mutex_lock(&self.mu)
                     for i in range(n):
                         s = slot_of[i]
-                        a = (p0 + i) * PAGE
-                        b = a + PAGE
-                        if a < offset:
-                            a = offset
-                        if b > end:
-                            b = end
+                        _clip(p0 + i, offset, end, &a, &b)
                         memcpy(self.arena + s * PAGE + (a - (p0 + i) * PAGE), src + (a - offset), b - a)
                         self.slots[s].state = S_VALID
                         if not self.slots[s].orphan:

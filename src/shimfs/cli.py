@@ -17,7 +17,7 @@ import sys
 import time
 
 from . import api
-from .config import parse_options
+from .config import check_dir, parse_options
 from .errors import UserError
 
 PROG = "shimfs"
@@ -79,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_mountpoint(path: str) -> str:
-    full = os.path.abspath(path)
-    if not os.path.exists(full):
-        raise UserError("mountpoint %s does not exist" % full)
-    if not os.path.isdir(full):
-        raise UserError("mountpoint %s is not a directory" % full)
+    full = check_dir(path, "mountpoint")
     if os.path.ismount(full):
         raise UserError("%s is already a mount point" % full)
     return full

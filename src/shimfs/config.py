@@ -98,13 +98,19 @@ def parse_options(opts: list[str]) -> Config:
     return dataclasses.replace(cfg, backing=check_backing(cfg.backing))
 
 
-def check_backing(path: str) -> str:
-    """The absolute backing directory, or a UserError saying what is wrong with it."""
+def check_dir(path: str, what: str) -> str:
+    """The absolute path of an existing directory, or a UserError naming ``what``."""
     full = os.path.abspath(path)
     if not os.path.exists(full):
-        raise UserError("backing directory %s does not exist" % full)
+        raise UserError("%s %s does not exist" % (what, full))
     if not os.path.isdir(full):
-        raise UserError("backing directory %s is not a directory" % full)
+        raise UserError("%s %s is not a directory" % (what, full))
+    return full
+
+
+def check_backing(path: str) -> str:
+    """The absolute backing directory, or a UserError saying what is wrong with it."""
+    full = check_dir(path, "backing directory")
     if not os.access(full, os.W_OK | os.X_OK):
         raise UserError("backing directory %s is not writable" % full)
     return os.path.realpath(full)
