@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc glusterfs-server glusterfs-client attr procps; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev glusterfs-server glusterfs-client attr procps passwd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -16,7 +16,14 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+# Without udev (containers) /dev/fuse can stay 0600; Debian's udev rule makes
+# it 0666 so that users mount through the setuid fusermount3.  Do the same.
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then chmod 0666 /dev/fuse; fi
+
+# Debian's own python3, not a per-user build under /root: unprivileged users
+# (the tests make some) must be able to run the venv's interpreter.
+PY=${PYTHON:-/usr/bin/python3}
+[ -x "$PY" ] || PY=python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -114,7 +114,9 @@ def cmd_mount(args) -> int:
     from .mount import serve
     _setup_logging(config, foreground=args.ready_fd is None)
 
-    def ready():
+    def ready(notices):
+        for line in notices:
+            print("%s: notice: %s" % (PROG, line), file=sys.stderr, flush=True)
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"ok\n")
             os.close(args.ready_fd)
@@ -149,6 +151,10 @@ def _spawn_daemon(args, mnt: str) -> int:
     # What the daemon said before it was ready (notices or the error).
     err = b""
     if status.startswith(b"ok"):
+        # Notices written before "ok"; the daemon then closes its stderr.
+        if select.select([proc.stderr], [], [], 5.0)[0]:
+            notes = proc.stderr.read1(65536) if hasattr(proc.stderr, "read1") else b""
+            sys.stderr.write(notes.decode(errors="replace"))
         proc.stderr.close()
     else:
         try:

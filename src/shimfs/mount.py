@@ -3,7 +3,8 @@
 ``serve()`` runs in the daemon process.  It mounts with pyfuse3, starts the
 trio loop with a nursery for background work (prefetch, tuning), handles
 SIGINT/SIGTERM by writing all dirty data back and leaving the main loop, and
-always unmounts.  ``ready`` is called once the mount answers requests.
+always unmounts.  ``ready(notices)`` is called once the mount answers
+requests, with one-line notices for the user (settings that were skipped).
 """
 from __future__ import annotations
 
@@ -31,21 +32,17 @@ def fuse_options(config: Config) -> set[str]:
     return opts
 
 
-def serve(mountpoint: str, config: Config, ready=lambda: None) -> None:
+def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
     vfs = Vfs(config)
     ops = ShimOperations(vfs)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(config))
     except RuntimeError as exc:
         raise UserError("cannot mount %s: %s" % (mountpoint, exc), 1) from None
-    unmount = True
     try:
         trio.run(_main, vfs, mountpoint, config, ready)
-    except BaseException:
-        unmount = True
-        raise
     finally:
-        pyfuse3.close(unmount=unmount)
+        pyfuse3.close(unmount=True)
 
 
 async def _main(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
@@ -63,9 +60,10 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
 
 async def _after_mount(mountpoint: str, config: Config, ready) -> None:
     # stat() needs the kernel's INIT answered, which main() does: thread it.
-    for line in await trio.to_thread.run_sync(tune, mountpoint, config.read_ahead):
-        log.warning("%s", line)
-    ready()
+    notices = await trio.to_thread.run_sync(tune, mountpoint, config.read_ahead)
+    for line in notices:
+        log.info("%s", line)
+    ready(notices)
 
 
 async def _signals(vfs: Vfs) -> None:
