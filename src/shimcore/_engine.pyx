@@ -69,6 +69,7 @@ cdef struct FileRec:
     int64_t nwords
     int64_t ndirty        # pages set in the bitmap
     int64_t cached        # slots owned by this file
+    int multiwrite        # keep a clean twin of every page; write back changed bytes only
     # counters
     uint64_t hits, misses, bytes_fetched, bytes_written, read_ops, write_ops, errors
 
@@ -114,6 +115,7 @@ cdef class PageCache:
     cdef FileRec **files
     cdef int64_t nfiles_cap
     cdef uint64_t evictions, wait_spins
+    cdef char *twins      # multiwrite: the page as last read from / written to the backing file
 
     def __cinit__(self, size_t cache_size):
         pthread_mutex_init(&self.mu, NULL)
@@ -156,6 +158,8 @@ cdef class PageCache:
         free(self.freelist)
         if self.arena:
             munmap(self.arena, self.arena_len)
+        if self.twins:
+            munmap(self.twins, self.arena_len)
         pthread_mutex_destroy(&self.mu)
 
     # ------------------------------------------------------------------
@@ -509,7 +513,9 @@ cdef class PageCache:
                 fr.misses += 1
                 slot_of[i] = s
                 fresh[i] = 1
-                if not (for_write and (p0 + i) * PAGE >= w0 and (p0 + i + 1) * PAGE <= w1):
+                # multiwrite needs the backing bytes of every page as its twin
+                if fr.multiwrite or not (for_write and (p0 + i) * PAGE >= w0
+                                         and (p0 + i + 1) * PAGE <= w1):
                     load[nload] = i
                     nload += 1
             if err:
@@ -528,7 +534,10 @@ cdef class PageCache:
             if err:
                 break
             for i in range(nload):
-                self.slots[slot_of[load[i]]].state = S_VALID
+                s = slot_of[load[i]]
+                if fr.multiwrite:
+                    memcpy(self.twins + s * PAGE, self.arena + s * PAGE, PAGE)
+                self.slots[s].state = S_VALID
                 fresh[load[i]] = 0
             fr.bytes_fetched += nload * PAGE
             loaded[0] += nload
@@ -735,6 +744,8 @@ cdef class PageCache:
         cdef int64_t run[MAX_RUN]
         cdef int64_t p, q, n, i, s, last_len, written = 0
         cdef int err = 0
+        if fr.multiwrite:
+            return self._writeback_changed(fid, fr)
         with nogil:
             p = 0
             while not err:
@@ -792,6 +803,196 @@ cdef class PageCache:
             raise EngineError(err, "backing write failed")
         return written
 
+    cdef _writeback_changed(self, int64_t fid, FileRec *fr):
+        """Multiwrite write-back: only the bytes that differ from the twin.
+
+        Each dirty page is copied out under the mutex, compared with its twin
+        and its changed runs written with pwrite; runs closer than GAP bytes
+        are merged (one syscall is dearer than a few unchanged bytes, which the
+        twin says the backing file already holds).  On success the twin takes
+        the written bytes.  On error the page is dirty again.
+        """
+        cdef char tmp[PAGE]
+        cdef int64_t p = 0, s, limit, i, j, k, written = 0, GAP = 32
+        cdef char *tw
+        cdef ssize_t r
+        cdef int err = 0
+        cdef struct_stat st
+        with nogil:
+            while not err:
+                pthread_mutex_lock(&self.mu)
+                p = self._next_dirty(fr, p)
+                if p >= 0 and p * PAGE >= fr.size:
+                    self._clear_dirty(fr, p)
+                    s = self._find(fid, p)
+                    if s >= 0:
+                        self.slots[s].dirty = 0
+                    pthread_mutex_unlock(&self.mu)
+                    p += 1
+                    continue
+                s = self._find(fid, p) if p >= 0 else -1
+                if p < 0 or s < 0:
+                    if p >= 0:
+                        self._clear_dirty(fr, p)
+                    pthread_mutex_unlock(&self.mu)
+                    if p < 0:
+                        break
+                    p += 1
+                    continue
+                self.slots[s].pins += 1
+                self.slots[s].dirty = 0
+                self._clear_dirty(fr, p)
+                memcpy(tmp, self.arena + s * PAGE, PAGE)
+                limit = fr.size - p * PAGE
+                if limit > PAGE:
+                    limit = PAGE
+                pthread_mutex_unlock(&self.mu)
+                tw = self.twins + s * PAGE
+                i = 0
+                while i < limit and not err:
+                    if tmp[i] == tw[i]:
+                        i += 1
+                        continue
+                    j = i + 1
+                    k = j
+                    while k < limit and k - j < GAP:
+                        if tmp[k] != tw[k]:
+                            j = k + 1
+                        k += 1
+                    while True:
+                        r = pwrite(fr.fd, tmp + i, j - i, p * PAGE + i)
+                        if r < 0 and errno == EINTR:
+                            continue
+                        break
+                    if r < 0:
+                        err = errno
+                    elif r < j - i:
+                        err = 5   # EIO: a short pwrite on a regular file
+                    else:
+                        written += j - i
+                        fr.write_ops += 1
+                    i = j
+                pthread_mutex_lock(&self.mu)
+                if err:
+                    fr.errors += 1
+                    if not self.slots[s].orphan:
+                        self._set_dirty(fr, s)
+                else:
+                    memcpy(tw, tmp, limit)
+                self._unpin(s)
+                pthread_mutex_unlock(&self.mu)
+                p += 1
+            if not err and fstat(fr.fd, &st) == 0 and st.st_size < fr.size:
+                # an extension whose new bytes are all zeros differs from no twin
+                if ftruncate(fr.fd, fr.size) != 0:
+                    err = errno
+        if err:
+            raise EngineError(err, "backing write failed")
+        return written
+
+    def set_multiwrite(self, int64_t fid, bint on):
+        """Turn multiwrite on or off for a file; write back its dirty pages first.
+
+        Cached clean pages are dropped so that every page is read again with
+        its twin.  Raises EBUSY if the file still has dirty pages.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t s
+        cdef int busy = 0
+        if on and self.twins == NULL:
+            self.twins = <char *>mmap(NULL, self.arena_len, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if <void *>self.twins == MAP_FAILED:
+                self.twins = NULL
+                raise MemoryError("cannot reserve memory for multiwrite twins")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            if fr.ndirty:
+                busy = 1
+            elif (fr.multiwrite != 0) != on:
+                for s in range(self.nslots):
+                    if self.slots[s].file == fid and not self.slots[s].orphan \
+                            and self.slots[s].state == S_VALID and not self.slots[s].pins:
+                        self._drop(s)
+                fr.multiwrite = 1 if on else 0
+            pthread_mutex_unlock(&self.mu)
+        if busy:
+            raise EngineError(16, "write back dirty pages before switching multiwrite")
+
+    def refresh(self, int64_t fid, int64_t offset, int64_t length):
+        """Reload the pages covering [offset, offset+length) from the backing file.
+
+        Clean pages (cached or not, as far as the cache has room) take the
+        backing bytes.  Dirty pages keep the local writes: with multiwrite,
+        byte for byte (bytes equal to the twin take the backing value); without
+        it, the whole dirty page stays as written locally.  Twins take the
+        backing bytes.  Returns the number of pages reloaded.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t p0, p1, cp0, cp1, i, s, k, got, reloaded = 0
+        cdef int64_t CH = 256     # pages per backing read: 1 MiB
+        cdef char *buf
+        cdef char *pg
+        cdef char *tw
+        cdef ssize_t r
+        cdef int err = 0
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        p0 = offset >> PAGE_SHIFT
+        p1 = (offset + length + PAGE - 1) >> PAGE_SHIFT
+        buf = <char *>malloc(CH * PAGE)
+        if not buf:
+            raise MemoryError()
+        with nogil:
+            cp0 = p0
+            while cp0 < p1 and not err:
+                cp1 = min(cp0 + CH, p1)
+                got = 0
+                while got < (cp1 - cp0) * PAGE:
+                    r = pread(fr.fd, buf + got, (cp1 - cp0) * PAGE - got, cp0 * PAGE + got)
+                    if r < 0:
+                        if errno == EINTR:
+                            continue
+                        err = errno
+                        break
+                    if r == 0:
+                        break
+                    got += r
+                if err:
+                    break
+                fr.bytes_fetched += got
+                fr.read_ops += 1
+                memset(buf + got, 0, (cp1 - cp0) * PAGE - got)
+                pthread_mutex_lock(&self.mu)
+                for i in range(cp0, cp1):
+                    s = self._find(fid, i)
+                    if s >= 0 and self.slots[s].state != S_VALID:
+                        continue            # being loaded: it reads the backing file anyway
+                    if s < 0:
+                        s = self._alloc(fid, i)
+                        if s < 0:
+                            continue
+                        self.slots[s].pins -= 1
+                        self.slots[s].state = S_VALID
+                        memcpy(self.arena + s * PAGE, buf + (i - cp0) * PAGE, PAGE)
+                    elif not self.slots[s].dirty:
+                        memcpy(self.arena + s * PAGE, buf + (i - cp0) * PAGE, PAGE)
+                    elif fr.multiwrite:
+                        pg = self.arena + s * PAGE
+                        tw = self.twins + s * PAGE
+                        for k in range(PAGE):
+                            if pg[k] == tw[k]:
+                                pg[k] = buf[(i - cp0) * PAGE + k]
+                    if fr.multiwrite:
+                        memcpy(self.twins + s * PAGE, buf + (i - cp0) * PAGE, PAGE)
+                    reloaded += 1
+                pthread_mutex_unlock(&self.mu)
+                cp0 = cp1
+        free(buf)
+        if err:
+            raise EngineError(err, "backing read failed")
+        return reloaded
+
     def truncate(self, int64_t fid, int64_t size):
         """Set the cached size; drop pages past it and zero the tail of the last one."""
         cdef FileRec *fr = self._file(fid)
@@ -834,6 +1035,8 @@ cdef class PageCache:
         """Counters of one file, as a dict."""
         cdef FileRec *fr = self._file(fid)
         return dict(size=fr.size, cached_bytes=fr.cached * PAGE, dirty_bytes=fr.ndirty * PAGE,
+                    multiwrite=bool(fr.multiwrite),
+                    twin_bytes=fr.cached * PAGE if fr.multiwrite else 0,
                     hits=fr.hits, misses=fr.misses, bytes_fetched=fr.bytes_fetched,
                     bytes_written=fr.bytes_written, backing_reads=fr.read_ops,
                     backing_writes=fr.write_ops, errors=fr.errors)
@@ -870,6 +1073,13 @@ cdef class PageCache:
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pread(int fd, void *buf, size_t count, long offset)
+    ssize_t pwrite(int fd, const void *buf, size_t count, long offset)
+    int ftruncate(int fd, long length)
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct struct_stat "stat":
+        long st_size
+    int fstat(int fd, struct_stat *st)
 
 cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil

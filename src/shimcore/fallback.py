@@ -21,12 +21,14 @@ class EngineError(OSError):
 
 
 class _File:
-    __slots__ = ("fd", "size", "dirty", "counters")
+    __slots__ = ("fd", "size", "dirty", "counters", "multiwrite", "twins")
 
     def __init__(self, fd: int, size: int):
         self.fd = fd
         self.size = size
         self.dirty: set[int] = set()
+        self.multiwrite = False
+        self.twins: dict[int, bytes] = {}
         self.counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_written=0,
                              backing_reads=0, backing_writes=0, errors=0)
 
@@ -90,6 +92,7 @@ class PageCache:
         for key in self._pages:
             if key[1] not in self._files[key[0]].dirty:
                 del self._pages[key]
+                self._files[key[0]].twins.pop(key[1], None)
                 self._evictions += 1
                 return True
         return False
@@ -107,7 +110,9 @@ class PageCache:
             if must_cache:
                 return None
             return self._load(f, page) if fill else bytearray(PAGE)
-        buf = self._load(f, page) if fill else bytearray(PAGE)
+        buf = self._load(f, page) if (fill or f.multiwrite) else bytearray(PAGE)
+        if f.multiwrite:
+            f.twins[page] = bytes(buf)
         self._pages[key] = buf
         return buf
 
@@ -168,6 +173,8 @@ class PageCache:
     def writeback(self, fid: int) -> int:
         with self._lock:
             f = self._file(fid)
+            if f.multiwrite:
+                return self._writeback_changed(fid, f)
             f.dirty = {p for p in f.dirty if p * PAGE < f.size}
             pages = sorted(f.dirty)
             written = 0
@@ -192,6 +199,80 @@ class PageCache:
                 i = j
             return written
 
+    def _writeback_changed(self, fid: int, f: _File) -> int:
+        """Multiwrite: write only the byte runs that differ from the twin."""
+        written = 0
+        for p in sorted(f.dirty):
+            if p * PAGE >= f.size:
+                f.dirty.discard(p)
+                continue
+            page = bytes(self._pages[(fid, p)][:min(PAGE, f.size - p * PAGE)])
+            twin = f.twins[p]
+            i = 0
+            while i < len(page):
+                if page[i] == twin[i]:
+                    i += 1
+                    continue
+                j = i + 1
+                k = j
+                while k < len(page) and k - j < 32:
+                    if page[k] != twin[k]:
+                        j = k + 1
+                    k += 1
+                try:
+                    os.pwrite(f.fd, page[i:j], p * PAGE + i)
+                except OSError as e:
+                    f.counters["errors"] += 1
+                    raise EngineError(e.errno, "backing write failed") from None
+                f.counters["backing_writes"] += 1
+                written += j - i
+                i = j
+            f.twins[p] = page + twin[len(page):]
+            f.dirty.discard(p)
+        if os.fstat(f.fd).st_size < f.size:
+            os.ftruncate(f.fd, f.size)
+        return written
+
+    def set_multiwrite(self, fid: int, on: bool) -> None:
+        with self._lock:
+            f = self._file(fid)
+            if f.dirty:
+                raise EngineError(errno.EBUSY, "write back dirty pages before switching multiwrite")
+            if f.multiwrite != bool(on):
+                for key in [k for k in self._pages if k[0] == fid]:
+                    del self._pages[key]
+                f.twins.clear()
+                f.multiwrite = bool(on)
+
+    def refresh(self, fid: int, offset: int, length: int) -> int:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        with self._lock:
+            f = self._file(fid)
+            reloaded = 0
+            for p in range(offset // PAGE, (offset + length + PAGE - 1) // PAGE):
+                try:
+                    fresh = os.pread(f.fd, PAGE, p * PAGE).ljust(PAGE, b"\0")
+                except OSError as e:
+                    raise EngineError(e.errno, "backing read failed") from None
+                key = (fid, p)
+                buf = self._pages.get(key)
+                if buf is None:
+                    if len(self._pages) >= self._nslots and not self._room():
+                        continue
+                    buf = self._pages[key] = bytearray(fresh)
+                elif p not in f.dirty:
+                    buf[:] = fresh
+                elif f.multiwrite:
+                    twin = f.twins[p]
+                    for k in range(PAGE):
+                        if buf[k] == twin[k]:
+                            buf[k] = fresh[k]
+                if f.multiwrite:
+                    f.twins[p] = fresh
+                reloaded += 1
+            return reloaded
+
     def truncate(self, fid: int, size: int) -> None:
         with self._lock:
             f = self._file(fid)
@@ -199,6 +280,7 @@ class PageCache:
             for key in [k for k in self._pages if k[0] == fid and k[1] >= last]:
                 del self._pages[key]
                 f.dirty.discard(key[1])
+                f.twins.pop(key[1], None)
             tail = size % PAGE
             buf = self._pages.get((fid, size // PAGE))
             if tail and buf is not None:
@@ -213,6 +295,7 @@ class PageCache:
                     if k[0] == fid and p0 <= k[1] < p1 and k[1] not in f.dirty]
             for key in keys:
                 del self._pages[key]
+                f.twins.pop(key[1], None)
             return len(keys)
 
     # -- introspection -----------------------------------------------------
@@ -221,6 +304,7 @@ class PageCache:
             f = self._file(fid)
             cached = sum(1 for k in self._pages if k[0] == fid)
             return dict(size=f.size, cached_bytes=cached * PAGE, dirty_bytes=len(f.dirty) * PAGE,
+                        multiwrite=f.multiwrite, twin_bytes=cached * PAGE if f.multiwrite else 0,
                         **f.counters)
 
     def stats(self) -> dict:

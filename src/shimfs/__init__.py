@@ -1,9 +1,9 @@
 """shimfs: read/write mmap for files on file systems that cannot map them.
 
 A FUSE file system (pyfuse3 + trio) over the :mod:`shimcore` page-cache engine.
-The Python API: :func:`sync` and :func:`stats`; the command line: ``shimfs``.
+The Python API: :func:`sync`, :func:`refresh`, :func:`set_multiwrite` and :func:`stats`; the command line: ``shimfs``.
 """
-from .api import stats, sync
+from .api import refresh, set_multiwrite, stats, sync
 
 __version__ = "0.1.0"
-__all__ = ["stats", "sync", "__version__"]
+__all__ = ["refresh", "set_multiwrite", "stats", "sync", "__version__"]

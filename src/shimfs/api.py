@@ -3,6 +3,10 @@
 * ``sync(path)``: write the file's (or, for the mount root, every file's)
   dirty pages back and fsync them, like msync(MS_SYNC).
 * ``stats(path)``: the cache counters of a file and its mount, as a dict.
+* ``refresh(path, offset=0, length=None)``: the reverse msync; reload a byte
+  range (default: the whole file) from the backing file into the daemon's
+  cache and every mapping of the file.
+* ``set_multiwrite(path, on)``: byte-granular write-back for one file.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from .errors import UserError
 
 XATTR_SYNC = "user.shimfs.sync"
 XATTR_STATS = "user.shimfs.stats"
+XATTR_REFRESH = "user.shimfs.refresh"
+XATTR_MULTIWRITE = "user.shimfs.multiwrite"
 
 
 def mount_of(path: str) -> tuple[str, str]:
@@ -69,3 +75,25 @@ def sync(path_or_fd) -> None:
 def stats(path_or_fd) -> dict:
     """Per-file ("file") and per-mount ("mount") counters."""
     return json.loads(control_get(path_or_fd, XATTR_STATS))
+
+
+def refresh(path_or_fd, offset: int = 0, length: int | None = None) -> None:
+    """Reload [offset, offset+length) (to the end if length is None) from the backing file."""
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError("offset and length must be non-negative")
+    value = "" if (offset == 0 and length is None) else (
+        str(offset) if length is None else "%d %d" % (offset, length))
+    p = _path(path_or_fd)
+    try:
+        os.setxattr(p, XATTR_REFRESH, value.encode())
+    except OSError as exc:
+        _not_shimfs(path_or_fd, exc)
+
+
+def set_multiwrite(path_or_fd, on: bool = True) -> None:
+    """Turn multiwrite on or off for one file (its dirty pages are written back first)."""
+    p = _path(path_or_fd)
+    try:
+        os.setxattr(p, XATTR_MULTIWRITE, b"1" if on else b"0")
+    except OSError as exc:
+        _not_shimfs(path_or_fd, exc)

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="options (-o, comma-separated): backing=DIR (where new files are "
                               "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
                               "1024), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
-                              "verbose, allow_other, log=FILE")
+                              "verbose, allow_other, multiwrite, log=FILE")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma-separated (see below)")
     m.add_argument("-f", "--foreground", action="store_true",
@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "backing file, which is fsynced, before this returns.")
     s.add_argument("path")
 
+    r = sub.add_parser("refresh", help="reload a byte range from the backing file (reverse msync)",
+                       description="Reload the pages covering [offset, offset+length) from the "
+                                   "backing file into the daemon's cache and every mapping of "
+                                   "FILE. Locally dirty bytes are kept (see docs/consistency.md).")
+    r.add_argument("--offset", type=int, default=0, help="first byte (default 0)")
+    r.add_argument("--length", type=int, default=None, help="bytes (default: to the end)")
+    r.add_argument("path")
+
     st = sub.add_parser("stat", help="show cache counters of a file or mount")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("path")
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"mount": cmd_mount, "umount": cmd_umount, "sync": cmd_sync,
-                "stat": cmd_stat}[args.cmd](args)
+                "refresh": cmd_refresh, "stat": cmd_stat}[args.cmd](args)
     except UserError as exc:
         print("%s: %s" % (PROG, exc), file=sys.stderr)
         return exc.code
@@ -224,6 +232,16 @@ def cmd_sync(args) -> int:
         api.sync(args.path)
     except OSError as exc:
         raise UserError("sync %s failed: %s" % (args.path, exc.strerror), 1)
+    return 0
+
+
+def cmd_refresh(args) -> int:
+    if args.offset < 0 or (args.length is not None and args.length < 0):
+        raise UserError("--offset and --length must be non-negative")
+    try:
+        api.refresh(args.path, args.offset, args.length)
+    except OSError as exc:
+        raise UserError("refresh %s failed: %s" % (args.path, exc.strerror), 1)
     return 0
 
 

@@ -32,6 +32,10 @@ class Config:
     verbose: bool = False
     #: Let users other than the mounting one use the mount (FUSE allow_other).
     allow_other: bool = False
+    #: Keep a clean twin of every cached page and write back only the bytes
+    #: that changed, so nodes writing disjoint bytes of a page do not undo each
+    #: other's writes (per file: xattr user.shimfs.multiwrite).
+    multiwrite: bool = False
     #: Append the daemon's log here (default: syslog when the daemon runs in
     #: the background, stderr in the foreground).
     log: str | None = None
@@ -56,7 +60,7 @@ def _parse_int(text: str, what: str) -> int:
     return int(text)
 
 
-_FLAGS = {"verbose", "allow_other"}
+_FLAGS = {"verbose", "allow_other", "multiwrite"}
 _VALUED = {"backing", "read_ahead", "cache_size", "log"}
 
 

@@ -18,6 +18,7 @@ import trio
 from .config import Config
 from .errors import UserError
 from .fuseops import ShimOperations
+from .notify import KernelNotifier, find_session_fd
 from .tuning import tune
 from .vfs import Vfs
 
@@ -39,6 +40,7 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
         pyfuse3.init(ops, mountpoint, fuse_options(config))
     except RuntimeError as exc:
         raise UserError("cannot mount %s: %s" % (mountpoint, exc), 1) from None
+    vfs.kernel = KernelNotifier(find_session_fd())
     try:
         trio.run(_main, vfs, mountpoint, config, ready)
     finally:

@@ -32,6 +32,7 @@ import trio
 from .cache import AsyncCache
 from .config import Config
 from .errors import FsError
+from .notify import KernelNotifier
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ XATTR_BACKING = "user.shimfs.backing"
 XATTR_SYNC = "user.shimfs.sync"
 XATTR_PID = "user.shimfs.pid"
 XATTR_STATS = "user.shimfs.stats"
+XATTR_REFRESH = "user.shimfs.refresh"
+XATTR_MULTIWRITE = "user.shimfs.multiwrite"
+REFRESH_CHUNK = 4 << 20
 
 #: How long the kernel may trust names and attributes (seconds).  Sizes and
 #: mtimes are reported steadily, so caching them is safe.
@@ -153,6 +157,7 @@ class Vfs:
         self._ino = itertools.count(ROOT_INODE + 1)
         self._fh = itertools.count(1)
         self.is_root = os.geteuid() == 0
+        self.kernel = KernelNotifier(None)      # set by the mount once the session exists
         st = os.stat(config.backing)
         self.root = Dir(ROOT_INODE, None, b"", st, root_path=config.backing)
         self.root.mode = stat.S_IFDIR | 0o755 | (0o1000 if config.allow_other else 0)
@@ -209,6 +214,8 @@ class Vfs:
                   writable: bool) -> File:
         st = os.fstat(fd)
         fid = self.cache.engine.register(fd, st.st_size)
+        if self.config.multiwrite:
+            self.cache.engine.set_multiwrite(fid, True)
         node = File(next(self._ino), parent, name, st, fd, fid, path, shadow, writable)
         self.inodes[node.ino] = node
         parent.children[name] = node
@@ -643,12 +650,66 @@ class Vfs:
                 os.close(node.fd)
         self.inodes.clear()
 
+    # -- consistency: refresh and multiwrite ---------------------------------
+    async def refresh(self, node: File, offset: int, length: int | None) -> int:
+        """The reverse msync: reload [offset, offset+length) from the backing file.
+
+        1. The kernel writes the range's dirty mapped pages back to us and
+           drops its copies (ranged NOTIFY_INVAL_INODE, from a worker thread).
+        2. The engine re-reads the range: clean pages take the backing bytes;
+           locally dirty pages keep the local writes (byte-exact with
+           multiwrite, whole pages without).  The size follows the backing
+           file unless local dirty data would be cut off.
+        3. The new bytes are pushed into the kernel's cache (NOTIFY_STORE), so
+           live mappings see them at once.  Pages outside the range are not
+           touched.  Returns the number of bytes refreshed.
+        """
+        eng = self.cache.engine
+        st = await self.cache.run(os.fstat, node.fd)
+        limit = max(st.st_size, eng.size(node.fid))
+        if offset < 0 or (length is not None and length < 0):
+            raise FsError(errno.EINVAL, "negative offset or length")
+        if offset > limit:
+            raise FsError(errno.EINVAL, "offset %d is past the end of the file (%d)" % (offset, limit))
+        end = limit if length is None else min(offset + length, limit)
+        a = offset & ~4095
+        b = (end + 4095) & ~4095
+        if b > a:
+            await self.cache.run(self.kernel.inval_range, node.ino, a, b - a)
+        async with node.io_lock:
+            st = await self.cache.run(os.fstat, node.fd)
+            await self.cache.run(eng.refresh, node.fid, offset, end - offset)
+            old_size = eng.size(node.fid)
+            if st.st_size > old_size:
+                eng.set_size(node.fid, st.st_size)
+            elif st.st_size < old_size and not eng.dirty_bytes(node.fid):
+                eng.truncate(node.fid, st.st_size)
+            new_size = eng.size(node.fid)
+            node.seen = (st.st_size, st.st_mtime_ns)
+            if new_size != old_size:
+                node.mtime_ns = st.st_mtime_ns
+                await self.cache.run(self.kernel.inval_range, node.ino, -1, 0)
+        end = min(end, new_size)
+
+        def push():
+            for pos in range(offset, end, REFRESH_CHUNK):
+                data = eng.read(node.fid, pos, min(REFRESH_CHUNK, end - pos))
+                self.kernel.store(node.ino, pos, data)
+        if end > offset:
+            await self.cache.run(push)
+        return max(end - offset, 0)
+
+    async def set_multiwrite(self, node: File, on: bool) -> None:
+        async with node.io_lock:
+            await self.cache.writeback(node.fid, node.fd)
+            self.cache.engine.set_multiwrite(node.fid, on)
+
     # -- xattrs: the control interface ---------------------------------------
     def listxattr(self, ino: int) -> list[bytes]:
         node = self._node(ino)
         names = [XATTR_STATS]
         if isinstance(node, File):
-            names.insert(0, XATTR_BACKING)
+            names[:0] = [XATTR_BACKING, XATTR_MULTIWRITE]
         elif node is self.root:
             names.append(XATTR_PID)
         return [n.encode() for n in names]
@@ -657,6 +718,8 @@ class Vfs:
         node = self._node(ino)
         if name == XATTR_BACKING and isinstance(node, File):
             return os.fsencode(node.path)
+        if name == XATTR_MULTIWRITE and isinstance(node, File):
+            return b"1" if self.cache.engine.file_stats(node.fid)["multiwrite"] else b"0"
         if name == XATTR_PID and node is self.root:
             return str(os.getpid()).encode()
         if name == XATTR_STATS:
@@ -674,6 +737,15 @@ class Vfs:
             if failed:
                 raise FsError(failed[0][1].errno or errno.EIO)
             return
+        if name == XATTR_REFRESH and isinstance(node, File):
+            offset, length = _parse_range(value)
+            await self.refresh(node, offset, length)
+            return
+        if name == XATTR_MULTIWRITE and isinstance(node, File):
+            if value.strip() not in (b"0", b"1"):
+                raise FsError(errno.EINVAL, "multiwrite takes 0 or 1")
+            await self.set_multiwrite(node, value.strip() == b"1")
+            return
         if name.startswith("user.shimfs."):
             raise FsError(errno.EINVAL, "unknown control %s" % name)
         raise FsError(errno.ENOTSUP)
@@ -686,6 +758,18 @@ class Vfs:
         if isinstance(node, File):
             out["file"] = dict(eng.file_stats(node.fid), backing=node.path, shadow=node.shadow)
         return out
+
+
+def _parse_range(value: bytes) -> tuple[int, int | None]:
+    """``b"OFFSET LENGTH"``, ``b"OFFSET"`` or ``b""`` (the whole file)."""
+    parts = value.decode("ascii", "replace").split()
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise FsError(errno.EINVAL, "refresh takes \"OFFSET LENGTH\"") from None
+    if len(nums) > 2 or any(n < 0 for n in nums):
+        raise FsError(errno.EINVAL, "refresh takes \"OFFSET LENGTH\", both non-negative")
+    return (nums[0] if nums else 0), (nums[1] if len(nums) == 2 else None)
 
 
 def _walk_files(d: Dir):
