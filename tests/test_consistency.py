@@ -177,3 +177,18 @@ def test_refresh_bad_ranges(nodes):
     res = shimfs_cmd("refresh", "--offset", str(SIZE + 4096), b.path, check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_per_file_multiwrite_by_xattr(nodes):
+    a, b, path = nodes
+    os.setxattr(a.path, "user.shimfs.multiwrite", b"1")     # plain libc interface
+    shimfs.set_multiwrite(b.path, True)                     # Python API
+    assert os.getxattr(a.path, "user.shimfs.multiwrite") == b"1"
+    a.map[10] = 0xAA
+    b.map[11] = 0xBB
+    a.map.flush()
+    b.map.flush()
+    data = backing(path)
+    assert data[10] == 0xAA and data[11] == 0xBB
+    with pytest.raises(OSError):
+        os.setxattr(a.path, "user.shimfs.multiwrite", b"yes")

@@ -700,6 +700,14 @@ class Vfs:
         return max(end - offset, 0)
 
     async def set_multiwrite(self, node: File, on: bool) -> None:
+        """Switch multiwrite for one file.
+
+        A twin must describe the bytes the kernel's copy of a page was read
+        from.  So the kernel first writes back and drops every cached page of
+        the file (whole-file NOTIFY_INVAL_INODE), the daemon writes back and
+        drops its own; pages are then read again, each with its twin.
+        """
+        await self.cache.run(self.kernel.inval_range, node.ino, 0, 0)
         async with node.io_lock:
             await self.cache.writeback(node.fid, node.fd)
             self.cache.engine.set_multiwrite(node.fid, on)
