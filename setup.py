@@ -7,7 +7,12 @@ extensions = [
         "shimcore._engine",
         ["src/shimcore/_engine.pyx"],
         extra_compile_args=["-O2", "-D_GNU_SOURCE"],
-    )
+    ),
+    Extension(
+        "shimcore._creds",
+        ["src/shimcore/_creds.pyx"],
+        extra_compile_args=["-O2", "-D_GNU_SOURCE"],
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

@@ -36,6 +36,8 @@ class Config:
     #: that changed, so nodes writing disjoint bytes of a page do not undo each
     #: other's writes (per file: xattr user.shimfs.multiwrite).
     multiwrite: bool = False
+    #: If set, link targets must resolve inside one of these directories.
+    allowed_roots: tuple = ()
     #: Append the daemon's log here (default: syslog when the daemon runs in
     #: the background, stderr in the foreground).
     log: str | None = None
@@ -61,7 +63,7 @@ def _parse_int(text: str, what: str) -> int:
 
 
 _FLAGS = {"verbose", "allow_other", "multiwrite"}
-_VALUED = {"backing", "read_ahead", "cache_size", "log"}
+_VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots"}
 
 
 def parse_options(opts: list[str]) -> Config:
@@ -93,6 +95,12 @@ def parse_options(opts: list[str]) -> Config:
         kw["cache_size"] = parse_size(values["cache_size"], "cache_size")
         if kw["cache_size"] < MIN_CACHE:
             raise UserError("cache_size: %s is too small (at least 16M)" % values["cache_size"])
+    if "allowed_roots" in values:
+        roots = []
+        for r in values["allowed_roots"].split(":"):
+            if r:
+                roots.append(os.path.realpath(check_dir(r, "allowed_roots directory")))
+        kw["allowed_roots"] = tuple(roots)
     if "log" in values:
         kw["log"] = os.path.abspath(values["log"])
     for flag in _FLAGS:

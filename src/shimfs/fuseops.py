@@ -112,15 +112,16 @@ class ShimOperations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
-        await self.vfs.unlink(parent_inode, name)
+        await self.vfs.unlink(parent_inode, name, _ctx(ctx))
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
-        await self.vfs.rmdir(parent_inode, name)
+        await self.vfs.rmdir(parent_inode, name, _ctx(ctx))
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags,
+                              _ctx(ctx))
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):

@@ -34,6 +34,11 @@ from .config import Config
 from .errors import FsError
 from .notify import KernelNotifier
 
+try:
+    from shimcore._creds import run_as
+except ImportError:    # pragma: no cover - the extension is always built
+    run_as = None
+
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
@@ -202,13 +207,27 @@ class Vfs:
         return Attr(node.ino, node.mode, nlink, node.uid, node.gid, size,
                     node.atime_ns, node.mtime_ns, node.ctime_ns)
 
-    def _own(self, path: str, ctx: Ctx, is_fd: int | None = None) -> None:
-        """Give a new backing file or directory to the user who asked for it."""
-        if self.is_root and (ctx.uid, ctx.gid) != (0, 0):
-            if is_fd is not None:
-                os.fchown(is_fd, ctx.uid, ctx.gid)
-            else:
-                os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+    async def as_user(self, ctx: Ctx, fn, *args):
+        """Run ``fn(*args)`` in a worker thread with the requester's credentials.
+
+        The daemon often runs as root: every path it opens, creates or
+        removes in a backing tree on a user's behalf is reached with that
+        user's fsuid, fsgid and supplementary groups, so the kernel applies
+        the very checks the user would meet (search permission on every
+        directory on the way included).  New files and directories are owned
+        by the user as a result.
+        """
+        if not self.is_root or ctx.uid == 0 or run_as is None:
+            return await self.cache.run(fn, *args)
+
+        def work():
+            return run_as(ctx.uid, ctx.gid, _sup_groups(ctx.pid, ctx.gid), fn, *args)
+        return await self.cache.run(work)
+
+    def _check_root(self, path: str) -> None:
+        roots = self.config.allowed_roots
+        if roots and not any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots):
+            raise FsError(errno.EACCES, "%s is outside allowed_roots" % path)
 
     def _add_file(self, parent: Dir, name: bytes, fd: int, path: str, shadow: bool,
                   writable: bool) -> File:
@@ -293,9 +312,9 @@ class Vfs:
         elif isinstance(node, Dir) and node is not self.root:
             path = node.backing_path()
             if mode is not None:
-                await self.cache.run(os.chmod, path, stat.S_IMODE(mode))
+                await self.as_user(ctx, os.chmod, path, stat.S_IMODE(mode))
             if uid is not None or gid is not None:
-                await self.cache.run(os.chown, path,
+                await self.as_user(ctx, os.chown, path,
                                      -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
@@ -322,7 +341,10 @@ class Vfs:
         if name in parent.children:
             raise FsError(errno.EEXIST)
         path = self._resolve_target(os.fsdecode(target), ctx)
-        fd, writable = await self.cache.run(_open_backing, path)
+        if self.config.allowed_roots:
+            path = await self.as_user(ctx, os.path.realpath, path)
+            self._check_root(path)
+        fd, writable = await self.as_user(ctx, _open_backing, path)
         try:
             if name in parent.children:        # raced with another create
                 raise FsError(errno.EEXIST)
@@ -368,13 +390,12 @@ class Vfs:
         def work():
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm)
-                self._own(path, ctx, fd)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (flags & os.O_TRUNC))
             return fd
-        fd = await self.cache.run(work)
+        fd = await self.as_user(ctx, work)
         try:
             node = self._add_file(parent, name, fd, path, shadow=False, writable=True)
         except BaseException:
@@ -400,14 +421,13 @@ class Vfs:
         def work():
             try:
                 os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask)
-                self._own(path, ctx)
             except FileExistsError:
                 # Left from an earlier mount: adopt it (the namespace is not
                 # persistent, the backing tree is).
                 if not os.path.isdir(path) or os.path.islink(path):
                     raise
             return os.lstat(path)
-        st = await self.cache.run(work)
+        st = await self.as_user(ctx, work)
         if name in parent.children:
             raise FsError(errno.EEXIST)
         node = Dir(next(self._ino), parent, name, st)
@@ -417,7 +437,7 @@ class Vfs:
         node.nlookup += 1
         return self.attr(node)
 
-    async def unlink(self, parent_ino: int, name: bytes) -> None:
+    async def unlink(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> None:
         parent = self._dir(parent_ino)
         node = parent.children.get(name)
         if node is None:
@@ -426,13 +446,13 @@ class Vfs:
             raise FsError(errno.EISDIR)
         if not node.shadow:
             try:
-                await self.cache.run(os.unlink, node.path)
+                await self.as_user(ctx, os.unlink, node.path)
             except FileNotFoundError:
                 pass
         if parent.children.get(name) is node:
             self._detach(node)
 
-    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+    async def rmdir(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> None:
         parent = self._dir(parent_ino)
         node = parent.children.get(name)
         if node is None:
@@ -442,7 +462,7 @@ class Vfs:
         if node.children:
             raise FsError(errno.ENOTEMPTY)
         try:
-            await self.cache.run(os.rmdir, node.backing_path())
+            await self.as_user(ctx, os.rmdir, node.backing_path())
         except FileNotFoundError:
             pass
         if node.children:
@@ -451,7 +471,7 @@ class Vfs:
             self._detach(node)
 
     async def rename(self, old_ino: int, old: bytes, new_ino: int, new: bytes,
-                     flags: int = 0) -> None:
+                     flags: int = 0, ctx: Ctx = Ctx()) -> None:
         RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
@@ -489,11 +509,11 @@ class Vfs:
                     # A backing file the namespace does not show: never clobber it.
                     raise FsError(errno.EEXIST, "backing path %s exists" % new_path)
                 os.rename(old_path, new_path)
-            await self.cache.run(work)
+            await self.as_user(ctx, work)
         elif victim is not None and not isinstance(victim, Dir) and not victim.shadow:
             # A shadow replaces a created file: that file goes, as with unlink.
             try:
-                await self.cache.run(os.unlink, victim.path)
+                await self.as_user(ctx, os.unlink, victim.path)
             except FileNotFoundError:
                 pass
         if victim is not None and dst_dir.children.get(new) is victim:
@@ -552,6 +572,13 @@ class Vfs:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and not node.writable:
             raise FsError(errno.EACCES, "backing file %s is read-only" % node.path)
+        if self.is_root and ctx.uid != 0:
+            # The kernel checked the shadow's mode bits; the user must also be
+            # able to reach the backing file itself (directories on the way).
+            want = os.R_OK if not writable else (os.W_OK if flags & os.O_ACCMODE == os.O_WRONLY
+                                                 else os.R_OK | os.W_OK)
+            if not await self.as_user(ctx, _reachable, node.path, want):
+                raise FsError(errno.EACCES, "%s is not reachable by uid %d" % (node.path, ctx.uid))
         if flags & os.O_TRUNC and writable:
             await self.truncate(node, 0)
         return self._open_handle(node, writable)
@@ -778,6 +805,23 @@ def _parse_range(value: bytes) -> tuple[int, int | None]:
     if len(nums) > 2 or any(n < 0 for n in nums):
         raise FsError(errno.EINVAL, "refresh takes \"OFFSET LENGTH\", both non-negative")
     return (nums[0] if nums else 0), (nums[1] if len(nums) == 2 else None)
+
+
+def _reachable(path: str, mode: int) -> bool:
+    """access() with the thread's fs credentials (AT_EACCESS), path walk included."""
+    return os.access(path, mode, effective_ids=True)
+
+
+def _sup_groups(pid: int, gid: int) -> list[int]:
+    """The requesting process's supplementary groups (from /proc)."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except OSError:
+        pass
+    return [gid]
 
 
 def _walk_files(d: Dir):
