@@ -1,7 +1,6 @@
 """Bad input on the command line: one clear line, non-zero exit, no traceback."""
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -9,7 +9,6 @@ requests, with one-line notices for the user (settings that were skipped).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 
 import pyfuse3

@@ -1,0 +1,114 @@
+"""Benchmark fixtures: big files on the stand-in and on tmpfs, fresh mounts.
+
+Sizes come from the environment: SHIMFS_BENCH_MIB (scan and random files,
+default 2048), SHIMFS_BENCH_WRITE_MIB (default 1024), SHIMFS_BENCH_RSS_MIB
+(default 4096).  Every figure is reported as a ratio against the native path
+measured in the same run; the table is printed at the end and written to
+bench/results.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from mounting import shim_mount  # noqa: E402  (the tests' mount helper)
+
+from shimfs import standin  # noqa: E402
+
+from benchlib import RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, make_file  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not RESULTS:
+        return
+    lines = ["| workload | backing | path | MB/s median (min–max) | native MB/s median | ratio median (min–max) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in RESULTS:
+        m, n = r["mine"], r["native"]
+        lines.append("| %s | %s | %s | %.0f (%.0f–%.0f) | %.0f | **%.2f×** (%.2f–%.2f) %s |" % (
+            r["workload"], r["where"], r["fs"], m[0], m[1], m[2], n[0],
+            m[0] / n[0], m[1] / n[0], m[2] / n[0], r["note"]))
+    table = "\n".join(lines)
+    with open(os.path.join(os.path.dirname(__file__), "results.md"), "w") as f:
+        f.write("Sizes: scan %d MiB, write %d MiB; %d rounds.\n\n%s\n" % (SCAN_MIB, WRITE_MIB, ROUNDS, table))
+    print("\n" + table)
+
+
+@pytest.fixture(scope="session")
+def gluster_dir():
+    why = standin.available()
+    if why:
+        pytest.skip(why)
+    root = standin.up()
+    d = os.path.join(root, "bench")
+    os.makedirs(d, exist_ok=True)
+    yield d
+
+
+@pytest.fixture(scope="session", params=["gluster", "tmpfs"])
+def where(request):
+    if request.param == "gluster":
+        return request.param, request.getfixturevalue("gluster_dir")
+    d = tempfile.mkdtemp(prefix="shimfs-bench-", dir="/dev/shm")
+    request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
+    return request.param, d
+
+
+@pytest.fixture(scope="session")
+def bigfile(where):
+    return make_file(os.path.join(where[1], "scan-%d.bin" % SCAN_MIB), SCAN_MIB)
+
+
+class Mounts:
+    """Fresh mounts of shimfs or the naive pass-through, one per round."""
+
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+        self.stack = contextlib.ExitStack()
+        self.n = 0
+
+    def shimfs(self, target: str, *opts: str) -> str:
+        self.close()
+        self.n += 1
+        mnt = self.stack.enter_context(shim_mount(os.path.join(self.tmp, "m%d" % self.n),
+                                                  self.tmp, *opts))
+        os.symlink(target, os.path.join(mnt, "f"))
+        return os.path.join(mnt, "f")
+
+    def passthrough(self, target: str) -> str:
+        self.close()
+        self.n += 1
+        mnt = os.path.join(self.tmp, "p%d" % self.n)
+        os.mkdir(mnt)
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                              "passthrough.py"),
+                                 os.path.dirname(target), mnt])
+        for _ in range(200):
+            if os.path.ismount(mnt):
+                break
+            time.sleep(0.05)
+
+        def stop():
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+            proc.wait(30)
+        self.stack.callback(stop)
+        return os.path.join(mnt, os.path.basename(target))
+
+    def close(self):
+        self.stack.close()
+        self.stack = contextlib.ExitStack()
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    m = Mounts(str(tmp_path))
+    yield m
+    m.close()

@@ -1,0 +1,184 @@
+"""Throughput of mapped access through shimfs, as ratios to native access.
+
+Run with ``bash scripts/bench.sh`` (see README).  Each workload measures the
+native path and the mapped path on the same file in the same run; cold runs
+drop the kernel's page cache and use a fresh mount (empty daemon cache).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import threading
+import time
+
+import psutil
+import pytest
+
+from benchlib import (MIB, RSS_MIB, SCAN_MIB, WRITE_MIB, drop_caches, make_file, median_rate,
+                      record)
+
+PAGE = 4096
+
+
+def native_scan(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while True:
+            b = os.pread(fd, 4 * MIB, off)
+            if not b:
+                break
+            off += len(b)
+    finally:
+        os.close(fd)
+
+
+def mapped_scan(path: str) -> None:
+    """Touch every page of a shared mapping, in order."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            mv = memoryview(m)
+            for off in range(0, len(m), 64 * MIB):
+                bytes(mv[off:off + 64 * MIB:PAGE])       # one byte of every page
+            mv.release()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
+def test_sequential_mapped_scan(benchmark, where, bigfile, mounts, fs):
+    size = os.path.getsize(bigfile)
+    native = median_rate(lambda: native_scan(bigfile), size, setup=drop_caches)
+    holder = {}
+
+    def setup():
+        holder["p"] = mounts.shimfs(bigfile) if fs == "shimfs" else mounts.passthrough(bigfile)
+        drop_caches()
+        return (holder["p"],), {}
+    benchmark.pedantic(mapped_scan, setup=setup, rounds=len(native) and 3, iterations=1)
+    s = benchmark.stats.stats
+    mine = (size / s.median / 1e6, size / s.max / 1e6, size / s.min / 1e6)
+    benchmark.extra_info.update(native_MBps=native[0], MBps=mine[0], ratio=mine[0] / native[0])
+    record("sequential mmap scan vs pread(4 MiB)", where[0], fs, mine, native)
+
+
+@pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
+def test_random_page_touches(benchmark, where, bigfile, mounts, fs):
+    size = os.path.getsize(bigfile)
+    rnd = random.Random(1)
+    offsets = [rnd.randrange(size // PAGE) * PAGE for _ in range(20000)]
+
+    def native():
+        fd = os.open(bigfile, os.O_RDONLY)
+        try:
+            for off in offsets:
+                os.pread(fd, PAGE, off)
+        finally:
+            os.close(fd)
+    nat = median_rate(native, len(offsets) * PAGE, setup=drop_caches)
+
+    def touch(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+                for off in offsets:
+                    m[off]
+        finally:
+            os.close(fd)
+
+    def setup():
+        p = mounts.shimfs(bigfile) if fs == "shimfs" else mounts.passthrough(bigfile)
+        drop_caches()
+        return (p,), {}
+    benchmark.pedantic(touch, setup=setup, rounds=3, iterations=1)
+    s = benchmark.stats.stats
+    n = len(offsets) * PAGE
+    mine = (n / s.median / 1e6, n / s.max / 1e6, n / s.min / 1e6)
+    record("20,000 random 4 KiB touches vs pread(4 KiB)", where[0], fs, mine, nat)
+
+
+@pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
+def test_write_every_page_then_msync(benchmark, where, mounts, fs):
+    path = make_file(os.path.join(where[1], "write-%d.bin" % WRITE_MIB), WRITE_MIB)
+    size = WRITE_MIB * MIB
+    block = os.urandom(4 * MIB)
+
+    def native():
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for off in range(0, size, 4 * MIB):
+                os.pwrite(fd, block, off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    nat = median_rate(native, size, setup=drop_caches)
+
+    def write_map(p):
+        fd = os.open(p, os.O_RDWR)
+        try:
+            with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+                for off in range(0, size, 4 * MIB):
+                    m[off:off + 4 * MIB] = block
+                m.flush()
+        finally:
+            os.close(fd)
+
+    def setup():
+        p = mounts.shimfs(path) if fs == "shimfs" else mounts.passthrough(path)
+        drop_caches()
+        return (p,), {}
+    benchmark.pedantic(write_map, setup=setup, rounds=3, iterations=1)
+    s = benchmark.stats.stats
+    mine = (size / s.median / 1e6, size / s.max / 1e6, size / s.min / 1e6)
+    record("write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0], fs, mine, nat)
+
+
+def test_warm_second_scan(benchmark, where, bigfile, mounts, tmp_path):
+    size = os.path.getsize(bigfile)
+    ref = "/dev/shm/shimfs-warm-ref"
+    make_file(ref, SCAN_MIB)
+    try:
+        mapped_scan(ref)
+        nat = median_rate(lambda: mapped_scan(ref), size)
+    finally:
+        os.unlink(ref)
+    p = mounts.shimfs(bigfile)
+    mapped_scan(p)                                   # warm it
+    benchmark.pedantic(mapped_scan, args=(p,), rounds=3, iterations=1)
+    s = benchmark.stats.stats
+    mine = (size / s.median / 1e6, size / s.max / 1e6, size / s.min / 1e6)
+    record("second (warm) scan vs mmap of tmpfs", where[0], "shimfs", mine, nat)
+
+
+def test_daemon_rss_bounded(where, mounts):
+    if where[0] != "tmpfs":
+        pytest.skip("measured once, on tmpfs")
+    path = make_file(os.path.join(where[1], "rss-%d.bin" % RSS_MIB), RSS_MIB)
+    try:
+        p = mounts.shimfs(path, "cache_size=256M")
+        pid = int(os.getxattr(os.path.dirname(p), "user.shimfs.pid"))
+        proc = psutil.Process(pid)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.02)
+        t = threading.Thread(target=sample)
+        t.start()
+        drop_caches()
+        mapped_scan(p)
+        done.set()
+        t.join()
+        limit = (256 + 64) * MIB
+        print("daemon peak RSS %.0f MiB (limit %.0f MiB)" % (peak[0] / MIB, limit / MIB))
+        record("daemon peak RSS during %d MiB scan, cache_size=256M (MiB, limit 320)" % RSS_MIB,
+               where[0], "shimfs", (peak[0] / MIB,) * 3, (limit / MIB,) * 3,
+               "(≤ 1 meets it)")
+        assert peak[0] <= limit
+    finally:
+        mounts.close()
+        os.unlink(path)
