@@ -258,3 +258,24 @@ def test_multiwrite_writes_only_changed_bytes(tmp_path, impl):
     assert pc.file_stats(fid)["twin_bytes"] == 8192
     pc.unregister(fid)
     os.close(fd)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
+def test_read_cached_never_does_io(tmp_path, impl):
+    path = str(tmp_path / "f")
+    data = os.urandom(20000)
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDWR)
+    pc = impl(1 << 20)
+    fid = pc.register(fd, len(data))
+    assert pc.read_cached(fid, 100, 5000) is None
+    assert pc.file_stats(fid)["bytes_fetched"] == 0
+    pc.prefetch(fid, 0, 8192)
+    assert pc.read_cached(fid, 100, 5000) == data[100:5100]
+    assert pc.read_cached(fid, 4000, 5000) is None        # page 2 missing
+    assert pc.read_cached(fid, 19990, 100) is None
+    pc.read(fid, 0, 20000)
+    assert pc.read_cached(fid, 19990, 100) == data[19990:]
+    pc.unregister(fid)
+    os.close(fd)

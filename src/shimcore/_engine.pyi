@@ -1,5 +1,5 @@
 """Typed signatures of the compiled page cache (see _engine.pyx for the design)."""
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 PAGE_SIZE: int
 
@@ -22,6 +22,8 @@ class PageCache:
         """Bytes of dirty pages, in whole pages."""
     def read(self, fid: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset``, fewer only at the cached end of file; misses are preadv'd."""
+    def read_cached(self, fid: int, offset: int, size: int) -> Optional[bytes]:
+        """Like read, but None unless every page is cached; never does I/O."""
     def prefetch(self, fid: int, offset: int, size: int) -> int:
         """Load the pages of the range into the cache; return the bytes read from the backing file."""
     def write(self, fid: int, offset: int, data: Any) -> int:
@@ -32,7 +34,11 @@ class PageCache:
         """Set the size, drop pages past it and zero the tail of the last page."""
     def invalidate(self, fid: int, offset: int, length: int) -> int:
         """Drop clean pages overlapping the range; return how many were dropped."""
-    def file_stats(self, fid: int) -> Dict[str, int]: ...
+    def set_multiwrite(self, fid: int, on: bool) -> None:
+        """Keep twins and write back changed bytes only (EBUSY while pages are dirty)."""
+    def refresh(self, fid: int, offset: int, length: int) -> int:
+        """Reload the range from the backing file, keeping local dirty bytes; return pages."""
+    def file_stats(self, fid: int) -> Dict[str, Any]: ...
     def stats(self) -> Dict[str, int]: ...
     def check(self) -> None:
         """Assert the internal invariants (tests only)."""

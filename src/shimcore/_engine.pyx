@@ -628,6 +628,45 @@ cdef class PageCache:
             raise EngineError(err, "backing read failed")
         return res
 
+    def read_cached(self, int64_t fid, int64_t offset, int64_t size):
+        """Like :meth:`read`, but only if every page is cached: never does I/O.
+
+        Returns None when a page is missing or being loaded.  Cheap enough to
+        call on the thread that serves FUSE requests, which saves the hop to a
+        worker thread for reads that the prefetcher already served.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t end, p0, p1, i, s, a, b
+        cdef bint ok = True
+        cdef char *out
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = offset + size
+        if end > fr.size:
+            end = fr.size
+        if end <= offset:
+            return b""
+        p0 = offset >> PAGE_SHIFT
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
+        res = PyBytes_FromStringAndSize(NULL, end - offset)
+        out = PyBytes_AS_STRING(res)
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for i in range(p0, p1):
+                s = self._find(fid, i)
+                if s < 0 or self.slots[s].state != S_VALID:
+                    ok = False
+                    break
+            if ok:
+                for i in range(p0, p1):
+                    s = self._find(fid, i)
+                    self.slots[s].ref = 1
+                    _clip(i, offset, end, &a, &b)
+                    memcpy(out + (a - offset), self.arena + s * PAGE + (a - i * PAGE), b - a)
+                fr.hits += p1 - p0
+            pthread_mutex_unlock(&self.mu)
+        return res if ok else None
+
     def prefetch(self, int64_t fid, int64_t offset, int64_t size):
         """Load the pages of [offset, offset+size) into the cache; return bytes fetched."""
         cdef FileRec *fr = self._file(fid)

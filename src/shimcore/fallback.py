@@ -131,6 +131,14 @@ class PageCache:
                 out += buf[a - p * PAGE:b - p * PAGE]
             return bytes(out)
 
+    def read_cached(self, fid: int, offset: int, size: int):
+        with self._lock:
+            f = self._file(fid)
+            end = min(offset + size, f.size)
+            if all((fid, p) in self._pages for p in range(offset // PAGE, (end + PAGE - 1) // PAGE)):
+                return self.read(fid, offset, size)
+            return None
+
     def prefetch(self, fid: int, offset: int, size: int) -> int:
         with self._lock:
             f = self._file(fid)

@@ -33,6 +33,10 @@ class AsyncCache:
         self.prefetch_limiter = trio.CapacityLimiter(prefetch_threads)
         self.nursery: trio.Nursery | None = None
         self.prefetch_errors = 0
+        # request counters (shimfs stat): FUSE reads, those served without a
+        # worker thread, writes, and prefetches started / in flight
+        self.counters = dict(read_requests=0, read_request_bytes=0, reads_from_cache=0,
+                             write_requests=0, prefetches=0, prefetches_in_flight=0)
 
     async def run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -42,14 +46,23 @@ class AsyncCache:
 
     # -- data --------------------------------------------------------------
     async def read(self, fid: int, stream: Stream | None, off: int, size: int) -> bytes:
+        c = self.counters
+        c["read_requests"] += 1
+        c["read_request_bytes"] += size
         if stream is not None and self.nursery is not None:
             plan = stream.on_read(off, size)
             if plan is not None:
                 for c_off, c_len in chunks(*plan):
                     self.nursery.start_soon(self._prefetch, fid, c_off, c_len)
+        data = self.engine.read_cached(fid, off, size)   # no I/O: fine on this thread
+        if data is not None:
+            c["reads_from_cache"] += 1
+            return data
         return await self.run(self.engine.read, fid, off, size)
 
     async def _prefetch(self, fid: int, off: int, length: int) -> None:
+        self.counters["prefetches"] += 1
+        self.counters["prefetches_in_flight"] += 1
         try:
             await trio.to_thread.run_sync(self.engine.prefetch, fid, off, length,
                                           limiter=self.prefetch_limiter)
@@ -57,8 +70,11 @@ class AsyncCache:
             # The read that needs these pages will fetch them and report errors.
             self.prefetch_errors += 1
             log.debug("prefetch of file %d at %d failed: %s", fid, off, exc)
+        finally:
+            self.counters["prefetches_in_flight"] -= 1
 
     async def write(self, fid: int, off: int, data: bytes) -> int:
+        self.counters["write_requests"] += 1
         return await self.run(self.engine.write, fid, off, data)
 
     async def writeback(self, fid: int, fd: int | None = None) -> int:

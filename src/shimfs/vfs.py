@@ -787,7 +787,8 @@ class Vfs:
 
     def stats(self, node: Node) -> dict:
         eng = self.cache.engine
-        out = {"mount": dict(eng.stats(), prefetch_errors=self.cache.prefetch_errors,
+        out = {"mount": dict(eng.stats(), **self.cache.counters,
+                             prefetch_errors=self.cache.prefetch_errors,
                              files=sum(isinstance(n, File) for n in self.inodes.values()),
                              read_ahead_max_window=self.cache.max_window)}
         if isinstance(node, File):
