@@ -22,16 +22,21 @@ XATTR_REFRESH = "user.shimfs.refresh"
 XATTR_MULTIWRITE = "user.shimfs.multiwrite"
 
 
+def mount_table():
+    """(mount point, file system type) of every mount, in mount order."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            yield fields[1].replace("\\040", " "), fields[2]
+
+
 def mount_of(path: str) -> tuple[str, str]:
     """(mount point, file system type) of the mount holding ``path``."""
     real = os.path.realpath(path)
     best = ("/", "")
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[1].replace("\\040", " ")
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                best = (mnt, fields[2])
+    for mnt, fstype in mount_table():
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+            best = (mnt, fstype)
     return best
 
 

@@ -6,6 +6,7 @@ never as a traceback (see :class:`shimfs.errors.UserError`).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -183,37 +184,53 @@ def _spawn_daemon(args, mnt: str) -> int:
 
 def cmd_umount(args) -> int:
     mnt = os.path.abspath(args.mountpoint)
-    if not os.path.ismount(mnt):
-        # A dead daemon leaves a mount that stat() fails on (ENOTCONN).
-        if not _is_fuse_mount(mnt):
-            raise UserError("%s is not mounted" % mnt)
+    fstype = _mount_type(mnt)
+    if fstype is None:
+        raise UserError("%s is not mounted" % mnt)
+    if fstype != "fuse.shimfs":
+        raise UserError("%s is not a shimfs mount (it is %s)" % (mnt, fstype))
     pid = None
     try:
-        pid = int(api.control_get(mnt, "user.shimfs.pid"))
-        api.sync(mnt)
-    except UserError:
-        raise
+        os.stat(mnt)
+        dead = False
     except OSError as exc:
-        if not args.force:
-            raise UserError("cannot write back %s (%s); nothing unmounted. Use --force to "
-                            "unmount anyway and lose unwritten data" % (mnt, exc.strerror), 1)
+        if exc.errno != errno.ENOTCONN:
+            raise UserError("cannot reach %s: %s" % (mnt, exc.strerror), 1)
+        dead = True
+    if dead:
+        # kill -9 or a crash: nothing can be written back any more; what was
+        # msync'd is in the backing files.  Clean the mount up.
+        print("%s: notice: the daemon of %s is gone; removing the dead mount" % (PROG, mnt),
+              file=sys.stderr)
+    else:
+        pid = int(os.getxattr(mnt, "user.shimfs.pid"))
+        try:
+            os.setxattr(mnt, "user.shimfs.sync", b"")
+        except OSError as exc:
+            if not args.force:
+                raise UserError("cannot write back the data of %s (%s); nothing unmounted. "
+                                "Use --force to unmount anyway and lose unwritten data"
+                                % (mnt, exc.strerror), 1)
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [fusermount, "-u"] if fusermount else ["umount"]
-    if args.force:
+    if args.force or dead:
         cmd += ["-z"] if fusermount else ["-l"]
     res = subprocess.run(cmd + [mnt], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if res.returncode:
-        raise UserError("cannot unmount %s: %s" % (mnt, res.stdout.strip().splitlines()[-1]
-                                                     if res.stdout.strip() else "failed"), 1)
+        why = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "failed"
+        raise UserError("cannot unmount %s: %s" % (mnt, why), 1)
     if pid:
-        _wait_exit(pid, 30.0)
+        _wait_exit(pid, 60.0)
     return 0
 
 
-def _is_fuse_mount(mnt: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == mnt and line.split()[2].startswith("fuse")
-                   for line in f)
+def _mount_type(mnt: str) -> str | None:
+    """The file system type mounted at ``mnt`` (the last one), or None."""
+    found = None
+    for point, fstype in api.mount_table():
+        if point == mnt:
+            found = fstype
+    return found
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

@@ -618,7 +618,15 @@ class Vfs:
         return n
 
     async def _writeback(self, node: File, durable: bool) -> None:
+        log.debug("write-back of %s (durable=%s), %d dirty bytes", node.path, durable,
+                  self.cache.engine.dirty_bytes(node.fid))
         async with node.io_lock:
+            if durable and node.parent is not None:
+                st = await self.cache.run(os.fstat, node.fd)
+                if st.st_nlink == 0:
+                    # Removed behind our back: data written now would vanish with
+                    # the inode.  Say so, and keep it (dirty) in the cache.
+                    raise FsError(errno.ESTALE, "backing file %s was removed" % node.path)
             await self.cache.writeback(node.fid, node.fd if durable else None)
             st = await self.cache.run(os.fstat, node.fd)
             node.seen = (st.st_size, st.st_mtime_ns)

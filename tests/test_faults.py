@@ -1,0 +1,219 @@
+"""Faults and lifecycle: full disks, vanished files, signals, kill -9.
+
+Nothing acknowledged is lost, errors reach the caller as errnos, dirty data
+is kept for a retry, and no process hangs.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import shim_mount, shimfs_cmd, unavailable
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _pid(mnt):
+    return int(os.getxattr(mnt, "user.shimfs.pid"))
+
+
+def _wait_gone(pid, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _mounted(mnt):
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == mnt for line in f)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size="1m"):
+    if os.geteuid() != 0:
+        unavailable("mounting a small tmpfs needs root")
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def _fill(directory):
+    """Fill a file system; return the filler's path."""
+    filler = os.path.join(directory, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xff" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_enospc_msync_fails_keeps_data_and_retries(tmp_path, backing):
+    with small_tmpfs(str(tmp_path / "small")) as small:
+        src = os.path.join(small, "data")
+        with open(src, "wb") as f:
+            f.truncate(256 * 1024)                     # sparse: no blocks yet
+        filler = None
+        with shim_mount(str(tmp_path / "mnt"), backing, "verbose",
+                        log=str(tmp_path / "log")) as mnt:
+            os.symlink(src, os.path.join(mnt, "d"))
+            fd = os.open(os.path.join(mnt, "d"), os.O_RDWR)
+            try:
+                m = mmap.mmap(fd, 0)
+                blob = os.urandom(256 * 1024)
+                m[:] = blob
+                filler = _fill(small)
+                with pytest.raises(OSError) as info:
+                    m.flush()                          # msync(MS_SYNC)
+                assert info.value.errno == errno.ENOSPC
+                assert shimfs_dirty(mnt + "/d") > 0    # kept for a retry
+                res = shimfs_cmd("umount", mnt, check=False)   # refuses to drop it
+                assert res.returncode != 0 and "cannot write back" in res.stderr
+                assert _mounted(mnt)
+                os.unlink(filler)
+                m.flush()                              # the retry succeeds
+                assert _read(src) == blob
+                m.close()
+            finally:
+                os.close(fd)
+
+
+def shimfs_dirty(path):
+    import shimfs
+    return shimfs.stats(path)["file"]["dirty_bytes"]
+
+
+def test_sigterm_writes_back_and_unmounts(tmp_path, backing):
+    data = tmp_path / "data"
+    data.write_bytes(bytes(10000))
+    mnt = str(tmp_path / "mnt")
+    with shim_mount(mnt, backing) as m:
+        pid = _pid(m)
+        os.symlink(str(data), os.path.join(m, "f"))
+        fd = os.open(os.path.join(m, "f"), os.O_RDWR)
+        os.pwrite(fd, b"not yet synced", 5000)        # dirty in the daemon only
+        os.kill(pid, signal.SIGTERM)
+        assert _wait_gone(pid)
+        assert not _mounted(mnt)
+        assert _read(str(data))[5000:5014] == b"not yet synced"
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def test_kill9_leaves_dead_mount_that_umount_cleans(tmp_path, backing):
+    data = tmp_path / "data"
+    data.write_bytes(bytes(8192))
+    mnt = str(tmp_path / "mnt")
+    with shim_mount(mnt, backing) as m:
+        pid = _pid(m)
+        os.symlink(str(data), os.path.join(m, "f"))
+        fd = os.open(os.path.join(m, "f"), os.O_RDWR)
+        os.pwrite(fd, b"durable", 0)
+        os.fsync(fd)
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone(pid)
+        with pytest.raises(OSError) as info:
+            os.stat(m)
+        assert info.value.errno == errno.ENOTCONN
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        res = shimfs_cmd("umount", m)
+        assert "gone" in res.stderr
+        assert not _mounted(m)
+        assert _read(str(data))[:7] == b"durable"
+    with shim_mount(mnt, backing) as m:                # a fresh mount works
+        os.symlink(str(data), os.path.join(m, "f"))
+        assert _read(os.path.join(m, "f"))[:7] == b"durable"
+
+
+def test_backing_removed_under_live_shadow(mnt, tmp_path):
+    src = tmp_path / "gone"
+    src.write_bytes(b"x" * 9000)
+    os.symlink(str(src), os.path.join(mnt, "g"))
+    fd = os.open(os.path.join(mnt, "g"), os.O_RDWR)
+    try:
+        os.unlink(str(src))
+        assert os.pread(fd, 4, 0) == b"xxxx"          # the open file still reads
+        os.pwrite(fd, b"y", 0)
+        with pytest.raises(OSError) as info:
+            os.fsync(fd)                              # no home for the data: say so
+        assert info.value.errno == errno.ESTALE
+        assert os.listdir(mnt) == ["g"]               # the daemon is fine
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    os.unlink(os.path.join(mnt, "g"))
+
+
+def test_backing_truncated_by_another_node(mnt, tmp_path):
+    src = tmp_path / "shrink"
+    size = 64 * 4096
+    src.write_bytes(os.urandom(size))
+    os.symlink(str(src), os.path.join(mnt, "s"))
+    path = os.path.join(mnt, "s")
+    code = """
+import mmap, os, sys, shimfs
+fd = os.open(%r, os.O_RDWR)
+m = mmap.mmap(fd, 0)
+head = m[:4096]
+os.truncate(%r, 4096)                 # another node truncates the backing file
+assert m[:4096] == head               # cached pages: unchanged until refresh
+assert m[40 * 4096:40 * 4096 + 4] in (bytes(4), m[40 * 4096:40 * 4096 + 4])
+shimfs.refresh(fd)                    # adopt the backing file's new size
+assert os.fstat(fd).st_size == 4096
+print("ok", flush=True)
+m[10 * 4096]                          # past the new end: SIGBUS, as for any file
+print("no SIGBUS", flush=True)
+""" % (path, str(src))
+    res = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.stdout.strip() == "ok", res.stderr
+    assert res.returncode == -signal.SIGBUS
+    assert os.listdir(mnt) == ["s"]
+
+
+def test_processes_mapping_one_file_lose_nothing(mnt, tmp_path):
+    """Four processes write disjoint stripes of one mapped file at once."""
+    src = tmp_path / "shared"
+    size = 4_000_000                       # whole stripes; not a multiple of the page size
+    src.write_bytes(bytes(size))
+    os.symlink(str(src), os.path.join(mnt, "shared"))
+    code = """
+import mmap, os, sys
+k = int(sys.argv[1])
+fd = os.open(%r, os.O_RDWR)
+m = mmap.mmap(fd, 0)
+for rnd in range(3):
+    for off in range(k * 1000, len(m), 4000):
+        m[off:off + 1000] = bytes([k + 1 + rnd]) * 1000
+    m.flush()
+""" % os.path.join(mnt, "shared")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(k)]) for k in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    data = _read(str(src))
+    for k in range(4):
+        for off in range(k * 1000, size, 4000):
+            assert data[off:off + 1000] == bytes([k + 3]) * 1000

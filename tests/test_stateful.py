@@ -1,0 +1,158 @@
+"""Random namespace and data operations through a real mount vs a plain directory.
+
+Hypothesis drives the same operations on a directory inside a shimfs mount
+and on an ordinary directory (the oracle); every result -- bytes read, sizes,
+listings and errnos -- must match, and after each example the backing tree
+must hold exactly the oracle's files.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import tempfile
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from conftest import shim_mount
+
+NAMES = st.sampled_from(["a", "b", "c", "d/x", "d/y", "e/z"])
+DIRS = st.sampled_from(["d", "e"])
+OFFSETS = st.sampled_from([0, 1, 4095, 4096, 4097, 70000])
+SIZES = st.sampled_from([0, 1, 4095, 4097, 65536 + 1])
+
+_state = {}
+
+
+@pytest.fixture(scope="module")
+def stateful_mount(tmp_path_factory):
+    top = tmp_path_factory.mktemp("stateful")
+    backing = top / "backing"
+    backing.mkdir()
+    with shim_mount(str(top / "mnt"), str(backing), "cache_size=16M") as mnt:
+        _state.update(mnt=mnt, backing=str(backing))
+        yield mnt
+    _state.clear()
+
+
+def outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except OSError as e:
+        return ("err", e.errno)
+
+
+class MountVsOracle(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        sub = "s-" + uuid.uuid4().hex[:10]
+        self.mine = os.path.join(_state["mnt"], sub)
+        self.back = os.path.join(_state["backing"], sub)
+        self.oracle = tempfile.mkdtemp(prefix="oracle-")
+        os.mkdir(self.mine)
+
+    def both(self, fn, *args):
+        a = outcome(fn, self.mine, *args)
+        b = outcome(fn, self.oracle, *args)
+        assert a == b, (fn.__name__, args, a, b)
+        return a
+
+    @rule(d=DIRS)
+    def mkdir(self, d):
+        self.both(lambda root, d: os.mkdir(os.path.join(root, d)), d)
+
+    @rule(d=DIRS)
+    def rmdir(self, d):
+        self.both(lambda root, d: os.rmdir(os.path.join(root, d)), d)
+
+    @rule(name=NAMES, size=SIZES)
+    def create(self, name, size):
+        data = bytes((i * 7 + size) & 0xFF for i in range(size))
+
+        def op(root, name):
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(data)
+        self.both(op, name)
+
+    @rule(name=NAMES, off=OFFSETS, size=SIZES)
+    def write(self, name, off, size):
+        data = bytes((i * 13 + off) & 0xFF for i in range(size))
+
+        def op(root, name):
+            fd = os.open(os.path.join(root, name), os.O_WRONLY)
+            try:
+                return os.pwrite(fd, data, off)
+            finally:
+                os.close(fd)
+        self.both(op, name)
+
+    @rule(name=NAMES, off=OFFSETS)
+    def mapped_write(self, name, off):
+        def op(root, name):
+            fd = os.open(os.path.join(root, name), os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    return 0
+                with mmap.mmap(fd, 0) as m:
+                    m[off % size] = (off * 3 + 1) & 0xFF
+                    m.flush()
+                return size
+            finally:
+                os.close(fd)
+        self.both(op, name)
+
+    @rule(name=NAMES, size=OFFSETS)
+    def truncate(self, name, size):
+        self.both(lambda root, name: os.truncate(os.path.join(root, name), size), name)
+
+    @rule(name=NAMES)
+    def read(self, name):
+        def op(root, name):
+            with open(os.path.join(root, name), "rb") as f:
+                return f.read()
+        self.both(op, name)
+
+    @rule(name=NAMES)
+    def unlink(self, name):
+        self.both(lambda root, name: os.unlink(os.path.join(root, name)), name)
+
+    @rule(a=NAMES, b=NAMES)
+    def rename(self, a, b):
+        self.both(lambda root, a: os.rename(os.path.join(root, a), os.path.join(root, b)), a)
+
+    @invariant()
+    def same_listing(self):
+        def tree(root):
+            out = []
+            for dirpath, dirs, files in os.walk(root):
+                rel = os.path.relpath(dirpath, root)
+                out += [(rel, d, "d") for d in sorted(dirs)]
+                out += [(rel, f, os.path.getsize(os.path.join(dirpath, f))) for f in sorted(files)]
+            return sorted(out)
+        assert tree(self.mine) == tree(self.oracle)
+
+    def teardown(self):
+        try:
+            # the backing tree mirrors the mount, byte for byte
+            for dirpath, dirs, files in os.walk(self.oracle):
+                rel = os.path.relpath(dirpath, self.oracle)
+                for f in files:
+                    with open(os.path.join(dirpath, f), "rb") as a, \
+                            open(os.path.join(self.back, rel, f), "rb") as b:
+                        assert a.read() == b.read(), (rel, f)
+        finally:
+            shutil.rmtree(self.mine, ignore_errors=True)
+            shutil.rmtree(self.oracle, ignore_errors=True)
+
+
+MountVsOracle.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=25, deadline=None,
+    suppress_health_check=list(HealthCheck))
+
+
+def test_mount_matches_plain_directory(stateful_mount):
+    MountVsOracle.TestCase().runTest()
