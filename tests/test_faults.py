@@ -217,3 +217,83 @@ for rnd in range(3):
     for k in range(4):
         for off in range(k * 1000, size, 4000):
             assert data[off:off + 1000] == bytes([k + 3]) * 1000
+
+
+def _bounded(fn, timeout=90.0):
+    """Run fn in a thread; fail if it does not finish in time (a hang)."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:       # noqa: B902 - reported to the test
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "hung for more than %ds" % timeout
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def test_brick_killed_mid_scan_and_write_back(gluster, tmp_path, backing):
+    from shimfs import standin
+    d = os.path.join(gluster, "brick-fault-%d" % os.getpid())
+    os.mkdir(d)
+    src = os.path.join(d, "f")
+    blob = os.urandom(16 << 20)
+    with open(src, "wb") as f:
+        f.write(blob)
+    try:
+        with shim_mount(str(tmp_path / "mnt"), backing, "read_ahead=0") as m:
+            os.symlink(src, os.path.join(m, "f"))
+            fd = os.open(os.path.join(m, "f"), os.O_RDWR)
+            try:
+                assert os.pread(fd, 1 << 20, 0) == blob[:1 << 20]
+                os.pwrite(fd, b"dirty", 100)                 # not yet written back
+                standin.kill_brick()
+                try:
+                    with pytest.raises(OSError) as info:     # mid-scan: an errno, no hang
+                        _bounded(lambda: os.pread(fd, 1 << 20, 8 << 20))
+                    assert info.value.errno in (errno.ENOTCONN, errno.EIO)
+                    with pytest.raises(OSError) as info:     # mid write-back
+                        _bounded(lambda: os.fsync(fd))
+                    assert info.value.errno in (errno.ENOTCONN, errno.EIO)
+                finally:
+                    standin.start_brick()
+                # the same mount works again, and the dirty bytes were kept
+                assert _bounded(lambda: os.pread(fd, 1 << 20, 8 << 20)) == blob[8 << 20:9 << 20]
+                _bounded(lambda: os.fsync(fd))
+                with open(src, "rb") as f:
+                    data = f.read()
+                assert data[100:105] == b"dirty"
+                assert data[:100] == blob[:100] and data[105:] == blob[105:]
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    finally:
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_umount_force_when_the_backing_is_gone(tmp_path, backing):
+    with small_tmpfs(str(tmp_path / "small")) as small:
+        src = os.path.join(small, "data")
+        with open(src, "wb") as f:
+            f.truncate(64 * 1024)
+        mnt = str(tmp_path / "mnt")
+        with shim_mount(mnt, backing) as m:
+            pid = _pid(m)
+            os.symlink(src, os.path.join(m, "d"))
+            fd = os.open(os.path.join(m, "d"), os.O_RDWR)
+            os.pwrite(fd, os.urandom(64 * 1024), 0)          # dirty in the daemon
+            _fill(small)
+            res = shimfs_cmd("umount", m, check=False)
+            assert res.returncode != 0 and "--force" in res.stderr
+            with contextlib.suppress(OSError):
+                os.close(fd)                                 # close: ENOSPC too
+            res = shimfs_cmd("umount", "--force", m)
+            assert not _mounted(m)
+            assert _wait_gone(pid)

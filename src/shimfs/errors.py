@@ -3,8 +3,9 @@
 * :class:`FsError` is what the VFS core raises for a failed file-system
   operation; the FUSE adapter turns it into ``pyfuse3.FUSEError``.
 * :func:`fs_error` maps any exception met inside an operation to an
-  :class:`FsError`: an ``OSError`` keeps its errno, anything else is a bug and
-  becomes EIO (logged with its traceback).
+  :class:`FsError`: an ``OSError`` keeps its errno (EBADFD, a backing
+  descriptor invalidated by a server restart, becomes EIO), anything else is
+  a bug and becomes EIO (logged with its traceback).
 * :class:`UserError` is bad input from the command line: the CLI prints its
   message as one line and exits with its code, never with a traceback.
 """
@@ -40,6 +41,10 @@ def fs_error(exc: BaseException) -> FsError:
     """Translate an exception raised while serving an operation."""
     if isinstance(exc, FsError):
         return exc
+    if isinstance(exc, OSError) and exc.errno == errno.EBADFD:
+        # GlusterFS and others invalidate open files when their server goes
+        # away; the daemon reopens them once it is back.  Callers see EIO.
+        return FsError(errno.EIO, "backing file unreachable (%s)" % exc.strerror)
     if isinstance(exc, OSError) and exc.errno:
         return FsError(exc.errno, exc.strerror)
     log.error("internal error, answering EIO", exc_info=exc)

@@ -132,6 +132,36 @@ def up(clients: int = 1) -> str:
     return client_dir(0)
 
 
+def kill_brick() -> None:
+    """Fault injection: kill the brick process (as a crashed storage server)."""
+    _run("pkill", "-9", "-x", "glusterfsd", check=False)
+    for _ in range(100):
+        if _run("pgrep", "-x", "glusterfsd", check=False).returncode:
+            return
+        time.sleep(0.1)
+    raise StandinError("the brick process does not die")
+
+
+def start_brick(timeout: float = 60.0) -> None:
+    """Bring a killed brick back and wait until every client reads again."""
+    _run("gluster", "--mode=script", "volume", "start", VOLUME, "force")
+    deadline = time.monotonic() + timeout
+    for n in range(len(os.listdir(MOUNT_BASE)) if os.path.isdir(MOUNT_BASE) else 0):
+        d = client_dir(n)
+        while True:
+            try:
+                os.listdir(d)
+                probe = os.path.join(d, ".standin-probe")
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.unlink(probe)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise StandinError("client %s did not reconnect to the brick" % d)
+                time.sleep(0.5)
+
+
 def down() -> None:
     """Unmount every client, delete the volume and its brick, stop gluster."""
     if os.path.isdir(MOUNT_BASE):

@@ -129,6 +129,7 @@ class File(Node):
         self.opens = 0
         self.io_lock = trio.Lock()  # serializes write-back, fsync and truncate
         self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
+        self.ident = (st.st_dev, st.st_ino)        # to reopen the very same file
 
     def backing_path(self) -> str:
         return self.path
@@ -606,14 +607,14 @@ class Vfs:
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        return await self.cache.read(h.node.fid, h.stream, off, size)
+        return await self._with_reopen(h.node, self.cache.read, h.node.fid, h.stream, off, size)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         h = self._handle(fh)
         node = h.node
         if not node.writable:
             raise FsError(errno.EBADF)
-        n = await self.cache.write(node.fid, off, data)
+        n = await self._with_reopen(node, self.cache.write, node.fid, off, data)
         node.touch()
         return n
 
@@ -627,9 +628,27 @@ class Vfs:
                     # Removed behind our back: data written now would vanish with
                     # the inode.  Say so, and keep it (dirty) in the cache.
                     raise FsError(errno.ESTALE, "backing file %s was removed" % node.path)
-            await self.cache.writeback(node.fid, node.fd if durable else None)
+            await self._with_reopen(node, self.cache.writeback, node.fid,
+                                    node.fd if durable else None)
             st = await self.cache.run(os.fstat, node.fd)
             node.seen = (st.st_size, st.st_mtime_ns)
+
+    async def _with_reopen(self, node: File, fn, *args):
+        """Call ``fn``; if the backing fd went bad, reopen the file once and retry.
+
+        A network file system can invalidate open descriptors when its
+        server goes away and comes back (GlusterFS answers EBADFD from then
+        on).  The file is reopened by path, accepted only if it is the same
+        inode, and put in place of the old descriptor with dup2(), so the
+        engine and concurrent callers keep using the same fd number.
+        """
+        try:
+            return await fn(*args)
+        except OSError as exc:
+            if exc.errno not in _REOPEN_ERRNOS or not await self.cache.run(_reopen, node):
+                raise
+            log.info("reopened %s after %s", node.path, errno.errorcode.get(exc.errno))
+            return await fn(*args)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
         await self._writeback(self._handle(fh).node, durable=True)
@@ -814,6 +833,25 @@ def _parse_range(value: bytes) -> tuple[int, int | None]:
     if len(nums) > 2 or any(n < 0 for n in nums):
         raise FsError(errno.EINVAL, "refresh takes \"OFFSET LENGTH\", both non-negative")
     return (nums[0] if nums else 0), (nums[1] if len(nums) == 2 else None)
+
+
+_REOPEN_ERRNOS = {errno.EBADFD}
+
+
+def _reopen(node: File) -> bool:
+    flags = (os.O_RDWR if node.writable else os.O_RDONLY) | os.O_CLOEXEC
+    try:
+        fd = os.open(node.path, flags)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.ident:
+            return False
+        os.dup2(fd, node.fd)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _reachable(path: str, mode: int) -> bool:
