@@ -46,7 +46,7 @@ def test_already_mounted(mnt, tmp_path):
 def test_control_outside_a_mount(tmp_path):
     f = tmp_path / "plain"
     f.write_text("x")
-    for cmd in ("sync", "stat"):
+    for cmd in ("sync", "stat", "refresh"):
         res = shimfs_cmd(cmd, str(f), check=False)
         assert "not in a shimfs mount" in _one_line_error(res)
     res = shimfs_cmd("sync", str(tmp_path / "missing"), check=False)

@@ -105,7 +105,8 @@ def shimfs_dirty(path):
     return shimfs.stats(path)["file"]["dirty_bytes"]
 
 
-def test_sigterm_writes_back_and_unmounts(tmp_path, backing):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_back_and_unmounts(tmp_path, backing, sig):
     data = tmp_path / "data"
     data.write_bytes(bytes(10000))
     mnt = str(tmp_path / "mnt")
@@ -114,7 +115,7 @@ def test_sigterm_writes_back_and_unmounts(tmp_path, backing):
         os.symlink(str(data), os.path.join(m, "f"))
         fd = os.open(os.path.join(m, "f"), os.O_RDWR)
         os.pwrite(fd, b"not yet synced", 5000)        # dirty in the daemon only
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
         assert _wait_gone(pid)
         assert not _mounted(mnt)
         assert _read(str(data))[5000:5014] == b"not yet synced"

@@ -228,6 +228,9 @@ def test_errors_inside_the_mount(mnt, data_dir):
     with pytest.raises(OSError) as info:
         os.mkfifo(os.path.join(mnt, "fifo"))
     assert info.value.errno == errno.EPERM
+    with pytest.raises(OSError) as info:
+        os.symlink("/dev/null", os.path.join(mnt, "dev"))        # a device
+    assert info.value.errno == errno.EINVAL
     fifo = os.path.join(data_dir, "fifo")
     if not data_dir.startswith("/run/"):
         os.mkfifo(fifo)

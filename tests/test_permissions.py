@@ -141,3 +141,27 @@ def test_bad_allowed_roots_option(tmp_path):
     from conftest import shimfs_cmd
     res = shimfs_cmd("mount", "-o", "allowed_roots=/nonexistent", str(tmp_path), check=False)
     assert res.returncode != 0 and "allowed_roots" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_supplementary_groups_count(users, root_mount, world):
+    """A file readable by a group: a member through a supplementary group may
+    shadow and read it; a non-member may not."""
+    mnt, backing = root_mount
+    u1, u2 = users
+    group = "shimfs-grp"
+    subprocess.run(["groupadd", "-f", group], check=True)
+    subprocess.run(["usermod", "-a", "-G", group, u2.pw_name], check=True)
+    import grp
+    gid = grp.getgrnam(group).gr_gid
+    gdir = os.path.join(world, "groupdir")
+    os.mkdir(gdir)
+    os.chown(gdir, 0, gid)
+    os.chmod(gdir, 0o750)                          # only the group can enter
+    f = os.path.join(gdir, "g")
+    with open(f, "w") as fh:
+        fh.write("for the group")
+    os.chmod(f, 0o644)
+    assert try_errno(u1, "os.symlink(%r, %r)" % (f, mnt + "/g1")) == errno.EACCES
+    assert try_errno(u2, "os.symlink(%r, %r)" % (f, mnt + "/g2")) == 0
+    assert run_as(u2, "print(open(%r).read())" % (mnt + "/g2"))[1] == "for the group"
+    assert try_errno(u1, "open(%r).read()" % (mnt + "/g2")) == errno.EACCES

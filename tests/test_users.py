@@ -75,3 +75,21 @@ def test_unprivileged_mount_create_link_umount(user):
         assert not os.path.ismount(mnt)
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_unwritable_backing_directory_is_refused(user, tmp_path):
+    top = tempfile.mkdtemp(prefix="shimfs-user-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        mnt = os.path.join(top, "mnt")
+        os.mkdir(mnt)
+        os.chown(mnt, user.pw_uid, user.pw_gid)
+        ro = os.path.join(top, "ro")
+        os.mkdir(ro, 0o755)                       # root's, not writable by the user
+        res = as_user(user, sys.executable, "-m", "shimfs", "mount", "-o", "backing=" + ro, mnt,
+                      check=False)
+        assert res.returncode != 0 and "not writable" in res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert not os.path.ismount(mnt)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
