@@ -15,10 +15,26 @@ import time
 import psutil
 import pytest
 
-from benchlib import (MIB, RSS_MIB, SCAN_MIB, WRITE_MIB, drop_caches, make_file, median_rate,
-                      record)
+from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, drop_caches, make_file,
+                      median_rate, record)
 
 PAGE = 4096
+
+
+def rates(benchmark, nbytes: int) -> tuple[float, float, float]:
+    """MB/s (median, min, max) from the benchmark's timings."""
+    s = benchmark.stats.stats
+    return nbytes / s.median / 1e6, nbytes / s.max / 1e6, nbytes / s.min / 1e6
+
+
+def measure_cold(benchmark, fn, mounts, fs: str, target: str, nbytes: int):
+    """Time ``fn(path)`` over ROUNDS fresh mounts of ``fs`` with the page cache dropped."""
+    def setup():
+        path = mounts.shimfs(target) if fs == "shimfs" else mounts.passthrough(target)
+        drop_caches()
+        return (path,), {}
+    benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, iterations=1)
+    return rates(benchmark, nbytes)
 
 
 def native_scan(path: str) -> None:
@@ -51,15 +67,7 @@ def mapped_scan(path: str) -> None:
 def test_sequential_mapped_scan(benchmark, where, bigfile, mounts, fs):
     size = os.path.getsize(bigfile)
     native = median_rate(lambda: native_scan(bigfile), size, setup=drop_caches)
-    holder = {}
-
-    def setup():
-        holder["p"] = mounts.shimfs(bigfile) if fs == "shimfs" else mounts.passthrough(bigfile)
-        drop_caches()
-        return (holder["p"],), {}
-    benchmark.pedantic(mapped_scan, setup=setup, rounds=len(native) and 3, iterations=1)
-    s = benchmark.stats.stats
-    mine = (size / s.median / 1e6, size / s.max / 1e6, size / s.min / 1e6)
+    mine = measure_cold(benchmark, mapped_scan, mounts, fs, bigfile, size)
     benchmark.extra_info.update(native_MBps=native[0], MBps=mine[0], ratio=mine[0] / native[0])
     record("sequential mmap scan vs pread(4 MiB)", where[0], fs, mine, native)
 
@@ -88,14 +96,7 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, fs):
         finally:
             os.close(fd)
 
-    def setup():
-        p = mounts.shimfs(bigfile) if fs == "shimfs" else mounts.passthrough(bigfile)
-        drop_caches()
-        return (p,), {}
-    benchmark.pedantic(touch, setup=setup, rounds=3, iterations=1)
-    s = benchmark.stats.stats
-    n = len(offsets) * PAGE
-    mine = (n / s.median / 1e6, n / s.max / 1e6, n / s.min / 1e6)
+    mine = measure_cold(benchmark, touch, mounts, fs, bigfile, len(offsets) * PAGE)
     record("20,000 random 4 KiB touches vs pread(4 KiB)", where[0], fs, mine, nat)
 
 
@@ -125,13 +126,7 @@ def test_write_every_page_then_msync(benchmark, where, mounts, fs):
         finally:
             os.close(fd)
 
-    def setup():
-        p = mounts.shimfs(path) if fs == "shimfs" else mounts.passthrough(path)
-        drop_caches()
-        return (p,), {}
-    benchmark.pedantic(write_map, setup=setup, rounds=3, iterations=1)
-    s = benchmark.stats.stats
-    mine = (size / s.median / 1e6, size / s.max / 1e6, size / s.min / 1e6)
+    mine = measure_cold(benchmark, write_map, mounts, fs, path, size)
     record("write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0], fs, mine, nat)
 
 
@@ -146,9 +141,8 @@ def test_warm_second_scan(benchmark, where, bigfile, mounts, tmp_path):
         os.unlink(ref)
     p = mounts.shimfs(bigfile)
     mapped_scan(p)                                   # warm it
-    benchmark.pedantic(mapped_scan, args=(p,), rounds=3, iterations=1)
-    s = benchmark.stats.stats
-    mine = (size / s.median / 1e6, size / s.max / 1e6, size / s.min / 1e6)
+    benchmark.pedantic(mapped_scan, args=(p,), rounds=ROUNDS, iterations=1)
+    mine = rates(benchmark, size)
     record("second (warm) scan vs mmap of tmpfs", where[0], "shimfs", mine, nat)
 
 
