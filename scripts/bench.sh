@@ -5,11 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-had_fusectl=$(awk '$3 == "fusectl"' /proc/mounts)
 cleanup() {
   awk '$3 == "fuse.shimfs" || $3 == "fuse" {print $2}' /proc/mounts | while read -r m; do fusermount3 -u -z "$m" || true; done
   [ "${SHIMFS_KEEP_STANDIN:-}" = 1 ] || .venv/bin/python -m shimfs.standin down || true
-  [ -n "$had_fusectl" ] || umount /sys/fs/fuse/connections 2>/dev/null || true
 }
 trap cleanup EXIT
 .venv/bin/python -m pytest -p no:cacheprovider -s -q --benchmark-columns=min,median,max "$@" bench

@@ -3,13 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-had_fusectl=$(awk '$3 == "fusectl"' /proc/mounts)
 cleanup() {
   # Any shimfs mount a crashed test left, then the GlusterFS stand-in.
   awk '$3 == "fuse.shimfs" {print $2}' /proc/mounts | while read -r m; do fusermount3 -u -z "$m" || true; done
   .venv/bin/python -m shimfs.standin down || true
-  # shimfs mounts fusectl to tune a mount; take it away again if we did
-  [ -n "$had_fusectl" ] || umount /sys/fs/fuse/connections 2>/dev/null || true
 }
 trap cleanup EXIT
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests

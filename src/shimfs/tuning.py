@@ -40,13 +40,21 @@ def tune(mountpoint: str, read_ahead_pages: int) -> list[str]:
     except OSError as e:
         problems.append("read_ahead_kb not set: %s" % e.strerror)
     conn = os.path.join(FUSECTL, str(minor))
-    if not os.path.isdir(conn) and not os.path.ismount(FUSECTL):
-        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    mounted_here = False
+    if not os.path.ismount(FUSECTL):
+        # The values live in the connection, not in fusectl: mount it just
+        # long enough to write them, and leave the machine as it was.
+        mounted_here = subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      check=False).returncode == 0
     try:
         _write(os.path.join(conn, "max_background"), MAX_BACKGROUND)
         _write(os.path.join(conn, "congestion_threshold"), CONGESTION_THRESHOLD)
     except OSError as e:
         problems.append("max_background not set: %s" % e.strerror)
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", FUSECTL], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
     log.debug("tuned %s: read_ahead_kb=%d max_background=%d", mountpoint, ra_kb, MAX_BACKGROUND)
     return problems
