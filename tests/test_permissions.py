@@ -93,6 +93,11 @@ def test_cannot_shadow_what_you_cannot_open(users, world, root_mount):
     assert run_as(u2, "print(open(%r).read())" % (mnt + "/mine"))[1] == "u2 only"
     # ... but u1 cannot read u2's shadow although the mode bits say 644
     assert try_errno(u1, "open(%r).read()" % (mnt + "/mine")) == errno.EACCES
+    # nor truncate it by path when the mode bits would allow it
+    os.chmod(secret, 0o666)
+    assert try_errno(u1, "os.truncate(%r, 0)" % (mnt + "/mine")) == errno.EACCES
+    with open(secret) as f:
+        assert f.read() == "u2 only"
     # and root's own files stay root's
     assert try_errno(u1, "os.symlink('/etc/shadow', %r)" % (mnt + "/shadowfile")) in (
         errno.EACCES, errno.EPERM)

@@ -300,6 +300,7 @@ class Vfs:
         node = self._node(ino)
         if isinstance(node, File):
             if size is not None:
+                await self._check_reachable(node, ctx, os.W_OK)
                 await self.truncate(node, size)
             if mode is not None:
                 await self.cache.run(os.fchmod, node.fd, stat.S_IMODE(mode))
@@ -568,21 +569,24 @@ class Vfs:
         return fh
 
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
-        """Open a file; returns the handle.  See :meth:`keep_cache`."""
+        """Open a file; returns the handle.  See also :meth:`revalidate`."""
         node = self._file(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and not node.writable:
             raise FsError(errno.EACCES, "backing file %s is read-only" % node.path)
-        if self.is_root and ctx.uid != 0:
-            # The kernel checked the shadow's mode bits; the user must also be
-            # able to reach the backing file itself (directories on the way).
-            want = os.R_OK if not writable else (os.W_OK if flags & os.O_ACCMODE == os.O_WRONLY
-                                                 else os.R_OK | os.W_OK)
-            if not await self.as_user(ctx, _reachable, node.path, want):
-                raise FsError(errno.EACCES, "%s is not reachable by uid %d" % (node.path, ctx.uid))
+        want = os.R_OK if not writable else (os.W_OK if flags & os.O_ACCMODE == os.O_WRONLY
+                                             else os.R_OK | os.W_OK)
+        await self._check_reachable(node, ctx, want)
         if flags & os.O_TRUNC and writable:
             await self.truncate(node, 0)
         return self._open_handle(node, writable)
+
+    async def _check_reachable(self, node: File, ctx: Ctx, want: int) -> None:
+        """The kernel checked the shadow's mode bits; a user must also be able
+        to reach the backing file itself (every directory on the way)."""
+        if self.is_root and ctx.uid != 0:
+            if not await self.as_user(ctx, _reachable, node.path, want):
+                raise FsError(errno.EACCES, "%s is not reachable by uid %d" % (node.path, ctx.uid))
 
     async def revalidate(self, ino: int) -> bool:
         """Close-to-open consistency; True if the kernel may keep its cached pages.
