@@ -192,3 +192,46 @@ def test_per_file_multiwrite_by_xattr(nodes):
     assert data[10] == 0xAA and data[11] == 0xBB
     with pytest.raises(OSError):
         os.setxattr(a.path, "user.shimfs.multiwrite", b"yes")
+
+
+def test_multiwrite_survives_eviction_of_twins(gluster, tmp_path):
+    """Node A's daemon cache is smaller than the file: scanning it evicts the
+    early pages and their twins.  The kernel's copies must go too, or A's
+    next write-back of such a page would undo B's bytes in it."""
+    import time
+    rel = "t-" + uuid.uuid4().hex[:12]
+    d0 = os.path.join(standin.client_dir(0), rel)
+    os.mkdir(d0)
+    size = 40 << 20
+    with open(os.path.join(d0, "data"), "wb") as f:
+        f.truncate(size)
+    try:
+        with shim_mount(str(tmp_path / "mA"), str(tmp_path), "multiwrite", "cache_size=16M",
+                        log=str(tmp_path / "A.log")) as ma, \
+                shim_mount(str(tmp_path / "mB"), str(tmp_path), "multiwrite",
+                           log=str(tmp_path / "B.log")) as mb:
+            a = Node("A", ma, os.path.join(standin.client_dir(0), rel, "data"))
+            b = Node("B", mb, os.path.join(standin.client_dir(1), rel, "data"))
+            try:
+                assert a.map[0] == 0 and b.map[1] == 0
+                bytes(memoryview(a.map)[::4096])              # A touches every page
+                deadline = time.monotonic() + 60
+                while True:                                   # until every drop is done
+                    st = shimfs.stats(a.path)["mount"]
+                    if st["kernel_drops"] > 0 and st["kernel_drops_pending"] == 0:
+                        break
+                    assert time.monotonic() < deadline, st
+                    time.sleep(0.05)
+                b.map[1] = 0xBB
+                b.map.flush()
+                a.map[0] = 0xAA
+                a.map.flush()
+                with open(os.path.join(d0, "data"), "rb") as f:
+                    head = f.read(2)
+                assert head == b"\xaa\xbb"
+            finally:
+                a.close()
+                b.close()
+    finally:
+        import shutil
+        shutil.rmtree(d0, ignore_errors=True)

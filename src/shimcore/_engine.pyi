@@ -1,5 +1,5 @@
 """Typed signatures of the compiled page cache (see _engine.pyx for the design)."""
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 PAGE_SIZE: int
 
@@ -34,6 +34,8 @@ class PageCache:
         """Set the size, drop pages past it and zero the tail of the last page."""
     def invalidate(self, fid: int, offset: int, length: int) -> int:
         """Drop clean pages overlapping the range; return how many were dropped."""
+    def take_lost_twins(self) -> List[Tuple[int, int]]:
+        """Drain (fid, page) of multiwrite pages evicted since the last call; page -1: whole file."""
     def set_multiwrite(self, fid: int, on: bool) -> None:
         """Keep twins and write back changed bytes only (EBUSY while pages are dirty)."""
     def refresh(self, fid: int, offset: int, length: int) -> int:

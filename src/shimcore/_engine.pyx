@@ -47,6 +47,8 @@ DEF PAGE = 4096
 DEF PAGE_SHIFT = 12
 # Longest run moved by one preadv/pwritev: IOV_MAX (1024) iovecs of one page.
 DEF MAX_RUN = 1024
+# Evicted multiwrite pages remembered until the daemon drains them.
+DEF LOST_MAX = 4096
 
 # Slot states.
 DEF S_FREE = 0
@@ -116,6 +118,10 @@ cdef class PageCache:
     cdef int64_t nfiles_cap
     cdef uint64_t evictions, wait_spins
     cdef char *twins      # multiwrite: the page as last read from / written to the backing file
+    # multiwrite pages evicted with their twins, for the kernel to drop its copies
+    cdef int64_t lost[LOST_MAX][2]
+    cdef int64_t nlost
+    cdef uint64_t lost_overflow
 
     def __cinit__(self, size_t cache_size):
         pthread_mutex_init(&self.mu, NULL)
@@ -251,6 +257,8 @@ cdef class PageCache:
                     s = -1
                     continue
                 self.evictions += 1
+                if self.files[self.slots[s].file].multiwrite:
+                    self._note_twin_lost(self.slots[s].file, self.slots[s].page)
                 self._drop(s)
                 self.nfree -= 1
                 s = self.freelist[self.nfree]
@@ -267,6 +275,16 @@ cdef class PageCache:
         self._insert(s)
         self.files[f].cached += 1
         return s
+
+    cdef void _note_twin_lost(self, int64_t f, int64_t p) noexcept nogil:
+        if self.nlost < LOST_MAX:
+            self.lost[self.nlost][0] = f
+            self.lost[self.nlost][1] = p
+            self.nlost += 1
+        else:
+            self.lost_overflow += 1
+            self.lost[LOST_MAX - 1][0] = f
+            self.lost[LOST_MAX - 1][1] = -1      # -1: the whole file
 
     cdef int64_t _any_dirty_file(self) noexcept nogil:
         cdef int64_t i
@@ -929,6 +947,28 @@ cdef class PageCache:
             raise EngineError(err, "backing write failed")
         return written
 
+    def take_lost_twins(self):
+        """Drain the (file id, page) pairs of multiwrite pages evicted since the
+        last call (page -1: the whole file).  The daemon must make the kernel
+        drop its copies of them: a twin has to describe what the kernel's copy
+        of a page was read from, and an evicted twin describes nothing."""
+        cdef int64_t i, n
+        cdef int64_t (*copy)[2]
+        if self.nlost == 0:          # a racy peek is fine: the next call drains it
+            return []
+        copy = <int64_t (*)[2]>malloc(LOST_MAX * 2 * sizeof(int64_t))
+        if not copy:
+            raise MemoryError()
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            n = self.nlost
+            memcpy(copy, self.lost, n * 2 * sizeof(int64_t))
+            self.nlost = 0
+            pthread_mutex_unlock(&self.mu)
+        out = [(copy[i][0], copy[i][1]) for i in range(n)]
+        free(copy)
+        return out
+
     def set_multiwrite(self, int64_t fid, bint on):
         """Turn multiwrite on or off for a file; write back its dirty pages first.
 
@@ -1084,6 +1124,7 @@ cdef class PageCache:
         """Counters of the whole cache, as a dict."""
         return dict(capacity_bytes=self.nslots * PAGE, used_bytes=(self.nslots - self.nfree) * PAGE,
                     evictions=self.evictions, wait_spins=self.wait_spins,
+                    twins_lost=self.nlost, twins_lost_overflow=self.lost_overflow,
                     page_size=PAGE)
 
     def check(self):

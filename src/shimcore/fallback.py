@@ -43,6 +43,7 @@ class PageCache:
         self._files: dict[int, _File] = {}
         self._next = 0
         self._evictions = 0
+        self._lost: list[tuple[int, int]] = []
 
     # -- files -------------------------------------------------------------
     def _file(self, fid: int) -> _File:
@@ -92,6 +93,8 @@ class PageCache:
         for key in self._pages:
             if key[1] not in self._files[key[0]].dirty:
                 del self._pages[key]
+                if self._files[key[0]].multiwrite:
+                    self._lost.append(key)
                 self._files[key[0]].twins.pop(key[1], None)
                 self._evictions += 1
                 return True
@@ -241,6 +244,11 @@ class PageCache:
             os.ftruncate(f.fd, f.size)
         return written
 
+    def take_lost_twins(self) -> list:
+        with self._lock:
+            out, self._lost = self._lost, []
+            return out
+
     def set_multiwrite(self, fid: int, on: bool) -> None:
         with self._lock:
             f = self._file(fid)
@@ -317,7 +325,8 @@ class PageCache:
 
     def stats(self) -> dict:
         return dict(capacity_bytes=self._nslots * PAGE, used_bytes=len(self._pages) * PAGE,
-                    evictions=self._evictions, wait_spins=0, page_size=PAGE)
+                    evictions=self._evictions, wait_spins=0, twins_lost=len(self._lost),
+                    twins_lost_overflow=0, page_size=PAGE)
 
     def check(self) -> None:
         with self._lock:

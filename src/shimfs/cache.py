@@ -33,13 +33,23 @@ class AsyncCache:
         self.prefetch_limiter = trio.CapacityLimiter(prefetch_threads)
         self.nursery: trio.Nursery | None = None
         self.prefetch_errors = 0
+        self.on_lost_twins = None
         # request counters (shimfs stat): FUSE reads, those served without a
         # worker thread, writes, and prefetches started / in flight
         self.counters = dict(read_requests=0, read_request_bytes=0, reads_from_cache=0,
                              write_requests=0, prefetches=0, prefetches_in_flight=0)
 
     async def run(self, fn, *args):
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        finally:
+            self.check_lost_twins()
+
+    def check_lost_twins(self) -> None:
+        """Hand evicted multiwrite pages to ``on_lost_twins`` (set by the VFS)."""
+        lost = self.engine.take_lost_twins()
+        if lost and self.on_lost_twins is not None:
+            self.on_lost_twins(lost)
 
     def stream(self) -> Stream:
         return Stream(self.max_window)
@@ -72,6 +82,7 @@ class AsyncCache:
             log.debug("prefetch of file %d at %d failed: %s", fid, off, exc)
         finally:
             self.counters["prefetches_in_flight"] -= 1
+            self.check_lost_twins()
 
     async def write(self, fid: int, off: int, data: bytes) -> int:
         self.counters["write_requests"] += 1

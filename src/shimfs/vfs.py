@@ -164,6 +164,10 @@ class Vfs:
         self._fh = itertools.count(1)
         self.is_root = os.geteuid() == 0
         self.kernel = KernelNotifier(None)      # set by the mount once the session exists
+        self.by_fid: dict[int, File] = {}
+        self.kernel_drops = 0                   # pages dropped from the kernel for lost twins
+        self.kernel_drops_pending = 0
+        self.cache.on_lost_twins = self._drop_kernel_copies
         st = os.stat(config.backing)
         self.root = Dir(ROOT_INODE, None, b"", st, root_path=config.backing)
         self.root.mode = stat.S_IFDIR | 0o755 | (0o1000 if config.allow_other else 0)
@@ -238,6 +242,7 @@ class Vfs:
             self.cache.engine.set_multiwrite(fid, True)
         node = File(next(self._ino), parent, name, st, fd, fid, path, shadow, writable)
         self.inodes[node.ino] = node
+        self.by_fid[fid] = node
         parent.children[name] = node
         parent.touch()
         return node
@@ -254,6 +259,7 @@ class Vfs:
                 # to its backing file.  Written back by release(); keep it.
                 log.warning("dropping %s with unwritten data", node.path)
             self.cache.engine.unregister(node.fid)
+            self.by_fid.pop(node.fid, None)
             os.close(node.fd)
         self.inodes.pop(node.ino, None)
 
@@ -757,6 +763,29 @@ class Vfs:
             await self.cache.run(push)
         return max(end - offset, 0)
 
+    def _drop_kernel_copies(self, lost: list[tuple[int, int]]) -> None:
+        """The daemon evicted multiwrite pages (and their twins): make the
+        kernel drop its copies too, so the next touch reads the page -- and
+        its new twin -- through the daemon.  Runs in the background."""
+        nursery = self.cache.nursery
+        targets = []
+        for fid, page in lost:
+            node = self.by_fid.get(fid)
+            if node is not None:
+                targets.append((node.ino, 0, 0) if page < 0 else (node.ino, page * 4096, 4096))
+        if nursery is None or not targets:
+            return
+
+        def work():
+            for ino, off, length in targets:
+                try:
+                    self.kernel.inval_range(ino, off, length)
+                finally:
+                    self.kernel_drops += 1
+                    self.kernel_drops_pending -= 1
+        self.kernel_drops_pending += len(targets)
+        nursery.start_soon(trio.to_thread.run_sync, work)
+
     async def set_multiwrite(self, node: File, on: bool) -> None:
         """Switch multiwrite for one file.
 
@@ -820,6 +849,8 @@ class Vfs:
         eng = self.cache.engine
         out = {"mount": dict(eng.stats(), **self.cache.counters,
                              prefetch_errors=self.cache.prefetch_errors,
+                             kernel_drops=self.kernel_drops,
+                             kernel_drops_pending=self.kernel_drops_pending,
                              files=sum(isinstance(n, File) for n in self.inodes.values()),
                              read_ahead_max_window=self.cache.max_window)}
         if isinstance(node, File):
