@@ -93,6 +93,20 @@ cdef inline void _clip(int64_t page, int64_t offset, int64_t end,
         b[0] = end
 
 
+cdef int64_t _span(FileRec *fr, int64_t offset, int64_t size,
+                   int64_t *p0, int64_t *p1) except -1:
+    """Clamp [offset, offset+size) to the cached size; return its end and its pages [p0, p1)."""
+    cdef int64_t end
+    if offset < 0 or size < 0:
+        raise ValueError("negative offset or size")
+    end = offset + size
+    if end > fr.size:
+        end = fr.size
+    p0[0] = offset >> PAGE_SHIFT
+    p1[0] = (end + PAGE - 1) >> PAGE_SHIFT
+    return end
+
+
 class EngineError(OSError):
     """An OSError raised by the engine; ``errno`` says what failed."""
 
@@ -598,17 +612,11 @@ cdef class PageCache:
         cdef char *out
         cdef int64_t *slot_of
         cdef ssize_t r
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = offset + size
-        if end > fr.size:
-            end = fr.size
+        end = _span(fr, offset, size, &p0, &p1)
         if end <= offset:
             return b""
         res = PyBytes_FromStringAndSize(NULL, end - offset)
         out = PyBytes_AS_STRING(res)
-        p0 = offset >> PAGE_SHIFT
-        p1 = (end + PAGE - 1) >> PAGE_SHIFT
         n = p1 - p0
         slot_of = <int64_t *>malloc(n * sizeof(int64_t))
         if not slot_of:
@@ -657,15 +665,9 @@ cdef class PageCache:
         cdef int64_t end, p0, p1, i, s, a, b
         cdef bint ok = True
         cdef char *out
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = offset + size
-        if end > fr.size:
-            end = fr.size
+        end = _span(fr, offset, size, &p0, &p1)
         if end <= offset:
             return b""
-        p0 = offset >> PAGE_SHIFT
-        p1 = (end + PAGE - 1) >> PAGE_SHIFT
         res = PyBytes_FromStringAndSize(NULL, end - offset)
         out = PyBytes_AS_STRING(res)
         with nogil:
@@ -691,11 +693,9 @@ cdef class PageCache:
         cdef int64_t end, p0, p1, i, n, loaded = 0
         cdef int err = 0
         cdef int64_t *slot_of
-        end = min(offset + size, fr.size)
-        if offset < 0 or end <= offset:
+        end = _span(fr, offset, size, &p0, &p1)
+        if end <= offset:
             return 0
-        p0 = offset >> PAGE_SHIFT
-        p1 = (end + PAGE - 1) >> PAGE_SHIFT
         n = p1 - p0
         slot_of = <int64_t *>malloc(n * sizeof(int64_t))
         if not slot_of:

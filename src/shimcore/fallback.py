@@ -143,6 +143,8 @@ class PageCache:
             return None
 
     def prefetch(self, fid: int, offset: int, size: int) -> int:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
         with self._lock:
             f = self._file(fid)
             end = min(offset + size, f.size)
