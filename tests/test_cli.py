@@ -21,6 +21,7 @@ def _one_line_error(res):
     ("cache_size=lots", "cache_size"),
     ("cache_size=1K", "too small"),
     ("verbose=maybe", "verbose"),
+    ("writeback_interval=soon", "writeback_interval"),
     ("backing=/nonexistent/dir", "does not exist"),
     ("backing=/etc/hostname", "not a directory"),
 ])

@@ -268,3 +268,22 @@ def test_stats_and_sync_interfaces(mnt, data_dir):
     out = shimfs_cmd("stat", "--json", path).stdout
     assert '"backing"' in out
     shimfs_cmd("sync", path)
+
+
+def test_background_writeback_without_fsync(tmp_path, backing):
+    """Dirty data reaches the backing file by itself within writeback_interval."""
+    import time
+    from conftest import shim_mount
+    src = tmp_path / "bg"
+    src.write_bytes(bytes(8192))
+    with shim_mount(str(tmp_path / "m"), backing, "writeback_interval=1") as m:
+        os.symlink(str(src), os.path.join(m, "bg"))
+        fd = os.open(os.path.join(m, "bg"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"later", 10)           # no fsync, file stays open
+            deadline = time.monotonic() + 30
+            while _read(str(src))[10:15] != b"later":
+                assert time.monotonic() < deadline, "never written back"
+                time.sleep(0.1)
+        finally:
+            os.close(fd)

@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                               "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
                               "1024), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
                               "verbose, allow_other, multiwrite, allowed_roots=DIR[:DIR...] (where link "
-                              "targets may point), log=FILE")
+                              "targets may point), writeback_interval=SECONDS (default 30), "
+                              "log=FILE")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma-separated (see below)")
     m.add_argument("-f", "--foreground", action="store_true",

@@ -36,6 +36,9 @@ class Config:
     #: that changed, so nodes writing disjoint bytes of a page do not undo each
     #: other's writes (per file: xattr user.shimfs.multiwrite).
     multiwrite: bool = False
+    #: Seconds between background write-backs of dirty files (0: only on
+    #: msync, fsync, close and unmount).
+    writeback_interval: int = 30
     #: If set, link targets must resolve inside one of these directories.
     allowed_roots: tuple = ()
     #: Append the daemon's log here (default: syslog when the daemon runs in
@@ -63,7 +66,7 @@ def _parse_int(text: str, what: str) -> int:
 
 
 _FLAGS = {"verbose", "allow_other", "multiwrite"}
-_VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots"}
+_VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots", "writeback_interval"}
 
 
 def parse_options(opts: list[str]) -> Config:
@@ -91,6 +94,8 @@ def parse_options(opts: list[str]) -> Config:
         kw["backing"] = values["backing"]
     if "read_ahead" in values:
         kw["read_ahead"] = _parse_int(values["read_ahead"], "read_ahead")
+    if "writeback_interval" in values:
+        kw["writeback_interval"] = _parse_int(values["writeback_interval"], "writeback_interval")
     if "cache_size" in values:
         kw["cache_size"] = parse_size(values["cache_size"], "cache_size")
         if kw["cache_size"] < MIN_CACHE:

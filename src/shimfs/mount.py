@@ -60,6 +60,7 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
         vfs.cache.nursery = nursery
         nursery.start_soon(_signals, vfs)
         nursery.start_soon(_after_mount, mountpoint, config, ready)
+        nursery.start_soon(vfs.flusher)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
         finally:
