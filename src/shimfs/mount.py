@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL = 0.0005
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per
+    core), and reply buffers of 1 MiB spread over a dozen worker threads keep
+    several of them resident.  Two arenas are plenty: the data lives in the
+    engine's own arena, not in malloc."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)          # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def fuse_options(config: Config) -> set[str]:
     opts = set(pyfuse3.default_options)     # default_permissions: the kernel checks modes
     opts |= {"fsname=shimfs", "subtype=shimfs"}
@@ -42,6 +56,7 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
     # Python's default 5 ms that wait dominated a 1 MiB request; 0.5 ms
     # doubled a tmpfs scan (201 -> 415 MB/s, docs/performance.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    _limit_malloc_arenas()
     vfs = Vfs(config)
     ops = ShimOperations(vfs)
     try:
