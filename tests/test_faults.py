@@ -298,3 +298,34 @@ def test_umount_force_when_the_backing_is_gone(tmp_path, backing):
             res = shimfs_cmd("umount", "--force", m)
             assert not _mounted(m)
             assert _wait_gone(pid)
+
+
+def test_unlinked_shadow_keeps_unwritten_data_until_it_lands(tmp_path, backing):
+    """rm of a shadow whose last close could not write back (disk full) must
+    not throw the data away: the daemon keeps it and the flusher retries."""
+    with small_tmpfs(str(tmp_path / "small")) as small:
+        src = os.path.join(small, "data")
+        with open(src, "wb") as f:
+            f.truncate(128 * 1024)
+        blob = os.urandom(128 * 1024)
+        with shim_mount(str(tmp_path / "mnt"), backing, "writeback_interval=1") as m:
+            os.symlink(src, os.path.join(m, "d"))
+            fd = os.open(os.path.join(m, "d"), os.O_RDWR)
+            os.pwrite(fd, blob, 0)                           # dirty in the daemon
+            filler = _fill(small)
+            os.unlink(os.path.join(m, "d"))
+            with pytest.raises(OSError) as info:
+                os.close(fd)                                 # write-back fails
+            assert info.value.errno == errno.ENOSPC
+            import shimfs
+            os.listdir(m)                     # lets the kernel's FORGET of the inode through
+            os.listdir(m)
+            assert shimfs.stats(m)["mount"]["files"] == 1    # still held, with its data
+            os.unlink(filler)
+            deadline = time.monotonic() + 30
+            while _read(src) != blob:                        # the flusher retries
+                assert time.monotonic() < deadline, "unwritten data was dropped"
+                time.sleep(0.1)
+            while shimfs.stats(m)["mount"]["files"]:         # and then frees it
+                assert time.monotonic() < deadline
+                time.sleep(0.1)

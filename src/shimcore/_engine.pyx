@@ -107,6 +107,24 @@ cdef int64_t _span(FileRec *fr, int64_t offset, int64_t size,
     return end
 
 
+cdef int _pread_full(int fd, char *buf, int64_t n, int64_t off) noexcept nogil:
+    """Read n bytes at off, retrying short reads; bytes past EOF read as zeros.
+    Returns 0 or an errno."""
+    cdef int64_t got = 0
+    cdef ssize_t r
+    while got < n:
+        r = pread(fd, buf + got, n - got, off + got)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if r == 0:
+            memset(buf + got, 0, n - got)
+            break
+        got += r
+    return 0
+
+
 class EngineError(OSError):
     """An OSError raised by the engine; ``errno`` says what failed."""
 
@@ -607,11 +625,10 @@ cdef class PageCache:
     def read(self, int64_t fid, int64_t offset, int64_t size):
         """Return ``size`` bytes at ``offset`` (fewer only at the cached end of file)."""
         cdef FileRec *fr = self._file(fid)
-        cdef int64_t end, p0, p1, i, s, n, pos, a, b, loaded
+        cdef int64_t end, p0, p1, i, s, n, a, b, loaded
         cdef int err = 0
         cdef char *out
         cdef int64_t *slot_of
-        cdef ssize_t r
         end = _span(fr, offset, size, &p0, &p1)
         if end <= offset:
             return b""
@@ -637,18 +654,7 @@ cdef class PageCache:
                     if slot_of[i] != -1 or err:
                         continue
                     _clip(p0 + i, offset, end, &a, &b)
-                    pos = a
-                    while pos < b:
-                        r = pread(fr.fd, out + (pos - offset), b - pos, pos)
-                        if r < 0:
-                            if errno == EINTR:
-                                continue
-                            err = errno
-                            break
-                        if r == 0:
-                            memset(out + (pos - offset), 0, b - pos)
-                            break
-                        pos += r
+                    err = _pread_full(fr.fd, out + (a - offset), b - a, a)
         free(slot_of)
         if err:
             raise EngineError(err, "backing read failed")
@@ -1008,12 +1014,11 @@ cdef class PageCache:
         backing bytes.  Returns the number of pages reloaded.
         """
         cdef FileRec *fr = self._file(fid)
-        cdef int64_t p0, p1, cp0, cp1, i, s, k, got, reloaded = 0
+        cdef int64_t p0, p1, cp0, cp1, i, s, k, reloaded = 0
         cdef int64_t CH = 256     # pages per backing read: 1 MiB
         cdef char *buf
         cdef char *pg
         cdef char *tw
-        cdef ssize_t r
         cdef int err = 0
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
@@ -1026,22 +1031,11 @@ cdef class PageCache:
             cp0 = p0
             while cp0 < p1 and not err:
                 cp1 = min(cp0 + CH, p1)
-                got = 0
-                while got < (cp1 - cp0) * PAGE:
-                    r = pread(fr.fd, buf + got, (cp1 - cp0) * PAGE - got, cp0 * PAGE + got)
-                    if r < 0:
-                        if errno == EINTR:
-                            continue
-                        err = errno
-                        break
-                    if r == 0:
-                        break
-                    got += r
+                err = _pread_full(fr.fd, buf, (cp1 - cp0) * PAGE, cp0 * PAGE)
                 if err:
                     break
-                fr.bytes_fetched += got
+                fr.bytes_fetched += (cp1 - cp0) * PAGE
                 fr.read_ops += 1
-                memset(buf + got, 0, (cp1 - cp0) * PAGE - got)
                 pthread_mutex_lock(&self.mu)
                 for i in range(cp0, cp1):
                     s = self._find(fid, i)

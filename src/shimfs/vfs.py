@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import stat
@@ -255,10 +256,12 @@ class Vfs:
         if isinstance(node, File):
             if node.opens:
                 return
-            if self.cache.engine.dirty_bytes(node.fid):
+            if node.shadow and self.cache.engine.dirty_bytes(node.fid):
                 # Nothing lost: an unlinked shadow's dirty pages still belong
-                # to its backing file.  Written back by release(); keep it.
-                log.warning("dropping %s with unwritten data", node.path)
+                # to its backing file, which release() failed to write.  Keep
+                # the file; the flusher and unmount retry, and free it after.
+                log.warning("keeping %s: its unwritten data is retried", node.path)
+                return
             self.cache.engine.unregister(node.fid)
             self.by_fid.pop(node.fid, None)
             os.close(node.fd)
@@ -674,6 +677,7 @@ class Vfs:
             log.debug("background write-back of %s failed: %s", node.path, exc)
         finally:
             node.background = False
+            self._maybe_free(node)      # an unlinked shadow kept for its data
 
     async def flusher(self) -> None:
         """Every ``writeback_interval`` seconds, start writing back dirty files.
@@ -850,7 +854,6 @@ class Vfs:
         if name == XATTR_PID and node is self.root:
             return str(os.getpid()).encode()
         if name == XATTR_STATS:
-            import json
             return json.dumps(self.stats(node), sort_keys=True).encode()
         raise FsError(errno.ENODATA)
 
