@@ -6,6 +6,7 @@ step every read must agree to the byte and the engine's invariants must hold.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -279,3 +280,52 @@ def test_read_cached_never_does_io(tmp_path, impl):
     assert pc.read_cached(fid, 19990, 100) == data[19990:]
     pc.unregister(fid)
     os.close(fd)
+
+
+def _read_store(rfd: int):
+    """Parse one FUSE_NOTIFY_STORE message from a pipe: (nodeid, offset, data)."""
+    import struct
+    head = os.read(rfd, 40)
+    length, code, unique, nodeid, offset, size, pad = struct.unpack("=IiQQQII", head)
+    assert (code, unique, pad) == (4, 0, 0) and length == 40 + size
+    data = b""
+    while len(data) < size:
+        data += os.read(rfd, size - len(data))
+    return nodeid, offset, data
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
+def test_push_writes_one_notify_store_of_the_cached_prefix(tmp_path, impl):
+    path = str(tmp_path / "f")
+    data = os.urandom(5 * 4096 + 100)
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDWR)
+    rfd, wfd = os.pipe()
+    import fcntl
+    fcntl.fcntl(wfd, 1031, 1 << 20)            # F_SETPIPE_SZ: room for a whole message
+    pc = impl(1 << 20)
+    fid = pc.register(fd, len(data))
+    try:
+        assert pc.push(fid, 0, 8192, wfd, 7) == 0             # nothing cached: nothing sent
+        pc.prefetch(fid, 4096, 2 * 4096)                       # pages 1 and 2
+        pc.write(fid, 3 * 4096, b"X" * 10)                     # page 3: dirty, also cached
+        assert pc.push(fid, 4096, 1 << 20, wfd, 7) == 3 * 4096  # stops at uncached page 4
+        model = bytearray(data)
+        model[3 * 4096:3 * 4096 + 10] = b"X" * 10
+        assert _read_store(rfd) == (7, 4096, bytes(model[4096:4 * 4096]))
+        pc.read(fid, 0, len(data))
+        assert pc.push(fid, 4 * 4096, 1 << 20, wfd, 9) == 4096 + 100   # clipped to the size
+        assert _read_store(rfd) == (9, 4 * 4096, bytes(model[4 * 4096:]))
+        st = pc.file_stats(fid)
+        assert (st["bytes_pushed"], st["pushes"]) == (4 * 4096 + 100, 2)
+        with pytest.raises(ValueError):
+            pc.push(fid, 100, 4096, wfd, 7)                    # not page aligned
+        os.close(rfd)
+        with pytest.raises(OSError) as e:                      # EPIPE reaches the caller
+            pc.push(fid, 0, 4096, wfd, 7)
+        assert e.value.errno == errno.EPIPE
+    finally:
+        os.close(wfd)
+        pc.unregister(fid)
+        os.close(fd)

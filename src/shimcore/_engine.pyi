@@ -26,6 +26,8 @@ class PageCache:
         """Like read, but None unless every page is cached; never does I/O."""
     def prefetch(self, fid: int, offset: int, size: int) -> int:
         """Load the pages of the range into the cache; return the bytes read from the backing file."""
+    def push(self, fid: int, offset: int, size: int, fuse_fd: int, nodeid: int) -> int:
+        """NOTIFY_STORE the cached prefix of the range into the kernel's cache; return its bytes."""
     def write(self, fid: int, offset: int, data: Any) -> int:
         """Copy a buffer into the cache, mark it dirty, extend the size; return its length."""
     def writeback(self, fid: int) -> int:

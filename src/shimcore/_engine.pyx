@@ -28,6 +28,19 @@ cdef extern from "<sys/uio.h>" nogil:
         size_t iov_len
     ssize_t preadv(int fd, const iovec *iov, int iovcnt, long offset)
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, long offset)
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+# FUSE_NOTIFY_STORE, as <linux/fuse.h> lays it out: fuse_out_header followed
+# by fuse_notify_store_out, then the data.
+cdef struct NotifyStore:
+    uint32_t len
+    int32_t code          # the notify code travels in fuse_out_header.error
+    uint64_t unique       # 0: not a reply
+    uint64_t nodeid
+    uint64_t offset
+    uint32_t size
+    uint32_t padding
+DEF FUSE_NOTIFY_STORE = 4
 
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
@@ -74,6 +87,7 @@ cdef struct FileRec:
     int multiwrite        # keep a clean twin of every page; write back changed bytes only
     # counters
     uint64_t hits, misses, bytes_fetched, bytes_written, read_ops, write_ops, errors
+    uint64_t bytes_pushed, push_ops
 
 cdef inline uint64_t _hash(int64_t f, int64_t p) nogil:
     cdef uint64_t h = <uint64_t>p * 0x9E3779B97F4A7C15ULL
@@ -719,6 +733,82 @@ cdef class PageCache:
             raise EngineError(err, "backing read failed")
         return loaded * PAGE
 
+    def push(self, int64_t fid, int64_t offset, int64_t size, int fuse_fd, uint64_t nodeid):
+        """Copy cached pages into the kernel's page cache of inode ``nodeid``.
+
+        Writes one FUSE_NOTIFY_STORE message to the session descriptor
+        ``fuse_fd``, straight from the pinned slots (GIL released).  Pushes
+        the cached prefix of [offset, offset+size), clipped to the size, and
+        returns its length in bytes: 0 when the first page is not cached or
+        the kernel no longer knows the inode.  The caller must make sure the
+        kernel holds no dirty page in the range (NOTIFY_STORE overwrites
+        dirty pages) and that the size cannot shrink meanwhile.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t end, p0, p1, i, s, n = 0, a, b
+        cdef int64_t slot_of[MAX_RUN]
+        cdef iovec iov[MAX_RUN + 1]
+        cdef NotifyStore msg
+        cdef ssize_t r = 0
+        cdef int err = 0
+        if offset & (PAGE - 1):
+            raise ValueError("push offset must be page aligned")
+        end = _span(fr, offset, size, &p0, &p1)
+        if p1 - p0 > MAX_RUN:
+            p1 = p0 + MAX_RUN
+            end = p1 * PAGE
+        if end <= offset:
+            return 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            end = min(end, fr.size)
+            for i in range(p0, p1):
+                if i * PAGE >= end:
+                    break
+                s = self._find(fid, i)
+                if s < 0 or self.slots[s].state != S_VALID:
+                    break
+                self.slots[s].pins += 1
+                self.slots[s].ref = 1
+                slot_of[n] = s
+                n += 1
+            pthread_mutex_unlock(&self.mu)
+            if n:
+                if end > (p0 + n) * PAGE:
+                    end = (p0 + n) * PAGE
+                for i in range(n):
+                    _clip(p0 + i, offset, end, &a, &b)
+                    iov[i + 1].iov_base = self.arena + slot_of[i] * PAGE
+                    iov[i + 1].iov_len = b - a
+                msg.len = sizeof(NotifyStore) + (end - offset)
+                msg.code = FUSE_NOTIFY_STORE
+                msg.unique = 0
+                msg.nodeid = nodeid
+                msg.offset = offset
+                msg.size = end - offset
+                msg.padding = 0
+                iov[0].iov_base = &msg
+                iov[0].iov_len = sizeof(NotifyStore)
+                while True:
+                    r = writev(fuse_fd, iov, n + 1)
+                    if r < 0 and errno == EINTR:
+                        continue
+                    break
+                if r < 0:
+                    err = errno
+                pthread_mutex_lock(&self.mu)
+                for i in range(n):
+                    self._unpin(slot_of[i])
+                if not err:
+                    fr.bytes_pushed += end - offset
+                    fr.push_ops += 1
+                pthread_mutex_unlock(&self.mu)
+        if err == 2:        # ENOENT: the kernel has forgotten the inode
+            return 0
+        if err:
+            raise EngineError(err, "notify store failed")
+        return end - offset if n else 0
+
     def write(self, int64_t fid, int64_t offset, data):
         """Copy ``data`` into the cache at ``offset``, marking the pages dirty.
 
@@ -1112,7 +1202,8 @@ cdef class PageCache:
                     twin_bytes=fr.cached * PAGE if fr.multiwrite else 0,
                     hits=fr.hits, misses=fr.misses, bytes_fetched=fr.bytes_fetched,
                     bytes_written=fr.bytes_written, backing_reads=fr.read_ops,
-                    backing_writes=fr.write_ops, errors=fr.errors)
+                    backing_writes=fr.write_ops, errors=fr.errors,
+                    bytes_pushed=fr.bytes_pushed, pushes=fr.push_ops)
 
     def stats(self):
         """Counters of the whole cache, as a dict."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 from collections import OrderedDict
 
@@ -30,7 +31,8 @@ class _File:
         self.multiwrite = False
         self.twins: dict[int, bytes] = {}
         self.counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_written=0,
-                             backing_reads=0, backing_writes=0, errors=0)
+                             backing_reads=0, backing_writes=0, errors=0,
+                             bytes_pushed=0, pushes=0)
 
 
 class PageCache:
@@ -156,6 +158,32 @@ class PageCache:
                     self._page(fid, p, True, False)
                     fetched += PAGE
             return fetched
+
+    def push(self, fid: int, offset: int, size: int, fuse_fd: int, nodeid: int) -> int:
+        if offset % PAGE:
+            raise ValueError("push offset must be page aligned")
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        with self._lock:
+            f = self._file(fid)
+            end = min(offset + size, f.size, offset + MAX_RUN * PAGE)
+            p = offset // PAGE
+            while p * PAGE < end and (fid, p) in self._pages:
+                p += 1
+            end = min(end, p * PAGE)
+            if end <= offset:
+                return 0
+            data = self.read(fid, offset, end - offset)
+            msg = struct.pack("=IiQQQII", 40 + len(data), 4, 0, nodeid, offset, len(data), 0)
+            try:
+                os.writev(fuse_fd, [msg, data])
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return 0
+                raise EngineError(exc.errno, "notify store failed") from None
+            f.counters["bytes_pushed"] += len(data)
+            f.counters["pushes"] += 1
+            return len(data)
 
     def write(self, fid: int, offset: int, data) -> int:
         if offset < 0:

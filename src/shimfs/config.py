@@ -36,6 +36,11 @@ class Config:
     #: that changed, so nodes writing disjoint bytes of a page do not undo each
     #: other's writes (per file: xattr user.shimfs.multiwrite).
     multiwrite: bool = False
+    #: Copy prefetched pages straight into the kernel's page cache (FUSE
+    #: NOTIFY_STORE) while no process has the file open for writing, so a
+    #: sequential scan no longer waits on one READ request per MiB.
+    #: ``push=0`` turns it off.
+    push: bool = True
     #: Seconds between background write-backs of dirty files (0: only on
     #: msync, fsync, close and unmount).
     writeback_interval: int = 30
@@ -65,7 +70,7 @@ def _parse_int(text: str, what: str) -> int:
     return int(text)
 
 
-_FLAGS = {"verbose", "allow_other", "multiwrite"}
+_FLAGS = {"verbose", "allow_other", "multiwrite", "push"}
 _VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots", "writeback_interval"}
 
 

@@ -64,6 +64,7 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
     except RuntimeError as exc:
         raise UserError("cannot mount %s: %s" % (mountpoint, exc), 1) from None
     vfs.kernel = KernelNotifier(find_session_fd())
+    vfs.cache.notify_fd = vfs.kernel.fd      # prefetched pages are pushed through it
     try:
         trio.run(_main, vfs, mountpoint, config, ready)
     finally:

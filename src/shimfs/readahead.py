@@ -1,11 +1,20 @@
 """Read-ahead policy: pure code that decides what to prefetch after each read.
 
 One :class:`Stream` per open file handle.  A read that starts where the last
-one ended (give or take ``SLACK``) is sequential: the window doubles from
-``MIN_WINDOW`` up to ``max_window``, and the policy asks for the part of
-``[end, end + window)`` not requested yet.  Any other read is random: the
-window drops to zero and nothing is prefetched, so random page touches cost
-the backing file only the pages the kernel asks for.
+one ended, or anywhere inside the range already prefetched (give or take
+``SLACK``), is sequential: the window doubles from ``MIN_WINDOW`` up to
+``max_window``, and the policy asks for the part of ``[end, end + window)``
+not requested yet.  Any other read is random: the window drops to zero and
+nothing is prefetched, so random page touches cost the backing file only the
+pages the kernel asks for.
+
+Prefetched chunks are usually *pushed* into the kernel's page cache as well
+(see cache.py), so the kernel stops asking for them.  To keep learning where
+the reader is, every ``HOLE_EVERY``-th chunk is pushed without its first
+page: the reader faults on that page, the kernel sends a 4 KiB READ, and the
+READ moves the stream on.  The reads the policy sees then land inside the
+prefetched range rather than at its end, which is why that range counts as
+sequential.
 
 Why these numbers:
 
@@ -14,36 +23,55 @@ Why these numbers:
 * ``SLACK`` = 256 KiB: the kernel's async read-ahead and mmap read-around
   issue requests a little out of order; jumps this small do not reset a
   stream.
-* Prefetches are cut into ``CHUNK`` = 1 MiB pieces so that several backing
-  reads are in flight at once (the stand-in serves 2 streams at ~1.6x one).
+* Prefetches are cut into ``CHUNK`` = 1 MiB pieces, on 1 MiB boundaries,
+  so that several backing reads are in flight at once (the stand-in serves 2
+  streams at ~1.6x one).
+* ``HOLE_EVERY`` = 2: one 4 KiB READ round trip per 2 MiB pushed; the window
+  (up to ``max_window``) is several holes long, so the reader finds pushed
+  pages ahead of it while the next chunks load.
 """
 from __future__ import annotations
 
 MIN_WINDOW = 1 << 20
 SLACK = 256 << 10
 CHUNK = 1 << 20
+HOLE_EVERY = 2
 
 
 class Stream:
     """Sequential-stream detector of one open file."""
 
-    __slots__ = ("max_window", "next_off", "window", "issued_until")
+    __slots__ = ("max_window", "next_off", "window", "issued_until", "sequential", "random",
+                 "asked_until")
 
     def __init__(self, max_window: int):
         self.max_window = max_window
         self.next_off = -1
         self.window = 0
         self.issued_until = 0
+        self.sequential = 0         # reads seen in-stream / out of stream (shimfs stat)
+        self.random = 0
+        self.asked_until = 0        # furthest end of a read seen (the kernel has those pages)
 
     def on_read(self, off: int, size: int) -> tuple[int, int] | None:
         """Record a read; return (offset, length) to prefetch, or None."""
         end = off + size
-        sequential = self.next_off >= 0 and abs(off - self.next_off) <= SLACK
-        self.next_off = end
+        if end > self.asked_until:
+            self.asked_until = end
+        # Requests arrive a little out of order (the kernel has several in
+        # flight): up to a window behind the furthest one is still in-stream.
+        sequential = (self.next_off >= 0
+                      and self.next_off - max(SLACK, self.window) <= off
+                      <= max(self.next_off, self.issued_until) + SLACK)
         if not sequential or self.max_window <= 0:
+            self.random += 1
+            self.next_off = end
             self.window = 0
             self.issued_until = end
             return None
+        self.sequential += 1
+        self.next_off = max(self.next_off, end)
+        end = self.next_off
         self.window = min(max(self.window * 2, MIN_WINDOW), self.max_window)
         start = max(self.issued_until, end)
         target = end + self.window
@@ -57,9 +85,15 @@ class Stream:
 
 
 def chunks(off: int, length: int, chunk: int = CHUNK):
-    """Split a prefetch into pieces that can be fetched in parallel."""
+    """Split a prefetch into pieces, cut on multiples of ``chunk``, that can be
+    fetched in parallel."""
     end = off + length
     while off < end:
-        n = min(chunk, end - off)
+        n = min(chunk - off % chunk, end - off)
         yield off, n
         off += n
+
+
+def hole(off: int) -> bool:
+    """Whether the chunk at ``off`` is pushed without its first page."""
+    return off % (CHUNK * HOLE_EVERY) == 0

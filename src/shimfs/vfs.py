@@ -158,7 +158,8 @@ class Vfs:
 
     def __init__(self, config: Config, cache: AsyncCache | None = None):
         self.config = config
-        self.cache = cache or AsyncCache(config.cache_size, config.read_ahead_bytes)
+        self.cache = cache or AsyncCache(config.cache_size, config.read_ahead_bytes,
+                                         push=config.push)
         self.inodes: dict[int, Node] = {}
         self.links: dict[int, tuple[bytes, Attr]] = {}     # transient S_IFLNK replies
         self.handles: dict[int, Handle] = {}
@@ -263,6 +264,7 @@ class Vfs:
                 log.warning("keeping %s: its unwritten data is retried", node.path)
                 return
             self.cache.engine.unregister(node.fid)
+            self.cache.forget(node.fid)
             self.by_fid.pop(node.fid, None)
             os.close(node.fd)
         self.inodes.pop(node.ino, None)
@@ -414,7 +416,7 @@ class Vfs:
             os.close(fd)
             raise
         node.nlookup += 1
-        return self._open_handle(node, True), self.attr(node)
+        return await self._open_handle(node, True), self.attr(node)
 
     async def mknod(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
         if not stat.S_ISREG(mode):
@@ -571,7 +573,10 @@ class Vfs:
             raise FsError(errno.EISDIR)
         return node
 
-    def _open_handle(self, node: File, writable: bool) -> int:
+    async def _open_handle(self, node: File, writable: bool) -> int:
+        if writable:
+            # the kernel may now hold dirty pages: no more pushes (until release)
+            await self.cache.close_gate(node.fid)
         fh = next(self._fh)
         stream = self.cache.stream() if self.config.read_ahead else None
         self.handles[fh] = Handle(fh, node, stream, writable)
@@ -589,7 +594,7 @@ class Vfs:
         await self._check_reachable(node, ctx, want)
         if flags & os.O_TRUNC and writable:
             await self.truncate(node, 0)
-        return self._open_handle(node, writable)
+        return await self._open_handle(node, writable)
 
     async def _check_reachable(self, node: File, ctx: Ctx, want: int) -> None:
         """The kernel checked the shadow's mode bits; a user must also be able
@@ -613,15 +618,18 @@ class Vfs:
         if (st.st_size, st.st_mtime_ns) == node.seen:
             return True
         log.debug("%s changed under us: reloading", node.path)
-        node.seen = (st.st_size, st.st_mtime_ns)
-        self.cache.engine.invalidate(node.fid, 0, max(st.st_size, self.cache.engine.size(node.fid)))
-        self.cache.engine.truncate(node.fid, st.st_size)
-        node.mtime_ns = st.st_mtime_ns
+        async with self.cache.pushes_paused(node.fid):     # no stale pages land late
+            node.seen = (st.st_size, st.st_mtime_ns)
+            self.cache.engine.invalidate(node.fid, 0,
+                                         max(st.st_size, self.cache.engine.size(node.fid)))
+            self.cache.engine.truncate(node.fid, st.st_size)
+            node.mtime_ns = st.st_mtime_ns
         return False
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        return await self._with_reopen(h.node, self.cache.read, h.node.fid, h.stream, off, size)
+        return await self._with_reopen(h.node, self.cache.read, h.node.fid, h.node.ino, h.stream,
+                                       off, size)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         h = self._handle(fh)
@@ -714,6 +722,8 @@ class Vfs:
                 await self._writeback(node, durable=False)
         finally:
             node.opens -= 1
+            if h.writable:
+                self.cache.open_gate(node.fid)
             self._maybe_free(node)
 
     async def truncate(self, node: File, size: int) -> None:
@@ -721,7 +731,7 @@ class Vfs:
             raise FsError(errno.EINVAL)
         if not node.writable:
             raise FsError(errno.EACCES)
-        async with node.io_lock:
+        async with self.cache.pushes_paused(node.fid), node.io_lock:
             await self.cache.run(os.ftruncate, node.fd, size)
             self.cache.engine.truncate(node.fid, size)
             st = await self.cache.run(os.fstat, node.fd)
@@ -752,6 +762,11 @@ class Vfs:
 
     # -- consistency: refresh and multiwrite ---------------------------------
     async def refresh(self, node: File, offset: int, length: int | None) -> int:
+        """See :meth:`_refresh`; prefetch pushes wait until it is done."""
+        async with self.cache.pushes_paused(node.fid):
+            return await self._refresh(node, offset, length)
+
+    async def _refresh(self, node: File, offset: int, length: int | None) -> int:
         """The reverse msync: reload [offset, offset+length) from the backing file.
 
         1. The kernel writes the range's dirty mapped pages back to us and
@@ -830,10 +845,11 @@ class Vfs:
         the file (whole-file NOTIFY_INVAL_INODE), the daemon writes back and
         drops its own; pages are then read again, each with its twin.
         """
-        await self.cache.run(self.kernel.inval_range, node.ino, 0, 0)
-        async with node.io_lock:
-            await self.cache.writeback(node.fid, node.fd)
-            self.cache.engine.set_multiwrite(node.fid, on)
+        async with self.cache.pushes_paused(node.fid):
+            await self.cache.run(self.kernel.inval_range, node.ino, 0, 0)
+            async with node.io_lock:
+                await self.cache.writeback(node.fid, node.fd)
+                self.cache.engine.set_multiwrite(node.fid, on)
 
     # -- xattrs: the control interface ---------------------------------------
     def listxattr(self, ino: int) -> list[bytes]:
@@ -889,7 +905,14 @@ class Vfs:
                              files=sum(isinstance(n, File) for n in self.inodes.values()),
                              read_ahead_max_window=self.cache.max_window)}
         if isinstance(node, File):
-            out["file"] = dict(eng.file_stats(node.fid), backing=node.path, shadow=node.shadow)
+            streams = [h.stream for h in self.handles.values()
+                       if h.node is node and h.stream is not None]
+            out["file"] = dict(eng.file_stats(node.fid), backing=node.path, shadow=node.shadow,
+                               read_ahead_window=max((s.window for s in streams), default=0),
+                               sequential_reads=sum(s.sequential for s in streams),
+                               random_reads=sum(s.random for s in streams),
+                               pushing=self.cache.gate(node.fid).closed == 0 and
+                               self.cache.push and self.cache.notify_fd is not None)
         return out
 
 

@@ -1,0 +1,157 @@
+"""Pushing prefetched pages into the kernel's cache (FUSE NOTIFY_STORE).
+
+A read-only scan must get exact bytes while most of them arrive by push
+rather than by READ; and a push must never land on a file that someone has
+open for writing (it would overwrite dirty mapped pages), nor re-grow a file
+that was truncated meanwhile.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import shimfs
+
+from conftest import shim_mount
+
+MIB = 1 << 20
+
+
+def _make(path: str, size: int) -> bytes:
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def _scan(path: str) -> bytes:
+    """Touch every page of a read-only shared mapping, in order; return the bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED, access=mmap.ACCESS_READ) as m:
+            out = bytearray()
+            for off in range(0, len(m), MIB):
+                out += m[off:off + MIB]
+            return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def test_read_only_scan_is_pushed_and_exact(mnt, data_dir):
+    src = os.path.join(data_dir, "big")
+    data = _make(src, 24 * MIB + 123)
+    os.symlink(src, os.path.join(mnt, "big"))
+    path = os.path.join(mnt, "big")
+    assert _scan(path) == data
+    st = shimfs.stats(path)
+    assert st["file"]["bytes_pushed"] > 8 * MIB
+    # the kernel asked for only part of the file: the rest came by push
+    assert st["mount"]["read_request_bytes"] < len(data)
+    with open(path, "rb") as f:                     # and read() sees the same bytes
+        assert f.read() == data
+
+
+def test_push_off_option_sends_everything_by_read(tmp_path, data_dir):
+    src = os.path.join(data_dir, "big")
+    data = _make(src, 8 * MIB)
+    with shim_mount(str(tmp_path / "m"), str(tmp_path), "push=0") as m:
+        os.symlink(src, os.path.join(m, "big"))
+        path = os.path.join(m, "big")
+        assert _scan(path) == data
+        st = shimfs.stats(path)
+        assert st["file"]["bytes_pushed"] == 0 and not st["file"]["pushing"]
+        assert st["mount"]["read_request_bytes"] >= len(data)
+
+
+def test_no_push_while_open_for_writing(mnt, data_dir):
+    """Dirty mapped pages of a writer survive a reader streaming the same file."""
+    src = os.path.join(data_dir, "w")
+    data = _make(src, 16 * MIB)
+    os.symlink(src, os.path.join(mnt, "w"))
+    path = os.path.join(mnt, "w")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            assert not shimfs.stats(path)["file"]["pushing"]
+            # dirty one byte in every 64 KiB, far ahead of where a reader starts
+            for off in range(8 * MIB, 16 * MIB, 64 << 10):
+                m[off] = data[off] ^ 0xFF
+            with open(path, "rb") as r:                 # a sequential reader
+                r.read()
+            assert shimfs.stats(path)["file"]["bytes_pushed"] == 0
+            for off in range(8 * MIB, 16 * MIB, 64 << 10):
+                assert m[off] == data[off] ^ 0xFF
+            m.flush()
+    finally:
+        os.close(fd)
+    with open(src, "rb") as f:
+        got = f.read()
+    expect = bytearray(data)
+    for off in range(8 * MIB, 16 * MIB, 64 << 10):
+        expect[off] ^= 0xFF
+    assert got == bytes(expect)
+    # the writer is gone: pushes may start again
+    assert shimfs.stats(path)["file"]["pushing"]
+
+
+def test_writer_arriving_during_a_pushed_scan_keeps_its_bytes(mnt, data_dir):
+    """A writer opens while pushes are under way: open waits for them, so a
+    late push can never overwrite what the writer then puts in its mapping."""
+    src = os.path.join(data_dir, "r")
+    size = 48 * MIB
+    data = _make(src, size)
+    os.symlink(src, os.path.join(mnt, "r"))
+    path = os.path.join(mnt, "r")
+    started = threading.Event()
+    result = {}
+
+    def reader():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, mmap.MAP_SHARED, access=mmap.ACCESS_READ) as m:
+                out = bytearray()
+                for off in range(0, size, MIB):
+                    out += m[off:off + MIB]
+                    if off == 4 * MIB:
+                        started.set()
+                result["scan"] = out
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert started.wait(60)
+    expect = bytearray(data)
+    fd = os.open(path, os.O_RDWR)                # pushes are in flight right now
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            for off in range(size - 1, 8 * MIB, -(256 << 10)):   # from the far end back
+                m[off] = expect[off] = data[off] ^ 0x5A
+            t.join(120)
+            for off in range(size - 1, 8 * MIB, -(256 << 10)):
+                assert m[off] == expect[off], off
+            m.flush()
+    finally:
+        os.close(fd)
+    assert not t.is_alive()
+    with open(src, "rb") as f:
+        assert f.read() == bytes(expect)
+
+
+def test_truncate_during_a_pushed_read_is_not_undone(mnt, data_dir):
+    """A push that started before a truncate must not re-grow the file."""
+    src = os.path.join(data_dir, "t")
+    size = 32 * MIB
+    data = _make(src, size)
+    os.symlink(src, os.path.join(mnt, "t"))
+    path = os.path.join(mnt, "t")
+    with open(path, "rb") as f:
+        f.read(6 * MIB)                               # a stream is going: pushes in flight
+        os.truncate(path, MIB + 5)
+        rest = f.read()
+    assert len(rest) == 0                             # we were already past the new end
+    assert os.stat(path).st_size == MIB + 5
+    assert os.path.getsize(src) == MIB + 5
+    with open(path, "rb") as f:
+        assert f.read() == data[:MIB + 5]
