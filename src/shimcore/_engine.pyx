@@ -18,7 +18,6 @@ from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t, int32_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno, EINTR
-from posix.unistd cimport usleep
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
@@ -55,6 +54,19 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_cond_init(pthread_cond_t *c, void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
+
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *t)
+    int CLOCK_REALTIME
 
 DEF PAGE = 4096
 DEF PAGE_SHIFT = 12
@@ -151,6 +163,7 @@ cdef class PageCache:
     :meth:`register` and addressed by the returned integer id.
     """
     cdef pthread_mutex_t mu
+    cdef pthread_cond_t loaded      # broadcast when LOADING slots become VALID or are dropped
     cdef char *arena
     cdef size_t arena_len
     cdef Slot *slots
@@ -171,6 +184,7 @@ cdef class PageCache:
 
     def __cinit__(self, size_t cache_size):
         pthread_mutex_init(&self.mu, NULL)
+        pthread_cond_init(&self.loaded, NULL)
         self.nslots = max(<int64_t>(cache_size // PAGE), 16)
         self.arena_len = <size_t>self.nslots * PAGE
         self.arena = <char *>mmap(NULL, self.arena_len, PROT_READ | PROT_WRITE,
@@ -213,6 +227,7 @@ cdef class PageCache:
         if self.twins:
             munmap(self.twins, self.arena_len)
         pthread_mutex_destroy(&self.mu)
+        pthread_cond_destroy(&self.loaded)
 
     # ------------------------------------------------------------------
     # table (caller holds mu)
@@ -518,8 +533,19 @@ cdef class PageCache:
             done += r
         return 0
 
+    cdef void _wait_loaded(self) noexcept nogil:
+        """Wait (mu held, released while waiting) until some load finishes."""
+        cdef timespec t
+        clock_gettime(CLOCK_REALTIME, &t)
+        t.tv_nsec += 2000000
+        if t.tv_nsec >= 1000000000:
+            t.tv_sec += 1
+            t.tv_nsec -= 1000000000
+        pthread_cond_timedwait(&self.loaded, &self.mu, &t)
+
     cdef void _discard(self, int64_t s) noexcept nogil:
         """Give back a slot this thread allocated but never filled."""
+        pthread_cond_broadcast(&self.loaded)
         if self.slots[s].orphan:
             self._unpin(s)
         else:
@@ -605,12 +631,14 @@ cdef class PageCache:
                 fresh[load[i]] = 0
             fr.bytes_fetched += nload * PAGE
             loaded[0] += nload
+            if nload:
+                pthread_cond_broadcast(&self.loaded)
             if not waiting:
                 break
-            pthread_mutex_unlock(&self.mu)
+            # another thread is loading some of these pages: sleep until a load
+            # finishes (the timeout only guards against a missed wake-up)
             self.wait_spins += 1
-            usleep(50)
-            pthread_mutex_lock(&self.mu)
+            self._wait_loaded()
         fr.read_ops += runs
         if err:
             if err > 0:
@@ -879,6 +907,7 @@ cdef class PageCache:
                         if not self.slots[s].orphan:
                             self._set_dirty(fr, s)
                         self._unpin(s)
+                    pthread_cond_broadcast(&self.loaded)
                     if end > fr.size:
                         fr.size = end
                     fr.bytes_written += end - offset

@@ -39,6 +39,9 @@ PREFETCH_THREADS = 12
 #: kernel's own read-ahead, which is ``read_ahead`` long, or the kernel asks
 #: for every page before it arrives.
 PUSH_WINDOW_FACTOR = 4
+#: Concurrent write-back streams for one file once it has this much dirty data.
+WRITEBACK_STREAMS = 4
+WRITEBACK_PARALLEL_MIN = 8 << 20
 
 
 class PushGate:
@@ -184,10 +187,35 @@ class AsyncCache:
         return await self.run(self.engine.write, fid, off, data)
 
     async def writeback(self, fid: int, fd: int | None = None) -> int:
-        """Write dirty pages back; with ``fd``, fsync it afterwards (durable)."""
-        def work():
-            n = self.engine.writeback(fid)
-            if fd is not None:
-                os.fsync(fd)
-            return n
-        return await self.run(work)
+        """Write dirty pages back; with ``fd``, fsync it afterwards (durable).
+
+        Large write-backs run as ``WRITEBACK_STREAMS`` concurrent engine
+        write-backs of the same file: each claims the next dirty run (up to
+        4 MiB) under the engine's mutex, so the runs are split among them and
+        several pwritev are in flight.  The first error is raised after all
+        have stopped; every run that failed is dirty again.
+        """
+        engine = self.engine
+        streams = 1
+        if engine.dirty_bytes(fid) >= WRITEBACK_PARALLEL_MIN:
+            streams = WRITEBACK_STREAMS
+        total = 0
+        errors: list[BaseException] = []
+
+        async def one():
+            nonlocal total
+            try:
+                total += await self.run(engine.writeback, fid)
+            except OSError as exc:
+                errors.append(exc)
+        if streams == 1:
+            await one()
+        else:
+            async with trio.open_nursery() as n:
+                for _ in range(streams):
+                    n.start_soon(one)
+        if errors:
+            raise errors[0]
+        if fd is not None:
+            await self.run(os.fsync, fd)
+        return total
