@@ -329,3 +329,46 @@ def test_push_writes_one_notify_store_of_the_cached_prefix(tmp_path, impl):
         os.close(wfd)
         pc.unregister(fid)
         os.close(fd)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
+def test_concurrent_writebacks_of_one_file_split_the_runs(tmp_path, impl):
+    """AsyncCache runs several write-backs of one file at once: each run is
+    written by exactly one of them, and a failure keeps every failed page."""
+    path = str(tmp_path / "f")
+    size = 24 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+    data = os.urandom(size)
+    for fd_flags, ok in ((os.O_RDONLY, False), (os.O_RDWR, True)):
+        fd = os.open(path, fd_flags)
+        pc = impl(64 << 20)
+        fid = pc.register(fd, size)
+        # dirty runs separated by clean pages, so there are many runs to share
+        for off in range(0, size, 1 << 20):
+            pc.write(fid, off, data[off:off + (1 << 20) - 8192])
+        dirty = pc.dirty_bytes(fid)
+        errors, written = [], []
+
+        def wb():
+            try:
+                written.append(pc.writeback(fid))
+            except OSError as exc:
+                errors.append(exc.errno)
+        threads = [threading.Thread(target=wb) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        pc.check()
+        if ok:
+            assert not errors and sum(written) == dirty and pc.dirty_bytes(fid) == 0
+            with open(path, "rb") as f:
+                got = f.read()
+            for off in range(0, size, 1 << 20):
+                n = (1 << 20) - 8192
+                assert got[off:off + n] == data[off:off + n]
+                assert got[off + n:off + (1 << 20)] == bytes(8192)
+        else:
+            assert errors and set(errors) == {errno.EBADF}
+            assert pc.dirty_bytes(fid) == dirty      # all kept for a retry
+        pc.unregister(fid)
+        os.close(fd)
