@@ -11,11 +11,21 @@ import mmap
 import os
 import threading
 
+import pytest
+
 import shimfs
 
 from conftest import shim_mount
 
 MIB = 1 << 20
+
+
+@pytest.fixture
+def pmnt(tmp_path, backing):
+    """A mount with ``-o push`` (cache 32M, so pages are evicted along the way)."""
+    with shim_mount(str(tmp_path / "pmnt"), backing, "cache_size=32M", "push",
+                    log=str(tmp_path / "shimfs.log")) as m:
+        yield m
 
 
 def _make(path: str, size: int) -> bytes:
@@ -38,11 +48,11 @@ def _scan(path: str) -> bytes:
         os.close(fd)
 
 
-def test_read_only_scan_is_pushed_and_exact(mnt, data_dir):
+def test_read_only_scan_is_pushed_and_exact(pmnt, data_dir):
     src = os.path.join(data_dir, "big")
     data = _make(src, 24 * MIB + 123)
-    os.symlink(src, os.path.join(mnt, "big"))
-    path = os.path.join(mnt, "big")
+    os.symlink(src, os.path.join(pmnt, "big"))
+    path = os.path.join(pmnt, "big")
     assert _scan(path) == data
     st = shimfs.stats(path)
     assert st["file"]["bytes_pushed"] > 8 * MIB
@@ -52,10 +62,10 @@ def test_read_only_scan_is_pushed_and_exact(mnt, data_dir):
         assert f.read() == data
 
 
-def test_push_off_option_sends_everything_by_read(tmp_path, data_dir):
+def test_without_push_everything_comes_by_read(tmp_path, data_dir):
     src = os.path.join(data_dir, "big")
     data = _make(src, 8 * MIB)
-    with shim_mount(str(tmp_path / "m"), str(tmp_path), "push=0") as m:
+    with shim_mount(str(tmp_path / "m"), str(tmp_path)) as m:       # push is off by default
         os.symlink(src, os.path.join(m, "big"))
         path = os.path.join(m, "big")
         assert _scan(path) == data
@@ -64,12 +74,12 @@ def test_push_off_option_sends_everything_by_read(tmp_path, data_dir):
         assert st["mount"]["read_request_bytes"] >= len(data)
 
 
-def test_no_push_while_open_for_writing(mnt, data_dir):
+def test_no_push_while_open_for_writing(pmnt, data_dir):
     """Dirty mapped pages of a writer survive a reader streaming the same file."""
     src = os.path.join(data_dir, "w")
     data = _make(src, 16 * MIB)
-    os.symlink(src, os.path.join(mnt, "w"))
-    path = os.path.join(mnt, "w")
+    os.symlink(src, os.path.join(pmnt, "w"))
+    path = os.path.join(pmnt, "w")
     fd = os.open(path, os.O_RDWR)
     try:
         with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
@@ -95,14 +105,14 @@ def test_no_push_while_open_for_writing(mnt, data_dir):
     assert shimfs.stats(path)["file"]["pushing"]
 
 
-def test_writer_arriving_during_a_pushed_scan_keeps_its_bytes(mnt, data_dir):
+def test_writer_arriving_during_a_pushed_scan_keeps_its_bytes(pmnt, data_dir):
     """A writer opens while pushes are under way: open waits for them, so a
     late push can never overwrite what the writer then puts in its mapping."""
     src = os.path.join(data_dir, "r")
     size = 48 * MIB
     data = _make(src, size)
-    os.symlink(src, os.path.join(mnt, "r"))
-    path = os.path.join(mnt, "r")
+    os.symlink(src, os.path.join(pmnt, "r"))
+    path = os.path.join(pmnt, "r")
     started = threading.Event()
     result = {}
 
@@ -139,13 +149,13 @@ def test_writer_arriving_during_a_pushed_scan_keeps_its_bytes(mnt, data_dir):
         assert f.read() == bytes(expect)
 
 
-def test_truncate_during_a_pushed_read_is_not_undone(mnt, data_dir):
+def test_truncate_during_a_pushed_read_is_not_undone(pmnt, data_dir):
     """A push that started before a truncate must not re-grow the file."""
     src = os.path.join(data_dir, "t")
     size = 32 * MIB
     data = _make(src, size)
-    os.symlink(src, os.path.join(mnt, "t"))
-    path = os.path.join(mnt, "t")
+    os.symlink(src, os.path.join(pmnt, "t"))
+    path = os.path.join(pmnt, "t")
     with open(path, "rb") as f:
         f.read(6 * MIB)                               # a stream is going: pushes in flight
         os.truncate(path, MIB + 5)

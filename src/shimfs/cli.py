@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="options (-o, comma-separated): backing=DIR (where new files are "
                               "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
                               "1024), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
-                              "verbose, allow_other, multiwrite, push=0 (no pushing of prefetched pages into the "
+                              "verbose, allow_other, multiwrite, push (also push prefetched pages into the "
                               "kernel's cache), allowed_roots=DIR[:DIR...] (where link "
                               "targets may point), writeback_interval=SECONDS (default 30), "
                               "log=FILE")

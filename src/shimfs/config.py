@@ -36,11 +36,13 @@ class Config:
     #: that changed, so nodes writing disjoint bytes of a page do not undo each
     #: other's writes (per file: xattr user.shimfs.multiwrite).
     multiwrite: bool = False
-    #: Copy prefetched pages straight into the kernel's page cache (FUSE
-    #: NOTIFY_STORE) while no process has the file open for writing, so a
-    #: sequential scan no longer waits on one READ request per MiB.
-    #: ``push=0`` turns it off.
-    push: bool = True
+    #: Also copy prefetched pages straight into the kernel's page cache (FUSE
+    #: NOTIFY_STORE) while no process has the file open for writing, so the
+    #: kernel asks for fewer of them.  Pays off when the backing store is
+    #: fast and cheap to read (tmpfs: mapped scans +35%); on the GlusterFS
+    #: stand-in, where the daemon shares 2 cores with the GlusterFS client,
+    #: it cost 10-15% (docs/performance.md), hence off by default.
+    push: bool = False
     #: Seconds between background write-backs of dirty files (0: only on
     #: msync, fsync, close and unmount).
     writeback_interval: int = 30
