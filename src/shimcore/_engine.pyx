@@ -6,7 +6,7 @@ of anonymous memory), an open-addressing table from (file, page) to slot, a
 dirty bitmap per file, and the ``preadv``/``pwritev`` loops that move pages
 between the arena and the backing file descriptors.
 
-Concurrency (see docs/engine.md): every public method may be called from any
+Concurrency (see docs/design.md): every public method may be called from any
 thread.  All metadata (table, slot states, bitmaps, sizes, counters) is guarded
 by one pthread mutex that is only ever taken with the GIL released, and never
 held across a system call.  Slots are *pinned* while a thread copies into or
