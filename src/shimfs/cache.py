@@ -6,10 +6,11 @@ Nothing here blocks the trio thread.  Prefetches run as background tasks in
 the mount's nursery, bounded by their own limiter so that they never starve
 the reads a process is waiting for.
 
-Pushing: a prefetched chunk is also copied into the kernel's page cache
-(``PageCache.push``, a FUSE_NOTIFY_STORE written from the worker thread with
-the GIL released), so the kernel never sends READs for it and pyfuse3's
-GIL-held reply path drops out of sequential scans.  NOTIFY_STORE overwrites
+Pushing (``-o push``, off by default): a prefetched chunk is also copied
+into the kernel's page cache (``PageCache.push``, a FUSE_NOTIFY_STORE written
+from the worker thread with the GIL released), so the kernel need not send
+READs for it, which pyfuse3 would answer on the trio thread with the GIL
+held.  NOTIFY_STORE overwrites
 whatever the kernel holds, dirty pages included, and grows the kernel's idea
 of the size, so a file is only pushed to while its :class:`PushGate` is
 open: no writable handle, no truncate, refresh or reload in progress.  Those
@@ -31,8 +32,8 @@ from .readahead import Stream, chunks, hole
 PAGE = 4096
 #: Backing reads in flight for prefetches.  A network file system is latency
 #: bound: on the stand-in, 1 MiB preads from 1/2/4/8 threads gave 265/484/
-#: 644/680 MB/s, and a pushed mapped scan rose from ~1.0x to ~1.2x native
-#: going from 4 to 12 (docs/performance.md).
+#: 644/680 MB/s, and a mapped scan through shimfs went from ~210 to ~400 MB/s
+#: going from 4 to 12 (docs/performance.md; 16 was no better).
 PREFETCH_THREADS = 12
 #: A stream's window may grow to this many times ``read_ahead`` (still at
 #: most a quarter of the cache).  The kernel's own read-ahead is ``read_ahead``
@@ -62,7 +63,7 @@ class AsyncCache:
     """One engine, two thread pools (foreground and prefetch)."""
 
     def __init__(self, cache_size: int, read_ahead_bytes: int, threads: int = 8,
-                 prefetch_threads: int = PREFETCH_THREADS, push: bool = True):
+                 prefetch_threads: int = PREFETCH_THREADS, push: bool = False):
         self.engine = shimcore.PageCache(cache_size)
         self.push = push
         self.notify_fd: int | None = None       # the session's /dev/fuse fd, set by the mount
