@@ -1,7 +1,7 @@
 """shimcore: the compiled engine and the pure-Python fallback against a model.
 
-Hypothesis drives random sequences of read/write/writeback/truncate/
-invalidate/prefetch on both implementations and a plain bytearray; after each
+Hypothesis drives random sequences of read/write/write_cached/writeback/
+truncate/invalidate/prefetch on both implementations and a plain bytearray; after each
 step every read must agree to the byte and the engine's invariants must hold.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ lengths = st.one_of(st.sampled_from(AWKWARD), st.integers(0, 70_000))
 ops = st.lists(st.one_of(
     st.tuples(st.just("read"), offsets, lengths),
     st.tuples(st.just("write"), offsets, st.integers(1, 70_000)),
+    st.tuples(st.just("write_cached"), offsets, st.integers(0, 70_000)),
     st.tuples(st.just("writeback"), st.just(0), st.just(0)),
     st.tuples(st.just("truncate"), offsets, st.just(0)),
     st.tuples(st.just("invalidate"), offsets, lengths),
@@ -51,6 +52,12 @@ class Model:
             if a > len(self.data):
                 self.data.extend(bytes(a - len(self.data)))
             self.data[a:a + b] = chunk
+        elif op == "write_cached":
+            chunk = (seed.to_bytes(8, "little") * (b // 8 + 1))[:b]
+            n = pc.write_cached(fid, a, chunk)
+            if n is not None:           # taken whole, or not at all
+                assert n == b and b > 0 and a + b <= len(self.data)
+                self.data[a:a + b] = chunk
         elif op == "writeback":
             pc.writeback(fid)
             assert pc.dirty_bytes(fid) == 0
@@ -278,6 +285,38 @@ def test_read_cached_never_does_io(tmp_path, impl):
     assert pc.read_cached(fid, 19990, 100) is None
     pc.read(fid, 0, 20000)
     assert pc.read_cached(fid, 19990, 100) == data[19990:]
+    pc.unregister(fid)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
+def test_write_cached_takes_only_cached_pages_and_never_does_io(tmp_path, impl):
+    path = str(tmp_path / "f")
+    data = bytearray(os.urandom(20000))
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDWR)
+    pc = impl(1 << 20)
+    fid = pc.register(fd, len(data))
+    assert pc.write_cached(fid, 100, b"x" * 5000) is None          # nothing cached
+    pc.prefetch(fid, 0, 8192)
+    fetched = pc.file_stats(fid)["bytes_fetched"]
+    assert pc.write_cached(fid, 4000, b"y" * 5000) is None         # page 2 missing
+    assert pc.write_cached(fid, 8000, b"y" * 200) is None          # reaches page 2
+    assert pc.write_cached(fid, 100, b"x" * 5000) == 5000
+    data[100:5100] = b"x" * 5000
+    assert pc.dirty_bytes(fid) == 8192
+    pc.read(fid, 0, 20000)
+    assert pc.write_cached(fid, 19990, b"z" * 11) is None          # would grow the file
+    assert pc.size(fid) == 20000
+    assert pc.write_cached(fid, 19990, b"z" * 10) == 10
+    data[19990:] = b"z" * 10
+    assert pc.file_stats(fid)["bytes_fetched"] == fetched + 3 * 4096
+    assert pc.read(fid, 0, 20000) == bytes(data)
+    pc.writeback(fid)
+    with open(path, "rb") as f:
+        assert f.read() == bytes(data)
+    pc.check()
     pc.unregister(fid)
     os.close(fd)
 

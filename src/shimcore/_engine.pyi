@@ -30,6 +30,8 @@ class PageCache:
         """NOTIFY_STORE the cached prefix of the range into the kernel's cache; return its bytes."""
     def write(self, fid: int, offset: int, data: Any) -> int:
         """Copy a buffer into the cache, mark it dirty, extend the size; return its length."""
+    def write_cached(self, fid: int, offset: int, data: Any) -> Optional[int]:
+        """Like write, but None (nothing written) unless every page is cached and the size holds."""
     def writeback(self, fid: int) -> int:
         """pwritev all dirty runs (no fsync); on error keep them dirty and raise OSError."""
     def truncate(self, fid: int, size: int) -> None:

@@ -862,6 +862,55 @@ cdef class PageCache:
         finally:
             PyBuffer_Release(&view)
 
+    def write_cached(self, int64_t fid, int64_t offset, data):
+        """Like :meth:`write`, but only if every page is already cached: never
+        does I/O and never evicts.
+
+        Returns the number of bytes taken, or None (nothing written) when a
+        page is missing or being loaded, or the write would extend the file.
+        Cheap enough for the thread that serves FUSE requests: a mapped write
+        faults each page in (a READ) before the kernel writes it back, so its
+        WRITEs find their pages cached and skip the hop to a worker thread.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef Py_buffer view
+        cdef int64_t end, p0, p1, i, s, a, b
+        cdef bint ok = True
+        cdef const char *src
+        if offset < 0:
+            raise ValueError("negative offset")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            end = offset + view.len
+            if view.len == 0 or end > fr.size:
+                return None
+            src = <const char *>view.buf
+            p0 = offset >> PAGE_SHIFT
+            p1 = (end + PAGE - 1) >> PAGE_SHIFT
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+                if self._bitmap_fit(fr, p1 - 1):
+                    ok = False
+                for i in range(p0, p1):
+                    if not ok:
+                        break
+                    s = self._find(fid, i)
+                    if s < 0 or self.slots[s].state != S_VALID:
+                        ok = False
+                if ok:
+                    for i in range(p0, p1):
+                        s = self._find(fid, i)
+                        self.slots[s].ref = 1
+                        _clip(i, offset, end, &a, &b)
+                        memcpy(self.arena + s * PAGE + (a - i * PAGE), src + (a - offset), b - a)
+                        self._set_dirty(fr, s)
+                    fr.hits += p1 - p0
+                    fr.bytes_written += end - offset
+                pthread_mutex_unlock(&self.mu)
+            return view.len if ok else None
+        finally:
+            PyBuffer_Release(&view)
+
     cdef _write_piece(self, int64_t fid, int64_t offset, const char *src, int64_t length):
         cdef FileRec *fr = self._file(fid)
         cdef int64_t end, p0, p1, i, s, n, a, b, victim, loaded

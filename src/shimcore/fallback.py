@@ -211,6 +211,18 @@ class PageCache:
             f.counters["bytes_written"] += len(data)
             return len(data)
 
+    def write_cached(self, fid: int, offset: int, data):
+        if offset < 0:
+            raise ValueError("negative offset")
+        n = len(memoryview(data).cast("B"))
+        with self._lock:
+            f = self._file(fid)
+            end = offset + n
+            if not n or end > f.size or not all(
+                    (fid, p) in self._pages for p in range(offset // PAGE, (end + PAGE - 1) // PAGE)):
+                return None
+            return self.write(fid, offset, data)
+
     def writeback(self, fid: int) -> int:
         with self._lock:
             f = self._file(fid)
