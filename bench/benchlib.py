@@ -1,9 +1,11 @@
-"""Benchmark helpers: sizes, cache dropping, timing, the results table."""
+"""Benchmark helpers: sizes, cache dropping, timing, CPU accounting, the results table."""
 from __future__ import annotations
 
 import os
 import statistics
 import time
+
+import psutil
 
 MIB = 1 << 20
 SCAN_MIB = int(os.environ.get("SHIMFS_BENCH_MIB", "2048"))
@@ -39,21 +41,94 @@ def drop_caches(*paths: str) -> None:
                     pass
 
 
-def median_rate(fn, nbytes: int, rounds: int = ROUNDS, setup=None) -> tuple[float, float, float]:
-    """(median, min, max) MB/s of ``fn`` over ``rounds`` cold runs."""
-    rates = []
+class Rate(tuple):
+    """(median, min, max) MB/s of some runs; ``cpu``: median CPU seconds per
+    process over those runs (see :class:`CpuMeter`)."""
+    cpu: dict[str, float]
+
+    def __new__(cls, rates: list[float], cpu_runs: list[dict[str, float]]):
+        self = super().__new__(cls, (statistics.median(rates), min(rates), max(rates)))
+        names = {k for run in cpu_runs for k in run}
+        self.cpu = {k: statistics.median(run.get(k, 0.0) for run in cpu_runs) for k in names}
+        return self
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by each process that moves the bytes:
+    the benchmark itself ("app": page faults, copies), the FUSE daemon, and
+    the stand-in's GlusterFS client and brick.  On 2 cores these add up to
+    the wall time's ceiling, which is why the table reports them."""
+
+    def __init__(self, daemon_pid: int | None = None):
+        self.procs = {"app": psutil.Process()}
+        if daemon_pid:
+            self.procs["daemon"] = psutil.Process(daemon_pid)
+        from shimfs import standin
+        client = standin.client_dir(0)
+        for p in psutil.process_iter(["name", "cmdline"]):
+            if p.info["name"] == "glusterfsd":
+                self.procs["brick"] = p
+            elif p.info["name"] == "glusterfs" and client in (p.info["cmdline"] or []):
+                self.procs["gluster client"] = p
+        self.start()
+
+    def _read(self) -> dict[str, float]:
+        out = {}
+        for name, p in self.procs.items():
+            try:
+                t = p.cpu_times()
+                out[name] = t.user + t.system
+            except psutil.Error:
+                out[name] = 0.0
+        return out
+
+    def start(self) -> None:
+        self.t0 = self._read()
+
+    def stop(self) -> dict[str, float]:
+        t1 = self._read()
+        return {k: t1[k] - self.t0[k] for k in t1}
+
+
+def median_rate(fn, nbytes: int, rounds: int = ROUNDS, setup=None) -> Rate:
+    """(median, min, max) MB/s of ``fn`` over ``rounds`` cold runs, with CPU."""
+    rates, cpu = [], []
     for _ in range(rounds):
         if setup:
             setup()
+        meter = CpuMeter()
         t = time.perf_counter()
         fn()
         rates.append(nbytes / (time.perf_counter() - t) / 1e6)
-    return statistics.median(rates), min(rates), max(rates)
+        cpu.append(meter.stop())
+    return Rate(rates, cpu)
 
 
-def record(workload: str, where: str, fs: str, mine, native, note: str = "") -> None:
+def record(workload: str, where: str, fs: str, mine, native, note: str = "",
+           nbytes: int = 0) -> None:
+    """One row of the table; with ``nbytes``, also CPU seconds per GiB moved."""
     RESULTS.append(dict(workload=workload, where=where, fs=fs, mine=mine, native=native,
-                        note=note))
+                        note=note, gib=nbytes / (1 << 30)))
+
+
+CPU_COLUMNS = ["app", "daemon", "gluster client", "brick"]
+
+
+def cpu_table() -> str:
+    """CPU seconds per GiB moved, per process, for the rows that measured it."""
+    lines = ["| workload | backing | path | " + " | ".join(CPU_COLUMNS) +
+             " | total | native total |", "| --- " * (len(CPU_COLUMNS) + 5) + "|"]
+    for r in RESULTS:
+        mine, nat = getattr(r["mine"], "cpu", None), getattr(r["native"], "cpu", None)
+        if not r["gib"] or mine is None:
+            continue
+        per = {k: v / r["gib"] for k, v in mine.items()}
+        native_total = sum(nat.values()) / r["gib"] if nat else float("nan")
+        lines.append("| %s | %s | %s | %s | %.2f | %.2f |" % (
+            r["workload"], r["where"], r["fs"],
+            " | ".join("%.2f" % per[k] if k in per else "–" for k in CPU_COLUMNS),
+            sum(per.values()), native_total))
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def make_file(path: str, mib: int) -> str:

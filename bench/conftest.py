@@ -23,7 +23,7 @@ from mounting import shim_mount  # noqa: E402  (the tests' mount helper)
 
 from shimfs import standin  # noqa: E402
 
-from benchlib import RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, make_file  # noqa: E402
+from benchlib import RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, cpu_table, make_file  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -37,6 +37,10 @@ def pytest_sessionfinish(session, exitstatus):
             r["workload"], r["where"], r["fs"], m[0], m[1], m[2], n[0],
             m[0] / n[0], m[1] / n[0], m[2] / n[0], r["note"]))
     table = "\n".join(lines)
+    cpu = cpu_table()
+    if cpu:
+        table += ("\n\nCPU seconds per GiB moved (medians; the machine has 2 cores, so the"
+                  " total over the run's wall time shows how busy it was):\n\n" + cpu)
     with open(os.path.join(os.path.dirname(__file__), "results.md"), "w") as f:
         f.write("Sizes: scan %d MiB, write %d MiB; %d rounds.\n\n%s\n" % (SCAN_MIB, WRITE_MIB, ROUNDS, table))
     print("\n" + table)
@@ -74,6 +78,7 @@ class Mounts:
         self.tmp = tmp
         self.stack = contextlib.ExitStack()
         self.n = 0
+        self.pid: int | None = None        # the current mount's daemon
 
     def shimfs(self, target: str, *opts: str) -> str:
         self.close()
@@ -81,6 +86,7 @@ class Mounts:
         mnt = self.stack.enter_context(shim_mount(os.path.join(self.tmp, "m%d" % self.n),
                                                   self.tmp, *opts))
         os.symlink(target, os.path.join(mnt, "f"))
+        self.pid = int(os.getxattr(mnt, "user.shimfs.pid"))
         return os.path.join(mnt, "f")
 
     def passthrough(self, target: str) -> str:
@@ -100,6 +106,7 @@ class Mounts:
             subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
             proc.wait(30)
         self.stack.callback(stop)
+        self.pid = proc.pid
         return os.path.join(mnt, os.path.basename(target))
 
     def close(self):

@@ -15,26 +15,35 @@ import time
 import psutil
 import pytest
 
-from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, drop_caches, make_file,
-                      median_rate, record)
+from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, CpuMeter, Rate, drop_caches,
+                      make_file, median_rate, record)
 
 PAGE = 4096
 
 
-def rates(benchmark, nbytes: int) -> tuple[float, float, float]:
+def rates(benchmark, nbytes: int, cpu_runs=()) -> Rate:
     """MB/s (median, min, max) from the benchmark's timings."""
-    s = benchmark.stats.stats
-    return nbytes / s.median / 1e6, nbytes / s.max / 1e6, nbytes / s.min / 1e6
+    return Rate([nbytes / t / 1e6 for t in benchmark.stats.stats.data], list(cpu_runs))
 
 
-def measure_cold(benchmark, fn, mounts, fs: str, target: str, nbytes: int, *opts: str):
-    """Time ``fn(path)`` over ROUNDS fresh mounts of ``fs`` with the page cache dropped."""
+def measure_cold(benchmark, fn, mounts, fs: str, target: str, nbytes: int, *opts: str) -> Rate:
+    """Time ``fn(path)`` over ROUNDS fresh mounts of ``fs`` with the page cache
+    dropped, metering the CPU of every process involved."""
+    cpu_runs = []
+    meter = [None]
+
     def setup():
         path = mounts.shimfs(target, *opts) if fs == "shimfs" else mounts.passthrough(target)
         drop_caches(target)
+        meter[0] = CpuMeter(mounts.pid)
         return (path,), {}
-    benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, iterations=1)
-    return rates(benchmark, nbytes)
+
+    def run(path):
+        meter[0].start()
+        fn(path)
+        cpu_runs.append(meter[0].stop())
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
+    return rates(benchmark, nbytes, cpu_runs)
 
 
 def native_scan(path: str) -> None:
@@ -70,7 +79,7 @@ def test_sequential_mapped_scan(benchmark, where, bigfile, mounts, fs):
     native = median_rate(lambda: native_scan(bigfile), size, setup=lambda: drop_caches(bigfile))
     mine = measure_cold(benchmark, mapped_scan, mounts, fs, bigfile, size)
     benchmark.extra_info.update(native_MBps=native[0], MBps=mine[0], ratio=mine[0] / native[0])
-    record("sequential mmap scan vs pread(4 MiB)", where[0], fs, mine, native)
+    record("sequential mmap scan vs pread(4 MiB)", where[0], fs, mine, native, nbytes=size)
 
 
 def test_sequential_scan_pushed(benchmark, where, bigfile, mounts):
@@ -79,7 +88,8 @@ def test_sequential_scan_pushed(benchmark, where, bigfile, mounts):
     size = os.path.getsize(bigfile)
     native = median_rate(lambda: native_scan(bigfile), size, setup=lambda: drop_caches(bigfile))
     mine = measure_cold(benchmark, mapped_scan, mounts, "shimfs", bigfile, size, "push")
-    record("sequential mmap scan vs pread(4 MiB), `-o push`", where[0], "shimfs", mine, native)
+    record("sequential mmap scan vs pread(4 MiB), `-o push`", where[0], "shimfs", mine, native,
+           nbytes=size)
 
 
 @pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
@@ -137,7 +147,8 @@ def test_write_every_page_then_msync(benchmark, where, mounts, fs):
             os.close(fd)
 
     mine = measure_cold(benchmark, write_map, mounts, fs, path, size)
-    record("write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0], fs, mine, nat)
+    record("write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0], fs, mine, nat,
+           nbytes=size)
 
 
 def test_warm_second_scan(benchmark, where, bigfile, mounts, tmp_path):
