@@ -111,6 +111,33 @@ def test_large_mapped_scan_and_rewrite_with_eviction(mnt, data_dir):
     assert _read(src) == bytes(data)
 
 
+def test_mapped_rewrite_is_absorbed_without_worker_hops(mnt, data_dir):
+    """Every page of a mapping rewritten: the fault-in READs cached the pages,
+    so the kernel's WRITEs land in them on the serving thread
+    (``writes_to_cache``); the bytes still reach the backing file exactly."""
+    import shimfs
+    size = 8 << 20
+    src = os.path.join(data_dir, "rewrite")
+    _make(src, size)
+    os.symlink(src, os.path.join(mnt, "rewrite"))
+    path = os.path.join(mnt, "rewrite")
+    new = os.urandom(size)
+    before = shimfs.stats(path)["mount"]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            m[:] = new
+            m.flush()
+    finally:
+        os.close(fd)
+    assert _read(src) == new
+    after = shimfs.stats(path)["mount"]
+    writes = after["write_requests"] - before["write_requests"]
+    cached = after["writes_to_cache"] - before["writes_to_cache"]
+    assert writes > 0 and 0 < cached <= writes
+    assert shimfs.stats(path)["file"]["dirty_bytes"] == 0
+
+
 def test_rm_shadow_keeps_backing(mnt, data_dir):
     src = os.path.join(data_dir, "keep")
     data = _make(src, 5000)
