@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 import pytest
 import trio
@@ -81,3 +82,96 @@ def test_rename_never_clobbers_a_hidden_backing_file(vfs, tmp_path):
         assert e.value.errno == errno.EEXIST
     run(go)
     assert (tmp_path / "b" / "hidden").read_bytes() == b"keep me"
+
+
+class _SlowPrefetchEngine:
+    """The real engine, with prefetches that take a while and a log of calls."""
+
+    def __init__(self, real):
+        self.real = real
+        self.log: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def prefetch(self, fid, off, n):
+        time.sleep(0.05)
+        done = self.real.prefetch(fid, off, n)
+        self.log.append("prefetch")
+        return done
+
+    def unregister(self, fid):
+        self.log.append("unregister")
+        return self.real.unregister(fid)
+
+
+def test_removed_file_is_forgotten_only_after_its_prefetches(tmp_path):
+    """A prefetch outlives the handle that started it; the engine must not
+    forget the file (nor its fd be closed) while the prefetch reads into it."""
+    (tmp_path / "b").mkdir()
+    target = tmp_path / "t"
+    data = os.urandom(2 << 20)
+    target.write_bytes(data)
+    vfs = Vfs(Config(backing=str(tmp_path / "b"), cache_size=16 << 20, read_ahead=16))
+    engine = vfs.cache.engine = _SlowPrefetchEngine(vfs.cache.engine)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            vfs.cache.nursery = nursery
+            await vfs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
+            attr = vfs.lookup(ROOT_INODE, b"s")
+            fh = await vfs.open(attr.ino, os.O_RDONLY, Ctx())
+            for off in range(0, 512 << 10, 64 << 10):       # a sequential run
+                assert await vfs.read(fh, off, 64 << 10) == data[off:off + (64 << 10)]
+            assert vfs.cache.counters["prefetches_in_flight"] > 0
+            await vfs.release(fh)
+            await vfs.unlink(ROOT_INODE, b"s")
+            vfs.forget(attr.ino, 1)
+            assert attr.ino in vfs.inodes          # kept while prefetches run
+            while vfs.cache.counters["prefetches_in_flight"]:
+                await trio.sleep(0.01)
+            assert attr.ino not in vfs.inodes      # and freed right after
+            vfs.cache.nursery = None
+    run(go)
+    assert engine.log.count("unregister") == 1 and engine.log[-1] == "unregister"
+    assert "prefetch" in engine.log and vfs.cache.prefetch_errors == 0
+
+
+def test_removed_file_is_forgotten_only_after_its_background_writeback(tmp_path):
+    """The flusher's write-back outlives every handle too: a file removed
+    meanwhile is freed once it ends, not under it."""
+    (tmp_path / "b").mkdir()
+    vfs = Vfs(Config(backing=str(tmp_path / "b"), cache_size=16 << 20))
+    calls: list[str] = []
+
+    class SlowWriteback(_SlowPrefetchEngine):
+        def writeback(self, fid):
+            time.sleep(0.1)
+            calls.append("writeback")
+            return self.real.writeback(fid)
+
+        def unregister(self, fid):
+            calls.append("unregister")
+            return self.real.unregister(fid)
+    vfs.cache.engine = SlowWriteback(vfs.cache.engine)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            vfs.cache.nursery = nursery
+            fh, attr = await vfs.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, os.O_RDWR, Ctx())
+            await vfs.write(fh, 0, b"x" * 10000)
+            node = vfs.inodes[attr.ino]
+            vfs.cache.engine.real.writeback(node.fid)         # release has nothing to do
+            await vfs.release(fh)
+            vfs.cache.engine.real.write(node.fid, 0, b"y" * 100)   # dirty again, no handle
+            vfs._start_background(node)                       # what the flusher does
+            await trio.sleep(0.02)
+            await vfs.unlink(ROOT_INODE, b"f")
+            vfs.forget(attr.ino, 1)
+            assert attr.ino in vfs.inodes                     # kept while it writes back
+            while node.background:
+                await trio.sleep(0.01)
+            assert attr.ino not in vfs.inodes
+            vfs.cache.nursery = None
+    run(go)
+    assert calls == ["writeback", "unregister"]

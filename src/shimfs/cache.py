@@ -68,6 +68,11 @@ class AsyncCache:
         self.push = push
         self.notify_fd: int | None = None       # the session's /dev/fuse fd, set by the mount
         self.gates: dict[int, PushGate] = {}
+        # Prefetches in flight per file, and what to call once there are none:
+        # a prefetch outlives the handle that started it, and the engine must
+        # not forget a file (nor its fd be closed) while one is using it.
+        self.prefetching: dict[int, int] = {}
+        self.idle_callbacks: dict[int, list] = {}
         # The window may not exceed a quarter of the cache: a stream that
         # prefetches more than that evicts its own pages before they are read.
         self.max_window = min(read_ahead_bytes * WINDOW_FACTOR, cache_size // 4)
@@ -129,6 +134,14 @@ class AsyncCache:
     def forget(self, fid: int) -> None:
         self.gates.pop(fid, None)
 
+    def when_idle(self, fid: int, callback) -> bool:
+        """Call ``callback()`` once no prefetch of ``fid`` is in flight; False
+        (and no call) if none is in flight now."""
+        if not self.prefetching.get(fid):
+            return False
+        self.idle_callbacks.setdefault(fid, []).append(callback)
+        return True
+
     # -- data --------------------------------------------------------------
     async def read(self, fid: int, ino: int, stream: Stream | None, off: int,
                    size: int) -> bytes:
@@ -149,6 +162,7 @@ class AsyncCache:
     async def _prefetch(self, fid: int, ino: int, stream: Stream, off: int, length: int) -> None:
         self.counters["prefetches"] += 1
         self.counters["prefetches_in_flight"] += 1
+        self.prefetching[fid] = self.prefetching.get(fid, 0) + 1
         fd = self.notify_fd
         g = self.gate(fid) if self.push and fd is not None else None
         if g is not None:
@@ -177,6 +191,11 @@ class AsyncCache:
             log.debug("prefetch of file %d at %d failed: %s", fid, off, exc)
         finally:
             self.counters["prefetches_in_flight"] -= 1
+            self.prefetching[fid] -= 1
+            if not self.prefetching[fid]:
+                del self.prefetching[fid]
+                for callback in self.idle_callbacks.pop(fid, ()):
+                    callback()
             if g is not None:
                 g.pushing -= 1
                 if not g.pushing and g.idle is not None:

@@ -255,14 +255,16 @@ class Vfs:
         if node.parent is not None or node.nlookup > 0:
             return
         if isinstance(node, File):
-            if node.opens:
-                return
+            if node.opens or node.background or self.by_fid.get(node.fid) is not node:
+                return      # in use (the background write-back frees it after), or freed
             if node.shadow and self.cache.engine.dirty_bytes(node.fid):
                 # Nothing lost: an unlinked shadow's dirty pages still belong
                 # to its backing file, which release() failed to write.  Keep
                 # the file; the flusher and unmount retry, and free it after.
                 log.warning("keeping %s: its unwritten data is retried", node.path)
                 return
+            if self.cache.when_idle(node.fid, lambda: self._maybe_free(node)):
+                return      # a prefetch still reads into this file: free it after
             self.cache.engine.unregister(node.fid)
             self.cache.forget(node.fid)
             self.by_fid.pop(node.fid, None)
