@@ -41,9 +41,19 @@ cdef struct NotifyStore:
     uint32_t padding
 DEF FUSE_NOTIFY_STORE = 4
 
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23      /* Linux >= 5.14 */
+    #endif
+    """
+    int MADV_POPULATE_WRITE
+
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
     void *MAP_FAILED
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
 
@@ -192,6 +202,14 @@ cdef class PageCache:
         if <void *>self.arena == MAP_FAILED:
             self.arena = NULL
             raise MemoryError("cannot reserve %d bytes for the page cache" % self.arena_len)
+        # Fault the whole arena in now, at mount, rather than one page at a
+        # time under the first cache_size bytes of I/O: that cost the daemon
+        # ~65,000 page faults per 256 MiB inside its first reads (a 2 GiB
+        # scan: 85-115k faults -> 20-40k, daemon CPU 1.64-1.78 -> 1.49-1.54 s,
+        # mount +0.1 s; docs/performance.md).  Only a hint: a kernel without
+        # MADV_POPULATE_WRITE, or short of memory, faults pages on demand.
+        with nogil:
+            madvise(self.arena, self.arena_len, MADV_POPULATE_WRITE)
         self.slots = <Slot *>calloc(self.nslots, sizeof(Slot))
         cdef int64_t tsize = 1
         while tsize < 2 * self.nslots:
