@@ -900,21 +900,20 @@ cdef class PageCache:
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             end = offset + view.len
-            if view.len == 0 or end > fr.size:
+            if view.len == 0:
                 return None
             src = <const char *>view.buf
             p0 = offset >> PAGE_SHIFT
             p1 = (end + PAGE - 1) >> PAGE_SHIFT
             with nogil:
                 pthread_mutex_lock(&self.mu)
-                if self._bitmap_fit(fr, p1 - 1):
-                    ok = False
-                for i in range(p0, p1):
-                    if not ok:
-                        break
+                # growing the file is left to write(): it may have to evict
+                ok = end <= fr.size and self._bitmap_fit(fr, p1 - 1) == 0
+                i = p0
+                while ok and i < p1:
                     s = self._find(fid, i)
-                    if s < 0 or self.slots[s].state != S_VALID:
-                        ok = False
+                    ok = s >= 0 and self.slots[s].state == S_VALID
+                    i += 1
                 if ok:
                     for i in range(p0, p1):
                         s = self._find(fid, i)

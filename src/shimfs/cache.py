@@ -191,17 +191,20 @@ class AsyncCache:
             log.debug("prefetch of file %d at %d failed: %s", fid, off, exc)
         finally:
             self.counters["prefetches_in_flight"] -= 1
-            self.prefetching[fid] -= 1
-            if not self.prefetching[fid]:
-                del self.prefetching[fid]
-                for callback in self.idle_callbacks.pop(fid, ()):
-                    callback()
             if g is not None:
                 g.pushing -= 1
                 if not g.pushing and g.idle is not None:
                     g.idle.set()
                     g.idle = None
             self.check_lost_twins()
+            self.prefetching[fid] -= 1
+            if not self.prefetching[fid]:
+                del self.prefetching[fid]
+                for callback in self.idle_callbacks.pop(fid, ()):
+                    try:
+                        callback()
+                    except Exception:       # never let it take the mount's nursery down
+                        log.exception("after the last prefetch of file %d", fid)
 
     async def write(self, fid: int, off: int, data: bytes) -> int:
         c = self.counters
