@@ -123,12 +123,12 @@ def test_removed_file_is_forgotten_only_after_its_prefetches(tmp_path):
             fh = await vfs.open(attr.ino, os.O_RDONLY, Ctx())
             for off in range(0, 512 << 10, 64 << 10):       # a sequential run
                 assert await vfs.read(fh, off, 64 << 10) == data[off:off + (64 << 10)]
-            assert vfs.cache.counters["prefetches_in_flight"] > 0
+            assert vfs.cache.prefetches_in_flight > 0
             await vfs.release(fh)
             await vfs.unlink(ROOT_INODE, b"s")
             vfs.forget(attr.ino, 1)
             assert attr.ino in vfs.inodes          # kept while prefetches run
-            while vfs.cache.counters["prefetches_in_flight"]:
+            while vfs.cache.prefetches_in_flight:
                 await trio.sleep(0.01)
             assert attr.ino not in vfs.inodes      # and freed right after
             vfs.cache.nursery = None
@@ -142,18 +142,13 @@ def test_removed_file_is_forgotten_only_after_its_background_writeback(tmp_path)
     meanwhile is freed once it ends, not under it."""
     (tmp_path / "b").mkdir()
     vfs = Vfs(Config(backing=str(tmp_path / "b"), cache_size=16 << 20))
-    calls: list[str] = []
 
     class SlowWriteback(_SlowPrefetchEngine):
         def writeback(self, fid):
             time.sleep(0.1)
-            calls.append("writeback")
+            self.log.append("writeback")
             return self.real.writeback(fid)
-
-        def unregister(self, fid):
-            calls.append("unregister")
-            return self.real.unregister(fid)
-    vfs.cache.engine = SlowWriteback(vfs.cache.engine)
+    engine = vfs.cache.engine = SlowWriteback(vfs.cache.engine)
 
     async def go():
         async with trio.open_nursery() as nursery:
@@ -174,4 +169,4 @@ def test_removed_file_is_forgotten_only_after_its_background_writeback(tmp_path)
             assert attr.ino not in vfs.inodes
             vfs.cache.nursery = None
     run(go)
-    assert calls == ["writeback", "unregister"]
+    assert engine.log == ["writeback", "unregister"]

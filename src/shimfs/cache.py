@@ -83,10 +83,11 @@ class AsyncCache:
         self.prefetch_errors = 0
         self.on_lost_twins = None
         # request counters (shimfs stat): FUSE reads and writes, those served
-        # without a worker thread, and prefetches started / in flight
+        # without a worker thread, and prefetches started (in flight: see
+        # prefetches_in_flight)
         self.counters = dict(read_requests=0, read_request_bytes=0, reads_from_cache=0,
                              write_requests=0, writes_to_cache=0, prefetches=0,
-                             prefetches_in_flight=0, pushes_skipped=0)
+                             pushes_skipped=0)
 
     async def run(self, fn, *args):
         try:
@@ -134,6 +135,10 @@ class AsyncCache:
     def forget(self, fid: int) -> None:
         self.gates.pop(fid, None)
 
+    @property
+    def prefetches_in_flight(self) -> int:
+        return sum(self.prefetching.values())
+
     def when_idle(self, fid: int, callback) -> bool:
         """Call ``callback()`` once no prefetch of ``fid`` is in flight; False
         (and no call) if none is in flight now."""
@@ -161,7 +166,6 @@ class AsyncCache:
 
     async def _prefetch(self, fid: int, ino: int, stream: Stream, off: int, length: int) -> None:
         self.counters["prefetches"] += 1
-        self.counters["prefetches_in_flight"] += 1
         self.prefetching[fid] = self.prefetching.get(fid, 0) + 1
         fd = self.notify_fd
         g = self.gate(fid) if self.push and fd is not None else None
@@ -190,7 +194,6 @@ class AsyncCache:
             self.prefetch_errors += 1
             log.debug("prefetch of file %d at %d failed: %s", fid, off, exc)
         finally:
-            self.counters["prefetches_in_flight"] -= 1
             if g is not None:
                 g.pushing -= 1
                 if not g.pushing and g.idle is not None:

@@ -907,6 +907,7 @@ class Vfs:
         eng = self.cache.engine
         out = {"mount": dict(eng.stats(), **self.cache.counters,
                              prefetch_errors=self.cache.prefetch_errors,
+                             prefetches_in_flight=self.cache.prefetches_in_flight,
                              kernel_drops=self.kernel_drops,
                              kernel_drops_pending=self.kernel_drops_pending,
                              files=sum(isinstance(n, File) for n in self.inodes.values()),
