@@ -1,6 +1,8 @@
 """Benchmark helpers: sizes, cache dropping, timing, CPU accounting, the results table."""
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import statistics
 import time
@@ -39,6 +41,65 @@ def drop_caches(*paths: str) -> None:
             with open(os.path.join(standin.BRICK, real[len(base):]), "rb") as f:
                 while f.read(8 * MIB):
                     pass
+
+
+#: Free page reporting (virtio-balloon): a VM that has it hands every free
+#: 2 MiB block back to its host within seconds, and the next touch of that
+#: memory costs a fault in the host.  A mapped scan fills the page cache
+#: with such memory; native ``pread`` into a reused buffer never does.  On the
+#: machine of 2026-11-23 this doubled the daemon's CPU per byte and moved the
+#: scan between 0.6x and 1.1x (docs/performance.md, "Why runs vary").
+#: ``SHIMFS_BENCH_PAGE_REPORTING``: ``keep`` (default) leaves the machine as
+#: it is; ``off`` stops the reporting for the run (and touches the free
+#: memory once, so that it is backed again), then restores it.
+PAGE_REPORTING = os.environ.get("SHIMFS_BENCH_PAGE_REPORTING", "keep")
+_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
+#: Above the largest buddy order: no free block qualifies, nothing is reported.
+_NO_REPORTING_ORDER = "11"
+
+
+def page_reporting_state() -> str:
+    """What the results header says about free page reporting."""
+    try:
+        with open(_REPORTING_ORDER) as f:
+            order = f.read().strip()
+    except OSError:
+        return "free page reporting: not in this kernel"
+    if order == _NO_REPORTING_ORDER:
+        return "free page reporting: stopped for the run"
+    return "free page reporting: on (blocks of order %s)" % order
+
+
+@contextlib.contextmanager
+def page_reporting(mode: str = PAGE_REPORTING):
+    """Run the block with free page reporting as ``mode`` says (see above)."""
+    if mode not in ("keep", "off"):
+        raise ValueError("SHIMFS_BENCH_PAGE_REPORTING must be keep or off, not %r" % mode)
+    if mode == "keep" or not os.path.exists(_REPORTING_ORDER):
+        yield
+        return
+    with open(_REPORTING_ORDER) as f:
+        old = f.read().strip()
+    with open(_REPORTING_ORDER, "w") as f:
+        f.write(_NO_REPORTING_ORDER)
+    try:
+        _touch_free_memory()
+        yield
+    finally:
+        with open(_REPORTING_ORDER, "w") as f:
+            f.write(old)
+
+
+def _touch_free_memory(keep_free: int = 2 << 30) -> None:
+    """Write to (almost) all free memory once, so the host backs it again."""
+    size = psutil.virtual_memory().available - keep_free
+    if size <= 0:
+        return
+    size &= ~(64 * MIB - 1)
+    zeros = bytes(64 * MIB)
+    with mmap.mmap(-1, size) as m:
+        for _ in range(size // len(zeros)):
+            m.write(zeros)
 
 
 class Rate(tuple):

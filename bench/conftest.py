@@ -2,7 +2,8 @@
 
 Sizes come from the environment: SHIMFS_BENCH_MIB (scan and random files,
 default 2048), SHIMFS_BENCH_WRITE_MIB (default 1024), SHIMFS_BENCH_RSS_MIB
-(default 4096).  Every figure is reported as a ratio against the native path
+(default 4096).  SHIMFS_BENCH_PAGE_REPORTING=off stops the VM's free page
+reporting for the run (benchlib.page_reporting).  Every figure is reported as a ratio against the native path
 measured in the same run; the table is printed at the end and written to
 bench/results.md.
 """
@@ -23,7 +24,8 @@ from mounting import shim_mount  # noqa: E402  (the tests' mount helper)
 
 from shimfs import standin  # noqa: E402
 
-from benchlib import RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, cpu_table, make_file  # noqa: E402
+from benchlib import (RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, cpu_table, make_file,  # noqa: E402
+                      page_reporting, page_reporting_state)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -42,8 +44,20 @@ def pytest_sessionfinish(session, exitstatus):
         table += ("\n\nCPU seconds per GiB moved (medians; the machine has 2 cores, so the"
                   " total over the run's wall time shows how busy it was):\n\n" + cpu)
     with open(os.path.join(os.path.dirname(__file__), "results.md"), "w") as f:
-        f.write("Sizes: scan %d MiB, write %d MiB; %d rounds.\n\n%s\n" % (SCAN_MIB, WRITE_MIB, ROUNDS, table))
+        f.write("Sizes: scan %d MiB, write %d MiB; %d rounds; %s.\n\n%s\n" % (
+            SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], table))
     print("\n" + table)
+
+
+STATE = ["free page reporting: not recorded"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_memory():
+    """SHIMFS_BENCH_PAGE_REPORTING (benchlib): keep or stop free page reporting."""
+    with page_reporting():
+        STATE[0] = page_reporting_state()
+        yield
 
 
 @pytest.fixture(scope="session")

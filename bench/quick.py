@@ -1,0 +1,136 @@
+"""Interleaved A/B runs of one workload, outside pytest: for deciding a change.
+
+    .venv/bin/python bench/quick.py scan  --rounds 4 [--b-opt push] [--b-env NAME=VALUE]
+                                           [--page-reporting keep|off]
+    .venv/bin/python bench/quick.py write --rounds 4 ...
+
+Each round runs native, then variant A (the mount as configured), then
+variant B (A plus ``--b-opt`` mount options and ``--b-env`` variables in the
+daemon's environment), each cold (client cache dropped, fresh mount), and
+prints MB/s and CPU seconds per GiB per process.  On a 2-core VM whose speed
+drifts (docs/performance.md, "Why runs vary"), only such interleaved pairs
+compare; the bench (``scripts/bench.sh``) is what publishes figures.  Needs
+the stand-in up (``python -m shimfs.standin up``) unless ``--dir`` says where
+the files are.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from benchlib import (MIB, PAGE_REPORTING, CpuMeter, drop_caches, make_file,  # noqa: E402
+                      page_reporting, page_reporting_state)
+from mounting import shim_mount  # noqa: E402
+from test_throughput import mapped_scan, native_scan  # noqa: E402
+
+
+def native_write(path: str, block: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off in range(0, os.path.getsize(path), len(block)):
+            os.pwrite(fd, block, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mapped_write(path: str, block: bytes) -> None:
+    import mmap
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            for off in range(0, len(m), len(block)):
+                m[off:off + len(block)] = block
+            m.flush()
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def environ(extra: dict[str, str]):
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def timed(fn, path: str, pid: int | None) -> tuple[float, dict[str, float]]:
+    meter = CpuMeter(pid)
+    t = time.perf_counter()
+    fn(path)
+    return time.perf_counter() - t, meter.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workload", choices=["scan", "write"])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--mib", type=int, default=0, help="file size (scan 2048, write 1024)")
+    ap.add_argument("--dir", help="where the file lives (default: the stand-in's client)")
+    ap.add_argument("--b-opt", action="append", default=[], help="mount option for variant B")
+    ap.add_argument("--b-env", action="append", default=[], help="NAME=VALUE for variant B")
+    ap.add_argument("--page-reporting", choices=["keep", "off"], default=PAGE_REPORTING,
+                    help="the VM's free page reporting during the runs (see benchlib)")
+    args = ap.parse_args()
+
+    if args.dir is None:
+        from shimfs import standin
+        args.dir = os.path.join(standin.client_dir(0), "bench")
+    os.makedirs(args.dir, exist_ok=True)
+    mib = args.mib or (2048 if args.workload == "scan" else 1024)
+    path = make_file(os.path.join(args.dir, "%s-%d.bin" % (args.workload, mib)), mib)
+    block = os.urandom(4 * MIB)
+    if args.workload == "scan":
+        nat_fn, map_fn = native_scan, mapped_scan
+    else:
+        def nat_fn(p):
+            native_write(p, block)
+
+        def map_fn(p):
+            mapped_write(p, block)
+    b_env = dict(kv.split("=", 1) for kv in args.b_env)
+    variants = {"A": ([], {}), "B": (args.b_opt, b_env)}
+    rows: dict[str, list[tuple[float, dict[str, float]]]] = {"native": [], "A": [], "B": []}
+    gib = mib / 1024
+    with page_reporting(args.page_reporting), \
+            tempfile.TemporaryDirectory(prefix="shimfs-quick-") as tmp:
+        print(page_reporting_state())
+        for r in range(args.rounds):
+            drop_caches(path)
+            rows["native"].append(timed(nat_fn, path, None))
+            for name, (opts, env) in variants.items():
+                mnt = os.path.join(tmp, "%s%d" % (name, r))
+                with environ(env), shim_mount(mnt, tmp, *opts) as m:
+                    os.symlink(path, os.path.join(m, "f"))
+                    pid = int(os.getxattr(m, "user.shimfs.pid"))
+                    drop_caches(path)
+                    rows[name].append(timed(map_fn, os.path.join(m, "f"), pid))
+            print("round %d: %s" % (r + 1, "  ".join(
+                "%s %.0f MB/s" % (k, mib * MIB / v[-1][0] / 1e6) for k, v in rows.items())),
+                flush=True)
+    nat = statistics.median(mib * MIB / t / 1e6 for t, _ in rows["native"])
+    for name, runs in rows.items():
+        rates = [mib * MIB / t / 1e6 for t, _ in runs]
+        cpu = {k: statistics.median(c.get(k, 0.0) for _, c in runs) / gib for k in runs[0][1]}
+        print("%-6s %5.0f MB/s (%.0f-%.0f)  %.2fx native  CPU s/GiB: %s" % (
+            name, statistics.median(rates), min(rates), max(rates),
+            statistics.median(rates) / nat,
+            ", ".join("%s %.2f" % kv for kv in sorted(cpu.items()))))
+
+
+if __name__ == "__main__":
+    main()
