@@ -411,3 +411,25 @@ def test_concurrent_writebacks_of_one_file_split_the_runs(tmp_path, impl):
             assert pc.dirty_bytes(fid) == dirty      # all kept for a retry
         pc.unregister(fid)
         os.close(fd)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "fallback"])
+def test_fs_magic_names_the_file_system(tmp_path, impl):
+    import subprocess
+    from shimcore import MEMORY_FS_MAGIC, _engine, fallback
+    fs_magic = _engine.fs_magic if impl == "compiled" else fallback.fs_magic
+    for path in [str(tmp_path), "/dev/shm"]:
+        if not os.path.isdir(path):
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            want = int(subprocess.run(["stat", "-f", "-c", "%t", path], check=True,
+                                      capture_output=True, text=True).stdout, 16)
+            assert fs_magic(fd) == want
+            if path == "/dev/shm" and want == 0x01021994:
+                assert fs_magic(fd) in MEMORY_FS_MAGIC
+        finally:
+            os.close(fd)
+    with pytest.raises(OSError) as e:
+        fs_magic(fd)                        # closed
+    assert e.value.errno == errno.EBADF

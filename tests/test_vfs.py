@@ -84,6 +84,57 @@ def test_rename_never_clobbers_a_hidden_backing_file(vfs, tmp_path):
     assert (tmp_path / "b" / "hidden").read_bytes() == b"keep me"
 
 
+def test_files_in_memory_are_read_inline_without_read_ahead(tmp_path):
+    """A backing file on tmpfs: READs that miss are served on the calling
+    (trio) thread and nothing is prefetched; elsewhere the usual path."""
+    import shimcore
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        pytest.skip("no /dev/shm")
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        if shimcore.fs_magic(fd) not in shimcore.MEMORY_FS_MAGIC:
+            pytest.skip("/dev/shm is not tmpfs")
+    finally:
+        os.close(fd)
+    (tmp_path / "b").mkdir()
+    data = os.urandom(3 << 20)
+    targets = {b"mem": os.path.join(shm, "shimfs-test-%d" % os.getpid()), b"disk": str(tmp_path / "t")}
+    for t in targets.values():
+        with open(t, "wb") as f:
+            f.write(data)
+    vfs = Vfs(Config(backing=str(tmp_path / "b"), cache_size=16 << 20, read_ahead=16))
+    c = vfs.cache.counters
+
+    async def scan(name):
+        await vfs.symlink(ROOT_INODE, name, os.fsencode(targets[name]), Ctx())
+        attr = vfs.lookup(ROOT_INODE, name)
+        fh = await vfs.open(attr.ino, os.O_RDONLY, Ctx())
+        for off in range(0, len(data), 1 << 20):
+            assert bytes(await vfs.read(fh, off, 1 << 20)) == data[off:off + (1 << 20)]
+        while vfs.cache.prefetches_in_flight:
+            await trio.sleep(0.01)
+        st = vfs.stats(vfs.inodes[attr.ino])
+        await vfs.release(fh)
+        return st
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            vfs.cache.nursery = nursery
+            st = await scan(b"mem")
+            assert st["file"]["backing_in_memory"] is True
+            assert c["reads_inline"] == 3 and c["prefetches"] == 0
+            st = await scan(b"disk")
+            on_disk_in_memory = st["file"]["backing_in_memory"]
+            vfs.cache.nursery = None
+        if not on_disk_in_memory:              # tmp_path on a real disk: the usual path
+            assert c["reads_inline"] == 3 and c["prefetches"] > 0
+    try:
+        run(go)
+    finally:
+        os.unlink(targets[b"mem"])
+
+
 class _SlowPrefetchEngine:
     """The real engine, with prefetches that take a while and a log of calls."""
 

@@ -3,6 +3,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 PAGE_SIZE: int
 
+def fs_magic(fd: int) -> int:
+    """The type of the file system holding open file ``fd`` (statfs ``f_type``)."""
+
 class EngineError(OSError):
     """An OSError raised by the engine; ``errno`` says what failed."""
 

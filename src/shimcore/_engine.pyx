@@ -14,6 +14,8 @@ out of them outside the mutex, and a pinned or LOADING slot is never evicted
 or reused.  The engine knows nothing of FUSE or trio.
 """
 
+import os
+
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t, int32_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset
@@ -1343,5 +1345,22 @@ cdef extern from "<sys/stat.h>" nogil:
 
 cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil
+
+cdef extern from "<sys/vfs.h>" nogil:
+    cdef struct struct_statfs "statfs":
+        long f_type
+    int fstatfs(int fd, struct_statfs *buf)
+
+
+def fs_magic(int fd):
+    """The type of the file system holding open file ``fd`` (statfs ``f_type``)."""
+    cdef struct_statfs sf
+    cdef int r
+    with nogil:
+        r = fstatfs(fd, &sf)
+    if r != 0:
+        raise OSError(errno, os.strerror(errno))
+    return <unsigned long>sf.f_type & 0xFFFFFFFF
+
 
 PAGE_SIZE = PAGE

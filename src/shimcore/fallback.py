@@ -21,6 +21,18 @@ class EngineError(OSError):
     """An OSError raised by the engine; ``errno`` says what failed."""
 
 
+def fs_magic(fd: int) -> int:
+    """The type of the file system holding open file ``fd`` (statfs ``f_type``)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)        # struct statfs; f_type comes first
+    if libc.fstatfs(fd, buf) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return struct.unpack_from("=Q" if ctypes.sizeof(ctypes.c_long) == 8 else "=I",
+                              buf.raw)[0] & 0xFFFFFFFF
+
+
 class _File:
     __slots__ = ("fd", "size", "dirty", "counters", "multiwrite", "twins")
 

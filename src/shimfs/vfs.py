@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import trio
 
+import shimcore
+
 from .cache import AsyncCache
 from .config import Config
 from .errors import FsError
@@ -132,6 +134,8 @@ class File(Node):
         self.background = False     # a background write-back is running
         self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
         self.ident = (st.st_dev, st.st_ino)        # to reopen the very same file
+        # tmpfs or ramfs: no read-ahead, misses read inline (cache.AsyncCache.read)
+        self.in_memory = shimcore.fs_magic(fd) in shimcore.MEMORY_FS_MAGIC
 
     def backing_path(self) -> str:
         return self.path
@@ -580,7 +584,7 @@ class Vfs:
             # the kernel may now hold dirty pages: no more pushes (until release)
             await self.cache.close_gate(node.fid)
         fh = next(self._fh)
-        stream = self.cache.stream() if self.config.read_ahead else None
+        stream = self.cache.stream() if self.config.read_ahead and not node.in_memory else None
         self.handles[fh] = Handle(fh, node, stream, writable)
         node.opens += 1
         return fh
@@ -631,7 +635,7 @@ class Vfs:
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
         return await self._with_reopen(h.node, self.cache.read, h.node.fid, h.node.ino, h.stream,
-                                       off, size)
+                                       off, size, h.node.in_memory)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         h = self._handle(fh)
@@ -916,6 +920,7 @@ class Vfs:
             streams = [h.stream for h in self.handles.values()
                        if h.node is node and h.stream is not None]
             out["file"] = dict(eng.file_stats(node.fid), backing=node.path, shadow=node.shadow,
+                               backing_in_memory=node.in_memory,
                                read_ahead_window=max((s.window for s in streams), default=0),
                                sequential_reads=sum(s.sequential for s in streams),
                                random_reads=sum(s.random for s in streams),
