@@ -1,7 +1,7 @@
 """shimcore: the compiled engine and the pure-Python fallback against a model.
 
 Hypothesis drives random sequences of read/write/write_cached/writeback/
-truncate/invalidate/prefetch on both implementations and a plain bytearray; after each
+truncate/invalidate/prefetch/prefetch_async on both implementations and a plain bytearray; after each
 step every read must agree to the byte and the engine's invariants must hold.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("truncate"), offsets, st.just(0)),
     st.tuples(st.just("invalidate"), offsets, lengths),
     st.tuples(st.just("prefetch"), offsets, lengths),
+    st.tuples(st.just("prefetch_async"), offsets, lengths),
 ), max_size=40)
 
 
@@ -73,6 +74,10 @@ class Model:
             pc.invalidate(fid, a, b)
         elif op == "prefetch":
             pc.prefetch(fid, a, b)
+        elif op == "prefetch_async":
+            pc.set_prefetchers(2)
+            pc.prefetch_async(fid, a, b)
+            _wait_prefetches(pc)
         pc.check()
         assert pc.size(fid) == len(self.data)
 
@@ -433,3 +438,80 @@ def test_fs_magic_names_the_file_system(tmp_path, impl):
     with pytest.raises(OSError) as e:
         fs_magic(fd)                        # closed
     assert e.value.errno == errno.EBADF
+
+
+def _wait_prefetches(pc, timeout=30.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while pc.stats()["prefetch_pending"]:
+        assert time.monotonic() < deadline, "prefetches never finished"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
+def test_prefetch_async_loads_pages_off_the_callers_thread(tmp_path, impl):
+    path = str(tmp_path / "f")
+    data = os.urandom(3 << 20)
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDONLY)
+    pc = impl(8 << 20)
+    fid = pc.register(fd, len(data))
+    assert pc.prefetch_async(fid, 0, 1 << 20) is False          # no threads yet: refused
+    pc.set_prefetchers(2)
+    for off in range(0, len(data), 1 << 20):
+        assert pc.prefetch_async(fid, off, 1 << 20) is True
+    _wait_prefetches(pc)
+    st = pc.stats()
+    assert st["prefetches_done"] == 3 and st["prefetch_errors"] == 0
+    assert st["prefetches_refused"] == 1
+    assert pc.file_stats(fid)["bytes_fetched"] == len(data)
+    assert pc.read_cached(fid, 0, len(data)) == data             # all cached, no I/O
+    with pytest.raises(KeyError):
+        pc.prefetch_async(fid + 1, 0, 4096)
+    pc.check()
+    pc.unregister(fid)
+    os.close(fd)
+
+
+def test_file_removed_under_a_running_prefetch_lives_until_it_ends(tmp_path):
+    """unregister cancels queued prefetches; a running one keeps the file's
+    record (a zombie: its id is not reused) and frees it when it ends, even
+    though the caller closed the fd at once."""
+    import time
+    big = str(tmp_path / "big")
+    with open(big, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    small = str(tmp_path / "small")
+    other = os.urandom(1 << 20)
+    with open(small, "wb") as f:
+        f.write(other)
+    pc = CompiledPageCache(48 << 20)
+    pc.set_prefetchers(2)
+    zombies = 0
+    for _ in range(50):
+        fd = os.open(big, os.O_RDONLY)
+        fid = pc.register(fd, 64 << 20)
+        for off in range(0, 64 << 20, 16 << 20):
+            pc.prefetch_async(fid, off, 16 << 20)
+        time.sleep(0.001)                    # let the threads start reading
+        pc.unregister(fid)
+        os.close(fd)
+        running = pc.stats()["prefetch_pending"]
+        assert running <= 2                  # the queued ones were cancelled
+        fd2 = os.open(small, os.O_RDONLY)
+        fid2 = pc.register(fd2, len(other))
+        if running:
+            zombies += 1
+            assert fid2 != fid               # the zombie's id is still taken
+        assert pc.read(fid2, 0, len(other)) == other
+        with pytest.raises(KeyError):
+            pc.file_stats(fid if fid != fid2 else -1)
+        _wait_prefetches(pc)
+        pc.check()
+        assert pc.stats()["used_bytes"] == len(other)   # the zombie's pages are gone
+        pc.unregister(fid2)
+        os.close(fd2)
+        if zombies >= 5:
+            break
+    assert zombies, "no prefetch was ever running at unregister: the test proves nothing"

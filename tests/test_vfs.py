@@ -145,6 +145,9 @@ class _SlowPrefetchEngine:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
+    def prefetch_async(self, fid, off, n):
+        return False        # refused: prefetches take the trio path, whose lifetime is tested here
+
     def prefetch(self, fid, off, n):
         time.sleep(0.05)
         done = self.real.prefetch(fid, off, n)

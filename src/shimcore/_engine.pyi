@@ -16,7 +16,8 @@ class PageCache:
     def register(self, fd: int, size: int) -> int:
         """Start caching backing fd ``fd`` of ``size`` bytes; return the file id."""
     def unregister(self, fid: int) -> None:
-        """Forget the file and all its pages, dirty ones included (write back first)."""
+        """Forget the file and all its pages, dirty ones included (write back first);
+        queued prefetches are cancelled, a running one keeps the record until it ends."""
     def size(self, fid: int) -> int:
         """The size this node believes the file has."""
     def set_size(self, fid: int, size: int) -> None:
@@ -27,6 +28,10 @@ class PageCache:
         """``size`` bytes at ``offset``, fewer only at the cached end of file; misses are preadv'd."""
     def read_cached(self, fid: int, offset: int, size: int) -> Optional[bytes]:
         """Like read, but None unless every page is cached; never does I/O."""
+    def set_prefetchers(self, n: int) -> None:
+        """Serve prefetch_async with up to n engine threads (started on demand); 0 refuses it."""
+    def prefetch_async(self, fid: int, offset: int, size: int) -> bool:
+        """Queue a prefetch for the engine's threads (no GIL); False if refused. Errors only counted."""
     def prefetch(self, fid: int, offset: int, size: int) -> int:
         """Load the pages of the range into the cache; return the bytes read from the backing file."""
     def push(self, fid: int, offset: int, size: int, fuse_fd: int, nodeid: int) -> int:

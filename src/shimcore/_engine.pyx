@@ -72,6 +72,16 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t *c)
     int pthread_cond_broadcast(pthread_cond_t *c)
     int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
+    int pthread_cond_signal(pthread_cond_t *c)
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    int pthread_attr_init(pthread_attr_t *a)
+    int pthread_attr_destroy(pthread_attr_t *a)
+    int pthread_attr_setdetachstate(pthread_attr_t *a, int state)
+    int PTHREAD_CREATE_DETACHED
+    int pthread_create(pthread_t *t, const pthread_attr_t *attr,
+                       void *(*fn)(void *) noexcept nogil, void *arg)
 
 cdef extern from "<time.h>" nogil:
     cdef struct timespec:
@@ -109,6 +119,8 @@ cdef struct FileRec:
     int64_t ndirty        # pages set in the bitmap
     int64_t cached        # slots owned by this file
     int multiwrite        # keep a clean twin of every page; write back changed bytes only
+    int64_t pf_pending    # prefetch_async items queued or running for this file
+    int zombie            # unregistered while a prefetch ran: freed by the last one
     # counters
     uint64_t hits, misses, bytes_fetched, bytes_written, read_ops, write_ops, errors
     uint64_t bytes_pushed, push_ops
@@ -167,6 +179,24 @@ class EngineError(OSError):
     """An OSError raised by the engine; ``errno`` says what failed."""
 
 
+cdef struct PfItem:
+    int64_t fid, off, size      # fid -1: cancelled (its file was unregistered)
+
+# Prefetches queued at most (each is at most a read-ahead chunk, 1 MiB).
+DEF PQ_CAP = 4096
+# A prefetch thread with nothing to do for this long exits.
+DEF PF_IDLE_SEC = 2
+
+
+cdef void *_prefetch_thread(void *arg) noexcept with gil:
+    """Body of an engine prefetch thread: holds a reference to its PageCache,
+    so the engine outlives it; runs without the GIL until it goes idle."""
+    cdef PageCache pc = <PageCache>arg
+    with nogil:
+        pc._prefetch_loop()
+    return NULL
+
+
 cdef class PageCache:
     """A bounded cache of 4 KiB pages of many backing files.
 
@@ -193,10 +223,17 @@ cdef class PageCache:
     cdef int64_t lost[LOST_MAX][2]
     cdef int64_t nlost
     cdef uint64_t lost_overflow
+    # prefetch_async: a ring of queued prefetches and the threads serving it
+    cdef PfItem pq[PQ_CAP]
+    cdef int64_t pq_head, pq_len
+    cdef pthread_cond_t pq_ready
+    cdef int pf_max, pf_threads, pf_idle
+    cdef uint64_t pf_done, pf_errors, pf_refused
 
     def __cinit__(self, size_t cache_size):
         pthread_mutex_init(&self.mu, NULL)
         pthread_cond_init(&self.loaded, NULL)
+        pthread_cond_init(&self.pq_ready, NULL)
         self.nslots = max(<int64_t>(cache_size // PAGE), 16)
         self.arena_len = <size_t>self.nslots * PAGE
         self.arena = <char *>mmap(NULL, self.arena_len, PROT_READ | PROT_WRITE,
@@ -248,6 +285,7 @@ cdef class PageCache:
             munmap(self.twins, self.arena_len)
         pthread_mutex_destroy(&self.mu)
         pthread_cond_destroy(&self.loaded)
+        pthread_cond_destroy(&self.pq_ready)
 
     # ------------------------------------------------------------------
     # table (caller holds mu)
@@ -370,7 +408,7 @@ cdef class PageCache:
     cdef int64_t _any_dirty_file(self) noexcept nogil:
         cdef int64_t i
         for i in range(self.nfiles_cap):
-            if self.files[i] and self.files[i].ndirty:
+            if self.files[i] != NULL and self.files[i].ndirty != 0 and self.files[i].zombie == 0:
                 return i
         return -1
 
@@ -422,7 +460,7 @@ cdef class PageCache:
 
     # ------------------------------------------------------------------
     cdef FileRec *_file(self, int64_t fid) except NULL:
-        if fid < 0 or fid >= self.nfiles_cap or not self.files[fid]:
+        if fid < 0 or fid >= self.nfiles_cap or self.files[fid] == NULL or self.files[fid].zombie != 0:
             raise KeyError("no such file id %d" % fid)
         return self.files[fid]
 
@@ -457,22 +495,48 @@ cdef class PageCache:
         return fid
 
     def unregister(self, int64_t fid):
-        """Forget a file and all its pages, dirty ones included (flush first)."""
+        """Forget a file and all its pages, dirty ones included (flush first).
+
+        Queued prefetch_async items of the file are cancelled.  If one is
+        running, the record stays (a *zombie*: unknown to every call, its id
+        not reused) until that prefetch ends; the caller may close the fd at
+        once -- the running read then fails or reads into pages nobody can
+        see, which are dropped with the zombie.
+        """
         cdef FileRec *fr = self._file(fid)
-        cdef int64_t s
+        cdef int64_t i, k
         with nogil:
             pthread_mutex_lock(&self.mu)
-            for s in range(self.nslots):
-                if self.slots[s].file == fid and not self.slots[s].orphan:
-                    self._drop(s)
-            # orphans still pinned by other threads keep pointing at fid; detach them
-            for s in range(self.nslots):
-                if self.slots[s].file == fid:
-                    self.slots[s].file = -2
-            self.files[fid] = NULL
+            for k in range(self.pq_len):
+                i = (self.pq_head + k) % PQ_CAP
+                if self.pq[i].fid == fid:
+                    self.pq[i].fid = -1
+                    fr.pf_pending -= 1
+            self._drop_pages(fid)
+            if fr.pf_pending:
+                fr.zombie = 1
+                fr.multiwrite = 0
+                fr.ndirty = 0
+                if fr.dirty:
+                    memset(fr.dirty, 0, fr.nwords * sizeof(uint64_t))
+                fr = NULL
+            else:
+                self.files[fid] = NULL
             pthread_mutex_unlock(&self.mu)
-        free(fr.dirty)
-        free(fr)
+        if fr:
+            free(fr.dirty)
+            free(fr)
+
+    cdef void _drop_pages(self, int64_t fid) noexcept nogil:
+        """Drop every page of fid from the table (mutex held)."""
+        cdef int64_t s
+        for s in range(self.nslots):
+            if self.slots[s].file == fid and not self.slots[s].orphan:
+                self._drop(s)
+        # orphans still pinned by other threads keep pointing at fid; detach them
+        for s in range(self.nslots):
+            if self.slots[s].file == fid:
+                self.slots[s].file = -2
 
     def size(self, int64_t fid):
         """The size the cache holds for the file."""
@@ -754,6 +818,114 @@ cdef class PageCache:
                 fr.hits += p1 - p0
             pthread_mutex_unlock(&self.mu)
         return res if ok else None
+
+    def set_prefetchers(self, int n):
+        """Serve prefetch_async with up to ``n`` threads of the engine's own
+        (started when needed, gone after a while idle); 0 refuses it."""
+        if n < 0:
+            raise ValueError("negative thread count")
+        self.pf_max = n
+
+    def prefetch_async(self, int64_t fid, int64_t offset, int64_t size):
+        """Queue a :meth:`prefetch` for the engine's threads and return at once.
+
+        No Python and no GIL on the way: the threads take the queue under the
+        mutex and load the pages as prefetch does.  Returns False (nothing
+        queued) when there are no prefetch threads or the queue is full.
+        Errors are counted (stats: prefetch_errors), never raised: the read
+        that needs the pages fetches them itself and reports them.
+        """
+        cdef FileRec *fr = self._file(fid)
+        cdef int64_t i
+        cdef bint ok, spawn = False
+        cdef pthread_t t
+        cdef pthread_attr_t attr
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            ok = self.pf_max > 0 and self.pq_len < PQ_CAP
+            if ok:
+                i = (self.pq_head + self.pq_len) % PQ_CAP
+                self.pq[i].fid = fid
+                self.pq[i].off = offset
+                self.pq[i].size = size
+                self.pq_len += 1
+                fr.pf_pending += 1
+                if self.pf_idle:
+                    pthread_cond_signal(&self.pq_ready)
+                elif self.pf_threads < self.pf_max:
+                    self.pf_threads += 1
+                    spawn = True
+            else:
+                self.pf_refused += 1
+            pthread_mutex_unlock(&self.mu)
+        if spawn:
+            pthread_attr_init(&attr)
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED)
+            if pthread_create(&t, &attr, _prefetch_thread, <void *>self) != 0:
+                with nogil:
+                    pthread_mutex_lock(&self.mu)
+                    self.pf_threads -= 1
+                    pthread_mutex_unlock(&self.mu)
+            pthread_attr_destroy(&attr)
+        return ok
+
+    cdef void _prefetch_loop(self) noexcept nogil:
+        """Take queued prefetches until none comes for PF_IDLE_SEC."""
+        cdef PfItem it
+        cdef FileRec *fr
+        cdef int64_t p0, p1, n, end, i, loaded
+        cdef int64_t *slot_of
+        cdef int err, r
+        cdef timespec t
+        pthread_mutex_lock(&self.mu)
+        while True:
+            if self.pq_len == 0:
+                clock_gettime(CLOCK_REALTIME, &t)
+                t.tv_sec += PF_IDLE_SEC
+                self.pf_idle += 1
+                r = 0
+                while self.pq_len == 0 and r == 0:
+                    r = pthread_cond_timedwait(&self.pq_ready, &self.mu, &t)
+                self.pf_idle -= 1
+                if self.pq_len == 0:
+                    break                       # idle: leave
+            it = self.pq[self.pq_head]
+            self.pq_head = (self.pq_head + 1) % PQ_CAP
+            self.pq_len -= 1
+            if it.fid < 0:
+                continue                        # cancelled
+            fr = self.files[it.fid]             # kept alive by its pf_pending
+            end = min(it.off + it.size, fr.size)
+            err = 0
+            if end > it.off:
+                p0 = it.off >> PAGE_SHIFT
+                p1 = (end + PAGE - 1) >> PAGE_SHIFT
+                n = p1 - p0
+                pthread_mutex_unlock(&self.mu)
+                slot_of = <int64_t *>malloc(n * sizeof(int64_t))
+                if slot_of:
+                    err = self._fault_in(it.fid, fr, p0, p1, slot_of, False, 0, 0, &loaded)
+                else:
+                    err = 12  # ENOMEM
+                pthread_mutex_lock(&self.mu)
+                if slot_of and not err:
+                    for i in range(n):
+                        if slot_of[i] >= 0:
+                            self._unpin(slot_of[i])
+                free(slot_of)
+            self.pf_done += 1
+            if err and not fr.zombie:
+                self.pf_errors += 1
+            fr.pf_pending -= 1
+            if fr.zombie and fr.pf_pending == 0:
+                self._drop_pages(it.fid)
+                self.files[it.fid] = NULL
+                free(fr.dirty)
+                free(fr)
+        self.pf_threads -= 1
+        pthread_mutex_unlock(&self.mu)
 
     def prefetch(self, int64_t fid, int64_t offset, int64_t size):
         """Load the pages of [offset, offset+size) into the cache; return bytes fetched."""
@@ -1302,11 +1474,24 @@ cdef class PageCache:
                     backing_writes=fr.write_ops, errors=fr.errors,
                     bytes_pushed=fr.bytes_pushed, pushes=fr.push_ops)
 
+    cdef int64_t _pf_pending(self):
+        cdef int64_t f, n = 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for f in range(self.nfiles_cap):
+                if self.files[f]:
+                    n += self.files[f].pf_pending
+            pthread_mutex_unlock(&self.mu)
+        return n
+
     def stats(self):
         """Counters of the whole cache, as a dict."""
         return dict(capacity_bytes=self.nslots * PAGE, used_bytes=(self.nslots - self.nfree) * PAGE,
                     evictions=self.evictions, wait_spins=self.wait_spins,
                     twins_lost=self.nlost, twins_lost_overflow=self.lost_overflow,
+                    prefetch_threads=self.pf_threads, prefetch_queued=self.pq_len,
+                    prefetch_pending=self._pf_pending(), prefetches_done=self.pf_done,
+                    prefetch_errors=self.pf_errors, prefetches_refused=self.pf_refused,
                     page_size=PAGE)
 
     def check(self):

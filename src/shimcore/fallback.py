@@ -58,6 +58,9 @@ class PageCache:
         self._next = 0
         self._evictions = 0
         self._lost: list[tuple[int, int]] = []
+        self._pf_max = 0
+        self._pf_pool = None
+        self._pf = dict(pending=0, done=0, errors=0, refused=0)
 
     # -- files -------------------------------------------------------------
     def _file(self, fid: int) -> _File:
@@ -155,6 +158,38 @@ class PageCache:
             if all((fid, p) in self._pages for p in range(offset // PAGE, (end + PAGE - 1) // PAGE)):
                 return self.read(fid, offset, size)
             return None
+
+    def set_prefetchers(self, n: int) -> None:
+        if n < 0:
+            raise ValueError("negative thread count")
+        self._pf_max = n
+
+    def prefetch_async(self, fid: int, offset: int, size: int) -> bool:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        with self._lock:
+            f = self._file(fid)
+            if not self._pf_max:
+                self._pf["refused"] += 1
+                return False
+            if self._pf_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pf_pool = ThreadPoolExecutor(self._pf_max, "shimcore-prefetch")
+            self._pf["pending"] += 1
+
+        def work():
+            ok = True
+            try:
+                if self._files.get(fid) is f:       # not unregistered meanwhile
+                    self.prefetch(fid, offset, size)
+            except (OSError, KeyError):
+                ok = False
+            with self._lock:
+                self._pf["pending"] -= 1
+                self._pf["done"] += 1
+                self._pf["errors"] += not ok
+        self._pf_pool.submit(work)
+        return True
 
     def prefetch(self, fid: int, offset: int, size: int) -> int:
         if offset < 0 or size < 0:
@@ -380,7 +415,11 @@ class PageCache:
     def stats(self) -> dict:
         return dict(capacity_bytes=self._nslots * PAGE, used_bytes=len(self._pages) * PAGE,
                     evictions=self._evictions, wait_spins=0, twins_lost=len(self._lost),
-                    twins_lost_overflow=0, page_size=PAGE)
+                    twins_lost_overflow=0, page_size=PAGE,
+                    prefetch_threads=self._pf_max if self._pf_pool else 0,
+                    prefetch_queued=0, prefetch_pending=self._pf["pending"],
+                    prefetches_done=self._pf["done"], prefetch_errors=self._pf["errors"],
+                    prefetches_refused=self._pf["refused"])
 
     def check(self) -> None:
         with self._lock:

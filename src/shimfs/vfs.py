@@ -910,7 +910,7 @@ class Vfs:
     def stats(self, node: Node) -> dict:
         eng = self.cache.engine
         out = {"mount": dict(eng.stats(), **self.cache.counters,
-                             prefetch_errors=self.cache.prefetch_errors,
+                             prefetch_errors=self.cache.prefetch_failures,
                              prefetches_in_flight=self.cache.prefetches_in_flight,
                              kernel_drops=self.kernel_drops,
                              kernel_drops_pending=self.kernel_drops_pending,
