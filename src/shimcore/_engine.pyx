@@ -21,6 +21,7 @@ from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno, EINTR
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.ref cimport Py_INCREF, Py_DECREF
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -189,9 +190,11 @@ DEF PF_IDLE_SEC = 2
 
 
 cdef void *_prefetch_thread(void *arg) noexcept with gil:
-    """Body of an engine prefetch thread: holds a reference to its PageCache,
-    so the engine outlives it; runs without the GIL until it goes idle."""
+    """Body of an engine prefetch thread: holds a reference to its PageCache
+    (taken over from prefetch_async, which took it before starting the
+    thread), so the engine outlives it; runs without the GIL until idle."""
     cdef PageCache pc = <PageCache>arg
+    Py_DECREF(pc)                       # the creator's reference; pc holds its own
     with nogil:
         pc._prefetch_loop()
     return NULL
@@ -854,7 +857,9 @@ cdef class PageCache:
                 fr.pf_pending += 1
                 if self.pf_idle:
                     pthread_cond_signal(&self.pq_ready)
-                elif self.pf_threads < self.pf_max:
+                # idle threads already woken still count in pf_idle until they
+                # run: start another thread only if they cannot take it all
+                if self.pq_len > self.pf_idle and self.pf_threads < self.pf_max:
                     self.pf_threads += 1
                     spawn = True
             else:
@@ -863,7 +868,9 @@ cdef class PageCache:
         if spawn:
             pthread_attr_init(&attr)
             pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED)
+            Py_INCREF(self)             # until the thread holds its own
             if pthread_create(&t, &attr, _prefetch_thread, <void *>self) != 0:
+                Py_DECREF(self)
                 with nogil:
                     pthread_mutex_lock(&self.mu)
                     self.pf_threads -= 1

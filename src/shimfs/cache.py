@@ -5,8 +5,8 @@ run in parallel with each other and with the trio thread that serves FUSE.
 Nothing here blocks the trio thread.  Prefetches are queued to the engine's
 own threads (``PageCache.prefetch_async``, at most ``PREFETCH_THREADS``),
 which never need the GIL: against a trio task and a worker hop per 1 MiB
-chunk that took the daemon's CPU per GiB scanned 0.82 -> 0.65 s and the scan
-683 -> 748 MB/s (docs/performance.md, step 12).  The engine keeps a file's
+chunk that took the daemon's CPU per GiB scanned 0.97 -> 0.68 s and the scan
+582 -> 711 MB/s (docs/performance.md, step 12).  The engine keeps a file's
 record alive while its prefetches run.  Prefetches that push, and any the
 engine's queue refuses, run as background tasks in the mount's nursery,
 bounded by their own limiter so that they never starve the reads a process
