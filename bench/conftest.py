@@ -3,9 +3,9 @@
 Sizes come from the environment: SHIMFS_BENCH_MIB (scan and random files,
 default 2048), SHIMFS_BENCH_WRITE_MIB (default 1024), SHIMFS_BENCH_RSS_MIB
 (default 4096).  SHIMFS_BENCH_PAGE_REPORTING=off stops the VM's free page
-reporting for the run (benchlib.page_reporting).  Every figure is reported as a ratio against the native path
-measured in the same run; the table is printed at the end and written to
-bench/results.md.
+reporting for the run (benchlib.page_reporting).  Every figure is reported
+as a ratio against the native path measured in the same run; the table is
+printed at the end and written to bench/results.md.
 """
 from __future__ import annotations
 
