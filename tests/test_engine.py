@@ -490,12 +490,12 @@ def test_file_removed_under_a_running_prefetch_lives_until_it_ends(tmp_path):
     pc = CompiledPageCache(48 << 20)
     pc.set_prefetchers(2)
     zombies = 0
-    for _ in range(50):
+    for i in range(50):
         fd = os.open(big, os.O_RDONLY)
         fid = pc.register(fd, 64 << 20)
         for off in range(0, 64 << 20, 16 << 20):
             pc.prefetch_async(fid, off, 16 << 20)
-        time.sleep(0.001)                    # let the threads start reading
+        time.sleep(0.001 if i < 25 else 0.01)    # let the threads start reading
         pc.unregister(fid)
         os.close(fd)
         running = pc.stats()["prefetch_pending"]
