@@ -29,29 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from benchlib import (MIB, PAGE_REPORTING, CpuMeter, drop_caches, make_file,  # noqa: E402
                       page_reporting, page_reporting_state)
 from mounting import shim_mount  # noqa: E402
-from test_throughput import mapped_scan, native_scan  # noqa: E402
-
-
-def native_write(path: str, block: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for off in range(0, os.path.getsize(path), len(block)):
-            os.pwrite(fd, block, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def mapped_write(path: str, block: bytes) -> None:
-    import mmap
-    fd = os.open(path, os.O_RDWR)
-    try:
-        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
-            for off in range(0, len(m), len(block)):
-                m[off:off + len(block)] = block
-            m.flush()
-    finally:
-        os.close(fd)
+from test_throughput import mapped_scan, mapped_write, native_scan, native_write  # noqa: E402
 
 
 @contextlib.contextmanager

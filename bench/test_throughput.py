@@ -120,33 +120,36 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, fs):
     record("20,000 random 4 KiB touches vs pread(4 KiB)", where[0], fs, mine, nat)
 
 
+def native_write(path: str, block: bytes) -> None:
+    """Overwrite the whole file with ``block`` by pwrite, then fsync."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off in range(0, os.path.getsize(path), len(block)):
+            os.pwrite(fd, block, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mapped_write(path: str, block: bytes) -> None:
+    """Overwrite every page of a shared mapping of the file with ``block``, then msync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            for off in range(0, len(m), len(block)):
+                m[off:off + len(block)] = block
+            m.flush()
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
 def test_write_every_page_then_msync(benchmark, where, mounts, fs):
     path = make_file(os.path.join(where[1], "write-%d.bin" % WRITE_MIB), WRITE_MIB)
     size = WRITE_MIB * MIB
     block = os.urandom(4 * MIB)
-
-    def native():
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for off in range(0, size, 4 * MIB):
-                os.pwrite(fd, block, off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    nat = median_rate(native, size, setup=lambda: drop_caches(path))
-
-    def write_map(p):
-        fd = os.open(p, os.O_RDWR)
-        try:
-            with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
-                for off in range(0, size, 4 * MIB):
-                    m[off:off + 4 * MIB] = block
-                m.flush()
-        finally:
-            os.close(fd)
-
-    mine = measure_cold(benchmark, write_map, mounts, fs, path, size)
+    nat = median_rate(lambda: native_write(path, block), size, setup=lambda: drop_caches(path))
+    mine = measure_cold(benchmark, lambda p: mapped_write(p, block), mounts, fs, path, size)
     record("write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0], fs, mine, nat,
            nbytes=size)
 
