@@ -123,6 +123,44 @@ class Mounts:
         self.pid = proc.pid
         return os.path.join(mnt, os.path.basename(target))
 
+    def c_peer(self, target: str) -> str:
+        """libfuse's C ``passthrough_ll`` (bench/cpeer.py) over ``target``'s
+        directory, tuned as shimfs tunes its own mounts (kernel read-ahead
+        4 MiB, max_background 64): the issue's "best tuned C daemon"."""
+        import cpeer
+        from shimfs.tuning import tune
+        try:
+            exe = cpeer.binary()
+        except cpeer.Unavailable as exc:
+            pytest.skip("C peer: %s" % exc)
+        self.close()
+        self.n += 1
+        mnt = os.path.join(self.tmp, "c%d" % self.n)
+        os.mkdir(mnt)
+        proc = subprocess.Popen([exe, "-f", "-o", "source=" + os.path.dirname(target), mnt])
+        for _ in range(200):
+            if os.path.ismount(mnt):
+                break
+            time.sleep(0.05)
+
+        def stop():
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+            proc.wait(30)
+        self.stack.callback(stop)
+        problems = tune(mnt, 1024)
+        if problems:
+            pytest.skip("C peer not tuned: %s" % "; ".join(problems))
+        self.pid = proc.pid
+        return os.path.join(mnt, os.path.basename(target))
+
+    def mount(self, fs: str, target: str, *opts: str) -> str:
+        """A fresh mount of ``fs`` (shimfs, passthrough, passthrough_ll) showing ``target``."""
+        if fs == "shimfs":
+            return self.shimfs(target, *opts)
+        if fs == "passthrough_ll":
+            return self.c_peer(target)
+        return self.passthrough(target)
+
     def close(self):
         self.stack.close()
         self.stack = contextlib.ExitStack()

@@ -19,6 +19,9 @@ from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, CpuMeter, Rate,
                       make_file, median_rate, record)
 
 PAGE = 4096
+#: shimfs, the naive pyfuse3 pass-through (bench/passthrough.py) and libfuse's
+#: C passthrough_ll, tuned (bench/cpeer.py)
+FILE_SYSTEMS = ["shimfs", "passthrough", "passthrough_ll"]
 
 
 def rates(benchmark, nbytes: int, cpu_runs=()) -> Rate:
@@ -33,7 +36,7 @@ def measure_cold(benchmark, fn, mounts, fs: str, target: str, nbytes: int, *opts
     meter = [None]
 
     def setup():
-        path = mounts.shimfs(target, *opts) if fs == "shimfs" else mounts.passthrough(target)
+        path = mounts.mount(fs, target, *opts)
         drop_caches(target)
         meter[0] = CpuMeter(mounts.pid)
         return (path,), {}
@@ -73,7 +76,7 @@ def mapped_scan(path: str, writable: bool = False) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
+@pytest.mark.parametrize("fs", FILE_SYSTEMS)
 def test_sequential_mapped_scan(benchmark, where, bigfile, mounts, fs):
     size = os.path.getsize(bigfile)
     native = median_rate(lambda: native_scan(bigfile), size, setup=lambda: drop_caches(bigfile))
@@ -92,7 +95,7 @@ def test_sequential_scan_pushed(benchmark, where, bigfile, mounts):
            nbytes=size)
 
 
-@pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
+@pytest.mark.parametrize("fs", FILE_SYSTEMS)
 def test_random_page_touches(benchmark, where, bigfile, mounts, fs):
     size = os.path.getsize(bigfile)
     rnd = random.Random(1)
@@ -143,7 +146,7 @@ def mapped_write(path: str, block: bytes) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("fs", ["shimfs", "passthrough"])
+@pytest.mark.parametrize("fs", FILE_SYSTEMS)
 def test_write_every_page_then_msync(benchmark, where, mounts, fs):
     path = make_file(os.path.join(where[1], "write-%d.bin" % WRITE_MIB), WRITE_MIB)
     size = WRITE_MIB * MIB
