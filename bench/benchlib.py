@@ -103,12 +103,14 @@ def _touch_free_memory(keep_free: int = 2 << 30) -> None:
 
 
 class Rate(tuple):
-    """(median, min, max) MB/s of some runs; ``cpu``: median CPU seconds per
-    process over those runs (see :class:`CpuMeter`)."""
+    """(median, min, max) MB/s of some runs; ``runs``: the rates in run order;
+    ``cpu``: median CPU seconds per process over those runs (see :class:`CpuMeter`)."""
     cpu: dict[str, float]
+    runs: list[float]
 
     def __new__(cls, rates: list[float], cpu_runs: list[dict[str, float]]):
         self = super().__new__(cls, (statistics.median(rates), min(rates), max(rates)))
+        self.runs = list(rates)
         names = {k for run in cpu_runs for k in run}
         self.cpu = {k: statistics.median(run.get(k, 0.0) for run in cpu_runs) for k in names}
         return self
@@ -166,10 +168,12 @@ def median_rate(fn, nbytes: int, rounds: int = ROUNDS, setup=None) -> Rate:
 
 
 def record(workload: str, where: str, fs: str, mine, native, note: str = "",
-           nbytes: int = 0) -> None:
-    """One row of the table; with ``nbytes``, also CPU seconds per GiB moved."""
+           nbytes: int = 0, ratios: list[float] | None = None) -> None:
+    """One row of the table; with ``nbytes``, also CPU seconds per GiB moved.
+    ``ratios``: per-round ratios to the same round's native run (interleaved
+    rounds); without them the ratio is median over median."""
     RESULTS.append(dict(workload=workload, where=where, fs=fs, mine=mine, native=native,
-                        note=note, gib=nbytes / (1 << 30)))
+                        note=note, gib=nbytes / (1 << 30), ratios=ratios))
 
 
 CPU_COLUMNS = ["app", "daemon", "gluster client", "brick"]

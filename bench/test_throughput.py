@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import statistics
 import threading
 import time
 
@@ -19,9 +20,6 @@ from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, CpuMeter, Rate,
                       make_file, median_rate, record)
 
 PAGE = 4096
-#: shimfs, the naive pyfuse3 pass-through (bench/passthrough.py) and libfuse's
-#: C passthrough_ll, tuned (bench/cpeer.py)
-FILE_SYSTEMS = ["shimfs", "passthrough", "passthrough_ll"]
 
 
 def rates(benchmark, nbytes: int, cpu_runs=()) -> Rate:
@@ -29,14 +27,34 @@ def rates(benchmark, nbytes: int, cpu_runs=()) -> Rate:
     return Rate([nbytes / t / 1e6 for t in benchmark.stats.stats.data], list(cpu_runs))
 
 
-def measure_cold(benchmark, fn, mounts, fs: str, target: str, nbytes: int, *opts: str) -> Rate:
-    """Time ``fn(path)`` over ROUNDS fresh mounts of ``fs`` with the page cache
-    dropped, metering the CPU of every process involved."""
-    cpu_runs = []
+def timed_cold(fn, path: str, nbytes: int, daemon: int | None, drop: str) -> tuple[float, dict]:
+    """MB/s and CPU seconds of one cold ``fn(path)``."""
+    drop_caches(drop)
+    meter = CpuMeter(daemon)
+    t = time.perf_counter()
+    fn(path)
+    return nbytes / (time.perf_counter() - t) / 1e6, meter.stop()
+
+
+def interleaved(benchmark, mounts, peers, workload: str, where: str, target: str, nbytes: int,
+                native_fn, fn, *opts: str, cpu: bool = True) -> None:
+    """ROUNDS rounds of: native ``native_fn()``, ``fn`` through each peer, then
+    ``fn`` through shimfs (timed by pytest-benchmark), each cold (client cache
+    dropped, fresh mount).  Machines drift between minutes; in one round all
+    paths see the same machine, and each row's ratio is the median of the
+    per-round ratios to that round's native run."""
+    native: list[tuple[float, dict]] = []
+    peer_runs: dict[str, list[tuple[float, dict]]] = {fs: [] for fs in peers}
+    cpu_runs: list[dict] = []
     meter = [None]
 
     def setup():
-        path = mounts.mount(fs, target, *opts)
+        native.append(timed_cold(lambda _: native_fn(), target, nbytes, None, target))
+        for fs in peers:
+            path = mounts.mount(fs, target)
+            peer_runs[fs].append(timed_cold(fn, path, nbytes, mounts.pid, target))
+            mounts.close()
+        path = mounts.shimfs(target, *opts)
         drop_caches(target)
         meter[0] = CpuMeter(mounts.pid)
         return (path,), {}
@@ -46,7 +64,18 @@ def measure_cold(benchmark, fn, mounts, fs: str, target: str, nbytes: int, *opts
         fn(path)
         cpu_runs.append(meter[0].stop())
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
-    return rates(benchmark, nbytes, cpu_runs)
+    mounts.close()
+    nat_rates = [r for r, _ in native]
+    nat = Rate(nat_rates, [c for _, c in native])
+    mine = rates(benchmark, nbytes, cpu_runs)
+    ratios = [m / n for m, n in zip(mine.runs, nat_rates)]
+    benchmark.extra_info.update(native_MBps=nat[0], MBps=mine[0], ratio=statistics.median(ratios))
+    name = "shimfs" + "".join(" `-o %s`" % o for o in opts)
+    record(workload, where, name, mine, nat, nbytes=nbytes if cpu else 0, ratios=ratios)
+    for fs, runs in peer_runs.items():
+        r = Rate([x for x, _ in runs], [c for _, c in runs])
+        record(workload, where, fs, r, nat, nbytes=nbytes if cpu else 0,
+               ratios=[x / n for (x, _), n in zip(runs, nat_rates)])
 
 
 def native_scan(path: str) -> None:
@@ -76,27 +105,21 @@ def mapped_scan(path: str, writable: bool = False) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("fs", FILE_SYSTEMS)
-def test_sequential_mapped_scan(benchmark, where, bigfile, mounts, fs):
+def test_sequential_mapped_scan(benchmark, where, bigfile, mounts, peers):
     size = os.path.getsize(bigfile)
-    native = median_rate(lambda: native_scan(bigfile), size, setup=lambda: drop_caches(bigfile))
-    mine = measure_cold(benchmark, mapped_scan, mounts, fs, bigfile, size)
-    benchmark.extra_info.update(native_MBps=native[0], MBps=mine[0], ratio=mine[0] / native[0])
-    record("sequential mmap scan vs pread(4 MiB)", where[0], fs, mine, native, nbytes=size)
+    interleaved(benchmark, mounts, peers, "sequential mmap scan vs pread(4 MiB)", where[0],
+                bigfile, size, lambda: native_scan(bigfile), mapped_scan)
 
 
 def test_sequential_scan_pushed(benchmark, where, bigfile, mounts):
     """The same scan with ``-o push``: prefetched pages are also pushed into
     the kernel's cache, so the kernel sends fewer READs."""
     size = os.path.getsize(bigfile)
-    native = median_rate(lambda: native_scan(bigfile), size, setup=lambda: drop_caches(bigfile))
-    mine = measure_cold(benchmark, mapped_scan, mounts, "shimfs", bigfile, size, "push")
-    record("sequential mmap scan vs pread(4 MiB), `-o push`", where[0], "shimfs", mine, native,
-           nbytes=size)
+    interleaved(benchmark, mounts, [], "sequential mmap scan vs pread(4 MiB)", where[0],
+                bigfile, size, lambda: native_scan(bigfile), mapped_scan, "push")
 
 
-@pytest.mark.parametrize("fs", FILE_SYSTEMS)
-def test_random_page_touches(benchmark, where, bigfile, mounts, fs):
+def test_random_page_touches(benchmark, where, bigfile, mounts, peers):
     size = os.path.getsize(bigfile)
     rnd = random.Random(1)
     offsets = [rnd.randrange(size // PAGE) * PAGE for _ in range(20000)]
@@ -108,7 +131,6 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, fs):
                 os.pread(fd, PAGE, off)
         finally:
             os.close(fd)
-    nat = median_rate(native, len(offsets) * PAGE, setup=lambda: drop_caches(bigfile))
 
     def touch(path):
         fd = os.open(path, os.O_RDWR)
@@ -118,9 +140,8 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, fs):
                     m[off]
         finally:
             os.close(fd)
-
-    mine = measure_cold(benchmark, touch, mounts, fs, bigfile, len(offsets) * PAGE)
-    record("20,000 random 4 KiB touches vs pread(4 KiB)", where[0], fs, mine, nat)
+    interleaved(benchmark, mounts, peers, "20,000 random 4 KiB touches vs pread(4 KiB)",
+                where[0], bigfile, len(offsets) * PAGE, native, touch, cpu=False)
 
 
 def native_write(path: str, block: bytes) -> None:
@@ -146,15 +167,13 @@ def mapped_write(path: str, block: bytes) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("fs", FILE_SYSTEMS)
-def test_write_every_page_then_msync(benchmark, where, mounts, fs):
+def test_write_every_page_then_msync(benchmark, where, mounts, peers):
     path = make_file(os.path.join(where[1], "write-%d.bin" % WRITE_MIB), WRITE_MIB)
-    size = WRITE_MIB * MIB
     block = os.urandom(4 * MIB)
-    nat = median_rate(lambda: native_write(path, block), size, setup=lambda: drop_caches(path))
-    mine = measure_cold(benchmark, lambda p: mapped_write(p, block), mounts, fs, path, size)
-    record("write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0], fs, mine, nat,
-           nbytes=size)
+    interleaved(benchmark, mounts, peers,
+                "write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0],
+                path, WRITE_MIB * MIB, lambda: native_write(path, block),
+                lambda p: mapped_write(p, block))
 
 
 def test_warm_second_scan(benchmark, where, bigfile, mounts, tmp_path):
