@@ -27,40 +27,16 @@ log = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-#: glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-#: Request and reply buffers are up to 1 MiB.  Below this size malloc serves
-#: them from its heap instead of a fresh mmap each time.
-MMAP_THRESHOLD = 8 << 20
-#: Free heap memory kept for the next buffers instead of handed back.
-TRIM_THRESHOLD = 32 << 20
-
-
-def _tune_malloc() -> None:
-    """Make the daemon's per-request buffers cheap.
-
-    Every WRITE arrives as a new ``bytes`` of up to 1 MiB, and every READ
-    reply is one.  With glibc's defaults a buffer that size is often a fresh
-    mmap or a heap that grows and is trimmed again: either way the daemon
-    page-faults 256 new pages per MiB and the kernel zeroes them, which on
-    a VM whose free memory the host reclaims (free page reporting) also
-    costs the host a fault per page.  A fixed mmap threshold above the
-    buffer size and a trim threshold of a few buffers let freed buffers be
-    reused (scan: daemon 0.64 -> 0.58 s/GiB; mapped write 281 -> 329 MB/s;
-    docs/performance.md).
-
-    glibc also gives each thread that allocates its own arena (up to 8 per
-    core), and buffers spread over a dozen worker threads keep several
-    resident.  Two arenas are plenty: the data lives in the engine's own
-    arena, not in malloc.
-    """
+def _limit_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per
+    core), and reply buffers of 1 MiB spread over a dozen worker threads keep
+    several of them resident.  Two arenas are plenty: the data lives in the
+    engine's own arena, not in malloc."""
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_ARENA_MAX, 2)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        libc.mallopt(-8, 2)          # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
@@ -80,7 +56,7 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
     # Python's default 5 ms that wait dominated a 1 MiB request; 0.5 ms
     # doubled a tmpfs scan (201 -> 415 MB/s, docs/performance.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    _tune_malloc()
+    _limit_malloc_arenas()
     vfs = Vfs(config)
     ops = ShimOperations(vfs)
     try:
