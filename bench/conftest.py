@@ -3,9 +3,9 @@
 Cold workloads run in interleaved rounds: native, the naive pyfuse3
 pass-through (bench/passthrough.py), libfuse's C passthrough_ll
 (bench/cpeer.py), then shimfs, so that all of them see the machine as it
-is in that minute.  Sizes come from the environment: SHIMFS_BENCH_MIB (scan and random files,
-default 2048), SHIMFS_BENCH_WRITE_MIB (default 1024), SHIMFS_BENCH_RSS_MIB
-(default 4096).  SHIMFS_BENCH_PAGE_REPORTING=off stops the VM's free page
+is in that minute.  Sizes come from the environment: SHIMFS_BENCH_MIB
+(scan and random files, default 2048), SHIMFS_BENCH_WRITE_MIB (default
+1024), SHIMFS_BENCH_RSS_MIB (default 4096).  SHIMFS_BENCH_PAGE_REPORTING=off stops the VM's free page
 reporting for the run (benchlib.page_reporting).  Every figure is reported
 as a ratio against the native path measured in the same run; the table is
 printed at the end and written to bench/results.md.
@@ -111,14 +111,14 @@ class Mounts:
         self.pid = int(os.getxattr(mnt, "user.shimfs.pid"))
         return os.path.join(mnt, "f")
 
-    def passthrough(self, target: str) -> str:
+    def _daemon(self, prefix: str, argv: list[str], target: str) -> str:
+        """Start a pass-through daemon (foreground) on a fresh mount point;
+        it is unmounted and reaped when the mount is closed."""
         self.close()
         self.n += 1
-        mnt = os.path.join(self.tmp, "p%d" % self.n)
+        mnt = os.path.join(self.tmp, "%s%d" % (prefix, self.n))
         os.mkdir(mnt)
-        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
-                                                              "passthrough.py"),
-                                 os.path.dirname(target), mnt])
+        proc = subprocess.Popen(argv + [mnt])
         for _ in range(200):
             if os.path.ismount(mnt):
                 break
@@ -129,6 +129,12 @@ class Mounts:
             proc.wait(30)
         self.stack.callback(stop)
         self.pid = proc.pid
+        return mnt
+
+    def passthrough(self, target: str) -> str:
+        mnt = self._daemon("p", [sys.executable, os.path.join(os.path.dirname(__file__),
+                                                               "passthrough.py"),
+                                 os.path.dirname(target)], target)
         return os.path.join(mnt, os.path.basename(target))
 
     def c_peer(self, target: str) -> str:
@@ -138,24 +144,10 @@ class Mounts:
         import cpeer
         from shimfs.tuning import tune
         exe = cpeer.binary()
-        self.close()
-        self.n += 1
-        mnt = os.path.join(self.tmp, "c%d" % self.n)
-        os.mkdir(mnt)
-        proc = subprocess.Popen([exe, "-f", "-o", "source=" + os.path.dirname(target), mnt])
-        for _ in range(200):
-            if os.path.ismount(mnt):
-                break
-            time.sleep(0.05)
-
-        def stop():
-            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-            proc.wait(30)
-        self.stack.callback(stop)
+        mnt = self._daemon("c", [exe, "-f", "-o", "source=" + os.path.dirname(target)], target)
         problems = tune(mnt, 1024)
         if problems:
             print("C peer not tuned: %s" % "; ".join(problems))
-        self.pid = proc.pid
         return os.path.join(mnt, os.path.basename(target))
 
     def mount(self, fs: str, target: str, *opts: str) -> str:
