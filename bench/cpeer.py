@@ -8,7 +8,10 @@ access.
 
 The source is the ``fuse3`` source package of the installed ``libfuse3-dev``
 version, fetched from deb.debian.org.  Its SHA-256 is checked against the
-package's ``.dsc``.  The binary is cached in ``bench/.cpeer/``.
+package's ``.dsc``.  The binary is cached in ``bench/.cpeer/``.  The 3.14
+example leaves ``max_threads`` of its loop config unset, so libfuse prints
+"Ignoring invalid max threads value" on every mount and runs with its
+default of 10 worker threads.
 
     python bench/cpeer.py          # build (or find) it and print its path
 """
