@@ -1,7 +1,7 @@
 """The read-ahead policy (pure code): what a stream of READs makes it prefetch."""
 from __future__ import annotations
 
-from shimfs.readahead import CHUNK, HOLE_EVERY, Stream, chunks, hole
+from shimfs.readahead import CHUNK, HOLE_EVERY, Budget, Stream, chunks, hole
 
 MIB = 1 << 20
 
@@ -55,3 +55,43 @@ def test_chunks_cut_on_chunk_boundaries_and_holes():
     assert list(chunks(CHUNK // 2, 2 * CHUNK)) == [
         (CHUNK // 2, CHUNK // 2), (CHUNK, CHUNK), (2 * CHUNK, CHUNK // 2)]
     assert hole(0) and hole(HOLE_EVERY * CHUNK) and not hole(CHUNK)
+
+
+def test_streams_share_the_budget():
+    """One stream may take the whole budget; streams prefetching together
+    split it, and a stream that stops (random read, closed handle) gives
+    its share back."""
+    budget = Budget(64 * MIB)
+    a = Stream(max_window=64 * MIB, budget=budget)
+    b = Stream(max_window=64 * MIB, budget=budget)
+    feed(a, [(i * MIB, MIB) for i in range(12)])
+    assert a.window == 64 * MIB and budget.active == 1
+    feed(b, [(i * MIB, MIB) for i in range(12)])
+    assert b.window == 32 * MIB and budget.active == 2
+    feed(a, [(12 * MIB, MIB)])                     # a's next step takes its share only
+    assert a.window == 32 * MIB
+    feed(b, [(900 * MIB, MIB)])                    # b jumps: random, window closed
+    assert b.window == 0 and budget.active == 1
+    feed(a, [(13 * MIB, MIB)])
+    assert a.window == 64 * MIB
+    a.close()
+    b.close()                                      # closing twice, or closed ones, is harmless
+    assert budget.active == 0
+
+
+def test_many_streams_never_prefetch_more_than_the_budget():
+    """Once every stream has taken a step since the last one joined, the
+    windows add up to no more than the budget."""
+    budget = Budget(64 * MIB)
+    streams = [Stream(max_window=64 * MIB, budget=budget) for _ in range(16)]
+    for s in streams:
+        feed(s, [(i * MIB, MIB) for i in range(8)])
+    assert budget.active == 16
+    assert sum(s.window for s in streams) > 64 * MIB      # the early ones ran ahead...
+    for s in streams:
+        feed(s, [(8 * MIB, MIB)])
+    assert all(s.window == 4 * MIB for s in streams)      # ...until their next step
+    assert sum(s.window for s in streams) <= budget.total
+    for s in streams:
+        s.close()
+    assert budget.active == 0

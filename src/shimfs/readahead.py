@@ -32,6 +32,13 @@ Why these numbers:
 * ``HOLE_EVERY`` = 2: one 4 KiB READ round trip per 2 MiB pushed; the window
   (up to ``max_window``) is several holes long, so the reader finds pushed
   pages ahead of it while the next chunks load.
+
+The streams of one mount share a :class:`Budget`: a stream's window is at
+most ``max_window``, and at most the budget divided among the streams that
+are prefetching at the time.  One stream alone may run far ahead, which
+keeps every backing read slot busy.  Many streams together never prefetch
+more than the budget (a quarter of the cache), so their pages are not
+evicted before they are read.
 """
 from __future__ import annotations
 
@@ -41,14 +48,29 @@ CHUNK = 1 << 20
 HOLE_EVERY = 2
 
 
+class Budget:
+    """Bytes of read-ahead that the prefetching streams of a mount share."""
+
+    __slots__ = ("total", "active")
+
+    def __init__(self, total: int):
+        self.total = total
+        self.active = 0             # streams whose window is open (> 0)
+
+    def share(self) -> int:
+        """The window each open stream may have now (at least MIN_WINDOW)."""
+        return max(MIN_WINDOW, self.total // max(1, self.active))
+
+
 class Stream:
     """Sequential-stream detector of one open file."""
 
     __slots__ = ("max_window", "min_run", "run_start", "next_off", "window", "issued_until",
-                 "sequential", "random", "asked_until")
+                 "sequential", "random", "asked_until", "budget")
 
-    def __init__(self, max_window: int, min_run: int = 0):
+    def __init__(self, max_window: int, min_run: int = 0, budget: Budget | None = None):
         self.max_window = max_window
+        self.budget = budget
         # A mapped page fault makes the kernel read up to its read-ahead size
         # around the page, as several back-to-back READs.  Such a cluster
         # looks sequential but is one random touch: prefetching starts only
@@ -76,7 +98,7 @@ class Stream:
             self.random += 1
             self.run_start = off
             self.next_off = end
-            self.window = 0
+            self._set_window(0)
             self.issued_until = end
             return None
         self.sequential += 1
@@ -84,7 +106,12 @@ class Stream:
         end = self.next_off
         if end - self.run_start <= self.min_run:
             return None
-        self.window = min(max(self.window * 2, MIN_WINDOW), self.max_window)
+        cap = self.max_window
+        if self.budget is not None:
+            if not self.window:
+                self.budget.active += 1     # count this stream before taking its share
+            cap = min(cap, self.budget.share())
+        self.window = min(max(self.window * 2, MIN_WINDOW), cap)
         start = max(self.issued_until, end)
         target = end + self.window
         # Ask again only once half a window has been consumed: fewer, larger reads.
@@ -94,6 +121,16 @@ class Stream:
             return None
         self.issued_until = target
         return start, target - start
+
+
+    def _set_window(self, window: int) -> None:
+        if self.budget is not None and self.window and not window:
+            self.budget.active -= 1
+        self.window = window
+
+    def close(self) -> None:
+        """The handle is gone: give the stream's share back."""
+        self._set_window(0)
 
 
 def chunks(off: int, length: int, chunk: int = CHUNK):

@@ -727,6 +727,8 @@ class Vfs:
         h = self.handles.pop(fh, None)
         if h is None:
             return
+        if h.stream is not None:
+            h.stream.close()
         node = h.node
         try:
             if node.writable and self.cache.engine.dirty_bytes(node.fid):
