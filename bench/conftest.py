@@ -5,8 +5,8 @@ pass-through (bench/passthrough.py), libfuse's C passthrough_ll
 (bench/cpeer.py), then shimfs, so that all of them see the machine as it
 is in that minute.  Sizes come from the environment: SHIMFS_BENCH_MIB
 (scan and random files, default 2048), SHIMFS_BENCH_WRITE_MIB (default
-1024), SHIMFS_BENCH_RSS_MIB (default 4096).  SHIMFS_BENCH_PAGE_REPORTING=off stops the VM's free page
-reporting for the run (benchlib.page_reporting).  Every figure is reported
+1024), SHIMFS_BENCH_RSS_MIB (default 4096).  SHIMFS_BENCH_PAGE_REPORTING=off
+stops the VM's free page reporting for the run (benchlib.page_reporting).  Every figure is reported
 as a ratio against the native path measured in the same run; the table is
 printed at the end and written to bench/results.md.
 """
@@ -111,7 +111,7 @@ class Mounts:
         self.pid = int(os.getxattr(mnt, "user.shimfs.pid"))
         return os.path.join(mnt, "f")
 
-    def _daemon(self, prefix: str, argv: list[str], target: str) -> str:
+    def _daemon(self, prefix: str, argv: list[str]) -> str:
         """Start a pass-through daemon (foreground) on a fresh mount point;
         it is unmounted and reaped when the mount is closed."""
         self.close()
@@ -134,7 +134,7 @@ class Mounts:
     def passthrough(self, target: str) -> str:
         mnt = self._daemon("p", [sys.executable, os.path.join(os.path.dirname(__file__),
                                                                "passthrough.py"),
-                                 os.path.dirname(target)], target)
+                                 os.path.dirname(target)])
         return os.path.join(mnt, os.path.basename(target))
 
     def c_peer(self, target: str) -> str:
@@ -144,7 +144,7 @@ class Mounts:
         import cpeer
         from shimfs.tuning import tune
         exe = cpeer.binary()
-        mnt = self._daemon("c", [exe, "-f", "-o", "source=" + os.path.dirname(target)], target)
+        mnt = self._daemon("c", [exe, "-f", "-o", "source=" + os.path.dirname(target)])
         problems = tune(mnt, 1024)
         if problems:
             print("C peer not tuned: %s" % "; ".join(problems))
