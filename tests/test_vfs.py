@@ -135,6 +135,45 @@ def test_files_in_memory_are_read_inline_without_read_ahead(tmp_path):
         os.unlink(targets[b"mem"])
 
 
+def test_sequential_handles_share_the_read_ahead_budget(tmp_path):
+    """Two handles reading sequentially split the mount's read-ahead budget
+    (stats: read_ahead_streams); releasing them gives it back, and the
+    bytes read are exact."""
+    (tmp_path / "b").mkdir()
+    data = os.urandom(8 << 20)
+    for name in ("x", "y"):
+        (tmp_path / name).write_bytes(data)
+    vfs = Vfs(Config(backing=str(tmp_path / "b"), cache_size=16 << 20, read_ahead=256))
+    total = vfs.cache.budget.total                      # a quarter of the cache: 4 MiB
+    assert vfs.cache.max_window == total                # one stream alone could take it all
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            vfs.cache.nursery = nursery
+            fhs = []
+            for name in (b"x", b"y"):
+                await vfs.symlink(ROOT_INODE, name, os.fsencode(str(tmp_path / name.decode())),
+                                  Ctx())
+                fhs.append(await vfs.open(vfs.lookup(ROOT_INODE, name).ino, os.O_RDONLY, Ctx()))
+            node = vfs.handles[fhs[0]].node
+            if node.in_memory:
+                pytest.skip("tmp_path is in memory: no read-ahead there")
+            for off in range(0, 4 << 20, 256 << 10):     # both sequential, interleaved
+                for fh in fhs:
+                    assert bytes(await vfs.read(fh, off, 256 << 10)) == data[off:off + (256 << 10)]
+            st = vfs.stats(node)
+            assert st["mount"]["read_ahead_budget"] == total
+            assert st["mount"]["read_ahead_streams"] == 2
+            assert st["file"]["read_ahead_window"] == total // 2
+            for fh in fhs:
+                await vfs.release(fh)
+            assert vfs.stats(node)["mount"]["read_ahead_streams"] == 0
+            while vfs.cache.prefetches_in_flight:
+                await trio.sleep(0.01)
+            vfs.cache.nursery = None
+    run(go)
+
+
 class _SlowPrefetchEngine:
     """The real engine, with prefetches that take a while and a log of calls."""
 

@@ -917,7 +917,9 @@ class Vfs:
                              kernel_drops=self.kernel_drops,
                              kernel_drops_pending=self.kernel_drops_pending,
                              files=sum(isinstance(n, File) for n in self.inodes.values()),
-                             read_ahead_max_window=self.cache.max_window)}
+                             read_ahead_max_window=self.cache.max_window,
+                             read_ahead_budget=self.cache.budget.total,
+                             read_ahead_streams=self.cache.budget.active)}
         if isinstance(node, File):
             streams = [h.stream for h in self.handles.values()
                        if h.node is node and h.stream is not None]
