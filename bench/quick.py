@@ -21,15 +21,15 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from benchlib import (MIB, PAGE_REPORTING, CpuMeter, drop_caches, make_file,  # noqa: E402
+from benchlib import (MIB, PAGE_REPORTING, make_file,  # noqa: E402
                       page_reporting, page_reporting_state)
 from mounting import shim_mount  # noqa: E402
-from test_throughput import mapped_scan, mapped_write, native_scan, native_write  # noqa: E402
+from test_throughput import (mapped_scan, mapped_write, native_scan, native_write,  # noqa: E402
+                             timed_cold)
 
 
 @contextlib.contextmanager
@@ -44,13 +44,6 @@ def environ(extra: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def timed(fn, path: str, pid: int | None) -> tuple[float, dict[str, float]]:
-    meter = CpuMeter(pid)
-    t = time.perf_counter()
-    fn(path)
-    return time.perf_counter() - t, meter.stop()
 
 
 def main() -> None:
@@ -84,25 +77,24 @@ def main() -> None:
     variants = {"A": ([], {}), "B": (args.b_opt, b_env)}
     rows: dict[str, list[tuple[float, dict[str, float]]]] = {"native": [], "A": [], "B": []}
     gib = mib / 1024
+    nbytes = mib * MIB
     with page_reporting(args.page_reporting), \
             tempfile.TemporaryDirectory(prefix="shimfs-quick-") as tmp:
         print(page_reporting_state())
         for r in range(args.rounds):
-            drop_caches(path)
-            rows["native"].append(timed(nat_fn, path, None))
+            rows["native"].append(timed_cold(nat_fn, path, nbytes, None, path))
             for name, (opts, env) in variants.items():
                 mnt = os.path.join(tmp, "%s%d" % (name, r))
                 with environ(env), shim_mount(mnt, tmp, *opts) as m:
                     os.symlink(path, os.path.join(m, "f"))
                     pid = int(os.getxattr(m, "user.shimfs.pid"))
-                    drop_caches(path)
-                    rows[name].append(timed(map_fn, os.path.join(m, "f"), pid))
+                    rows[name].append(timed_cold(map_fn, os.path.join(m, "f"), nbytes, pid,
+                                                 path))
             print("round %d: %s" % (r + 1, "  ".join(
-                "%s %.0f MB/s" % (k, mib * MIB / v[-1][0] / 1e6) for k, v in rows.items())),
-                flush=True)
-    nat = statistics.median(mib * MIB / t / 1e6 for t, _ in rows["native"])
+                "%s %.0f MB/s" % (k, v[-1][0]) for k, v in rows.items())), flush=True)
+    nat = statistics.median(rate for rate, _ in rows["native"])
     for name, runs in rows.items():
-        rates = [mib * MIB / t / 1e6 for t, _ in runs]
+        rates = [rate for rate, _ in runs]
         cpu = {k: statistics.median(c.get(k, 0.0) for _, c in runs) / gib for k in runs[0][1]}
         print("%-6s %5.0f MB/s (%.0f-%.0f)  %.2fx native  CPU s/GiB: %s" % (
             name, statistics.median(rates), min(rates), max(rates),
