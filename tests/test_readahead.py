@@ -1,7 +1,7 @@
 """The read-ahead policy (pure code): what a stream of READs makes it prefetch."""
 from __future__ import annotations
 
-from shimfs.readahead import CHUNK, HOLE_EVERY, Budget, Stream, chunks, hole
+from shimfs.readahead import CHUNK, HOLE_EVERY, MIN_WINDOW, Budget, Stream, chunks, hole
 
 MIB = 1 << 20
 
@@ -95,3 +95,25 @@ def test_many_streams_never_prefetch_more_than_the_budget():
     for s in streams:
         s.close()
     assert budget.active == 0
+
+
+def test_windows_shrink_while_dirty_pages_fill_the_cache():
+    """Prefetched pages can only live in what dirty pages leave of the cache;
+    the windows together keep within half of it, and grow back once the
+    dirty pages are written back."""
+    clean = [256 * MIB]
+    budget = Budget(64 * MIB, clean=lambda: clean[0])
+    s = Stream(max_window=64 * MIB, budget=budget)
+    feed(s, [(i * MIB, MIB) for i in range(12)])
+    assert s.window == 64 * MIB                     # a clean cache: the whole budget
+    clean[0] = 72 * MIB                             # a mapped write: 184 MiB dirty
+    plans = feed(s, [(12 * MIB, MIB)])
+    assert s.window == 36 * MIB
+    assert all(off + n <= 13 * MIB + 64 * MIB for off, n in plans)
+    clean[0] = 1 * MIB                              # nearly all dirty: one chunk at least
+    feed(s, [(13 * MIB, MIB)])
+    assert s.window == MIN_WINDOW
+    clean[0] = 256 * MIB                            # written back: room again
+    feed(s, [(14 * MIB, MIB)])
+    assert s.window == 2 * MIN_WINDOW               # grows back by doubling
+    s.close()

@@ -24,6 +24,8 @@ class PageCache:
         """Record a new size without touching pages (use truncate to shrink)."""
     def dirty_bytes(self, fid: int) -> int:
         """Bytes of dirty pages, in whole pages."""
+    def clean_bytes(self) -> int:
+        """Bytes of the cache not held by dirty pages, of any file (free or clean slots)."""
     def read(self, fid: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset``, fewer only at the cached end of file; misses are preadv'd."""
     def read_cached(self, fid: int, offset: int, size: int) -> Optional[bytes]:

@@ -110,6 +110,7 @@ cdef struct Slot:
     uint8_t state
     uint8_t dirty
     uint8_t ref           # CLOCK reference bit
+    uint8_t spent         # the kernel's page cache has these bytes (see _spend)
     uint8_t orphan        # dropped from the table while pinned: free on last unpin
 
 cdef struct FileRec:
@@ -218,9 +219,14 @@ cdef class PageCache:
     cdef int64_t hand
     cdef int64_t *freelist
     cdef int64_t nfree
+    # spent slots, oldest first: the first to evict (see _spend)
+    cdef int32_t *spent
+    cdef int64_t sp_head, sp_len
+    cdef uint64_t spent_evictions
     cdef FileRec **files
     cdef int64_t nfiles_cap
     cdef uint64_t evictions, wait_spins
+    cdef int64_t ndirty           # dirty pages of all files (the sum of their ndirty)
     cdef char *twins      # multiwrite: the page as last read from / written to the backing file
     # multiwrite pages evicted with their twins, for the kernel to drop its copies
     cdef int64_t lost[LOST_MAX][2]
@@ -258,9 +264,11 @@ cdef class PageCache:
             tsize <<= 1
         self.table = <int32_t *>malloc(tsize * sizeof(int32_t))
         self.freelist = <int64_t *>malloc(self.nslots * sizeof(int64_t))
+        self.spent = <int32_t *>malloc(self.nslots * sizeof(int32_t))
         self.nfiles_cap = 64
         self.files = <FileRec **>calloc(self.nfiles_cap, sizeof(FileRec *))
-        if not self.slots or not self.table or not self.freelist or not self.files:
+        if not self.slots or not self.table or not self.freelist or not self.spent \
+                or not self.files:
             raise MemoryError()
         self.tmask = tsize - 1
         cdef int64_t i
@@ -282,6 +290,7 @@ cdef class PageCache:
         free(self.slots)
         free(self.table)
         free(self.freelist)
+        free(self.spent)
         if self.arena:
             munmap(self.arena, self.arena_len)
         if self.twins:
@@ -358,45 +367,99 @@ cdef class PageCache:
             self._release_slot(s)
 
     cdef int64_t _alloc(self, int64_t f, int64_t p) noexcept nogil:
-        """A pinned LOADING slot for (f, p), or -1 if every slot is busy or dirty."""
-        cdef int64_t s = -1, n
+        """A pinned LOADING slot for (f, p), or -1 if every slot is busy or dirty.
+
+        The victim is a free slot, else the oldest spent one that is still
+        clean and idle, else whatever CLOCK finds.
+        """
+        cdef int64_t s
         if self.nfree:
             self.nfree -= 1
             s = self.freelist[self.nfree]
         else:
-            n = 0
-            while n < 2 * self.nslots:
-                n += 1
-                s = self.hand
-                self.hand += 1
-                if self.hand == self.nslots:
-                    self.hand = 0
-                if self.slots[s].pins or self.slots[s].state != S_VALID or self.slots[s].dirty:
-                    s = -1
-                    continue
-                if self.slots[s].ref:
-                    self.slots[s].ref = 0
-                    s = -1
-                    continue
-                self.evictions += 1
-                if self.files[self.slots[s].file].multiwrite:
-                    self._note_twin_lost(self.slots[s].file, self.slots[s].page)
-                self._drop(s)
-                self.nfree -= 1
-                s = self.freelist[self.nfree]
-                break
+            s = self._take_spent()
             if s < 0:
-                return -1
+                s = self._clock()
+                if s < 0:
+                    return -1
         self.slots[s].file = f
         self.slots[s].page = p
         self.slots[s].state = S_LOADING
         self.slots[s].dirty = 0
         self.slots[s].orphan = 0
         self.slots[s].ref = 1
+        self.slots[s].spent = 0
         self.slots[s].pins = 1
         self._insert(s)
         self.files[f].cached += 1
         return s
+
+    cdef inline void _spend(self, int64_t s) noexcept nogil:
+        """Slot s has gone to the kernel, or came from it and is written back.
+
+        Then the kernel's own page cache holds the same bytes, and it asks
+        for them again only after it dropped its copy.  Pages prefetched but
+        not asked for yet are worth more: evicting one costs a second backing
+        read.  CLOCK alone does not tell them apart; with few clean pages (a
+        mapped write keeps most of the cache dirty) its hand goes round
+        faster than the reader advances and evicted a fifth of the
+        prefetched pages before their READ came (docs/performance.md, step
+        15).  So spent slots queue up here, oldest first, and _alloc takes
+        them before asking CLOCK.  A slot is queued once per use; an entry
+        whose slot was reused, dirtied or pinned since is skipped.
+        """
+        if self.slots[s].spent:
+            return
+        self.slots[s].spent = 1
+        self.slots[s].ref = 0
+        if self.sp_len < self.nslots:
+            self.spent[(self.sp_head + self.sp_len) % self.nslots] = <int32_t>s
+            self.sp_len += 1
+
+    cdef int64_t _clock(self) noexcept nogil:
+        """Evict the next clean, idle slot whose reference bit is clear; return it free, or -1."""
+        cdef int64_t s, n = 0
+        while n < 2 * self.nslots:
+            n += 1
+            s = self.hand
+            self.hand += 1
+            if self.hand == self.nslots:
+                self.hand = 0
+            if self.slots[s].pins or self.slots[s].state != S_VALID or self.slots[s].dirty:
+                continue
+            if self.slots[s].ref:
+                self.slots[s].ref = 0
+                continue
+            self.evictions += 1
+            if self.files[self.slots[s].file].multiwrite:
+                self._note_twin_lost(self.slots[s].file, self.slots[s].page)
+            self._drop(s)
+            self.nfree -= 1
+            return self.freelist[self.nfree]
+        return -1
+
+    cdef int64_t _take_spent(self) noexcept nogil:
+        """Drop the oldest spent slot that is clean and idle; return it free, or -1."""
+        cdef int64_t s
+        while self.sp_len:
+            s = self.spent[self.sp_head]
+            self.sp_head = (self.sp_head + 1) % self.nslots
+            self.sp_len -= 1
+            if self.slots[s].file < 0 or not self.slots[s].spent:
+                continue            # freed, or reused since it was queued
+            if self.slots[s].pins or self.slots[s].dirty or self.slots[s].state != S_VALID \
+                    or self.slots[s].orphan or self.files[self.slots[s].file].multiwrite:
+                # in use again (or multiwrite, whose evictions CLOCK notes as lost
+                # twins): out of the queue until it is spent once more
+                self.slots[s].spent = 0
+                continue
+            self.slots[s].spent = 0
+            self.evictions += 1
+            self.spent_evictions += 1
+            self._drop(s)
+            self.nfree -= 1
+            return self.freelist[self.nfree]
+        return -1
 
     cdef void _note_twin_lost(self, int64_t f, int64_t p) noexcept nogil:
         if self.nlost < LOST_MAX:
@@ -439,12 +502,14 @@ cdef class PageCache:
         if not (fr.dirty[p >> 6] & bit):
             fr.dirty[p >> 6] |= bit
             fr.ndirty += 1
+            self.ndirty += 1
 
     cdef inline void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
         cdef uint64_t bit = 1ULL << (p & 63)
         if p >> 6 < fr.nwords and fr.dirty[p >> 6] & bit:
             fr.dirty[p >> 6] &= ~bit
             fr.ndirty -= 1
+            self.ndirty -= 1
 
     cdef int64_t _next_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
         """First dirty page >= p, or -1."""
@@ -519,11 +584,13 @@ cdef class PageCache:
             if fr.pf_pending:
                 fr.zombie = 1
                 fr.multiwrite = 0
+                self.ndirty -= fr.ndirty
                 fr.ndirty = 0
                 if fr.dirty:
                     memset(fr.dirty, 0, fr.nwords * sizeof(uint64_t))
                 fr = NULL
             else:
+                self.ndirty -= fr.ndirty
                 self.files[fid] = NULL
             pthread_mutex_unlock(&self.mu)
         if fr:
@@ -556,6 +623,14 @@ cdef class PageCache:
     def dirty_bytes(self, int64_t fid):
         """Bytes in dirty pages of the file (whole pages)."""
         return self._file(fid).ndirty * PAGE
+
+    def clean_bytes(self):
+        """Bytes of the cache that dirty pages do not hold (free or clean slots).
+
+        One read of a counter, no lock: the read-ahead policy asks on every
+        READ, and a value a page or two stale does not matter to it.
+        """
+        return (self.nslots - self.ndirty) * PAGE
 
     # ------------------------------------------------------------------
     cdef int _load(self, FileRec *fr, int64_t *slot_list, int64_t first_page,
@@ -776,6 +851,8 @@ cdef class PageCache:
                     s = slot_of[i]
                     if s >= 0:
                         memcpy(out + (a - offset), self.arena + s * PAGE + (a - (p0 + i) * PAGE), b - a)
+                        if b - a == PAGE:
+                            self._spend(s)
                         self._unpin(s)
                 pthread_mutex_unlock(&self.mu)
                 # pages the full cache could not hold: read them straight through
@@ -815,9 +892,12 @@ cdef class PageCache:
             if ok:
                 for i in range(p0, p1):
                     s = self._find(fid, i)
-                    self.slots[s].ref = 1
                     _clip(i, offset, end, &a, &b)
                     memcpy(out + (a - offset), self.arena + s * PAGE + (a - i * PAGE), b - a)
+                    if b - a == PAGE:
+                        self._spend(s)
+                    else:
+                        self.slots[s].ref = 1
                 fr.hits += p1 - p0
             pthread_mutex_unlock(&self.mu)
         return res if ok else None
@@ -1025,6 +1105,9 @@ cdef class PageCache:
                     err = errno
                 pthread_mutex_lock(&self.mu)
                 for i in range(n):
+                    _clip(p0 + i, offset, end, &a, &b)
+                    if not err and b - a == PAGE:
+                        self._spend(slot_of[i])
                     self._unpin(slot_of[i])
                 if not err:
                     fr.bytes_pushed += end - offset
@@ -1062,23 +1145,28 @@ cdef class PageCache:
             PyBuffer_Release(&view)
 
     def write_cached(self, int64_t fid, int64_t offset, data):
-        """Like :meth:`write`, but only if every page is already cached: never
-        does I/O and never evicts.
+        """Like :meth:`write`, but only if it needs no I/O.
 
-        Returns the number of bytes taken, or None (nothing written) when a
-        page is missing or being loaded, or the write would extend the file.
-        Cheap enough for the thread that serves FUSE requests: a mapped write
-        faults each page in (a READ) before the kernel writes it back, so its
-        WRITEs find their pages cached and skip the hop to a worker thread.
+        Every page the write covers in part must be cached already; a page it
+        covers whole gets a fresh slot if it is missing, as long as one is
+        free or clean (evicting a clean page is no I/O).  Returns the number
+        of bytes taken, or None (nothing written) when a page is missing or
+        being loaded, no clean slot is left, or the write would extend the
+        file.  Cheap enough for the thread that serves FUSE requests: a
+        mapped write faults each page in (a READ) before the kernel writes it
+        back, so its WRITEs skip the hop to a worker thread, even when the
+        page was evicted in between (spent pages go first, see _spend).
         """
         cdef FileRec *fr = self._file(fid)
         cdef Py_buffer view
-        cdef int64_t end, p0, p1, i, s, a, b
+        cdef int64_t end, p0, p1, i, s, a, b, n, fresh = 0
         cdef bint ok = True
         cdef const char *src
+        cdef int64_t *slot_of
         if offset < 0:
             raise ValueError("negative offset")
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        slot_of = NULL
         try:
             end = offset + view.len
             if view.len == 0:
@@ -1086,27 +1174,63 @@ cdef class PageCache:
             src = <const char *>view.buf
             p0 = offset >> PAGE_SHIFT
             p1 = (end + PAGE - 1) >> PAGE_SHIFT
+            n = p1 - p0
+            slot_of = <int64_t *>malloc(n * sizeof(int64_t))
+            if not slot_of:
+                raise MemoryError()
             with nogil:
                 pthread_mutex_lock(&self.mu)
                 # growing the file is left to write(): it may have to evict
                 ok = end <= fr.size and self._bitmap_fit(fr, p1 - 1) == 0
-                i = p0
-                while ok and i < p1:
-                    s = self._find(fid, i)
-                    ok = s >= 0 and self.slots[s].state == S_VALID
-                    i += 1
-                if ok:
-                    for i in range(p0, p1):
-                        s = self._find(fid, i)
+                # pin the cached pages first, so that taking slots for the
+                # missing ones cannot evict them
+                for i in range(n):
+                    s = -1
+                    if ok:
+                        s = self._find(fid, p0 + i)
+                        if s >= 0:
+                            ok = self.slots[s].state == S_VALID
+                            if ok:
+                                self.slots[s].pins += 1
+                            else:
+                                s = -1
+                        else:
+                            # a page written whole needs no old bytes; multiwrite
+                            # needs them (its twin), so it goes the long way
+                            ok = not fr.multiwrite and (p0 + i) * PAGE >= offset \
+                                and (p0 + i + 1) * PAGE <= end
+                    slot_of[i] = s
+                for i in range(n):
+                    if ok and slot_of[i] < 0:
+                        s = self._alloc(fid, p0 + i)
+                        if s < 0:
+                            ok = False
+                        else:
+                            slot_of[i] = s
+                            fresh += 1
+                            fr.misses += 1
+                for i in range(n):
+                    s = slot_of[i]
+                    if s < 0:
+                        continue
+                    if ok:
+                        _clip(p0 + i, offset, end, &a, &b)
+                        memcpy(self.arena + s * PAGE + (a - (p0 + i) * PAGE), src + (a - offset), b - a)
+                        self.slots[s].state = S_VALID
                         self.slots[s].ref = 1
-                        _clip(i, offset, end, &a, &b)
-                        memcpy(self.arena + s * PAGE + (a - i * PAGE), src + (a - offset), b - a)
                         self._set_dirty(fr, s)
-                    fr.hits += p1 - p0
+                        self._unpin(s)
+                    elif self.slots[s].state == S_LOADING:
+                        self._discard(s)
+                    else:
+                        self._unpin(s)
+                if ok:
+                    fr.hits += n - fresh
                     fr.bytes_written += end - offset
                 pthread_mutex_unlock(&self.mu)
             return view.len if ok else None
         finally:
+            free(slot_of)
             PyBuffer_Release(&view)
 
     cdef _write_piece(self, int64_t fid, int64_t offset, const char *src, int64_t length):
@@ -1220,6 +1344,8 @@ cdef class PageCache:
                     s = run[i]
                     if err and not self.slots[s].orphan:
                         self._set_dirty(fr, s)     # keep it for a retry
+                    elif not self.slots[s].dirty:
+                        self._spend(s)              # the kernel wrote it: it has the bytes
                     self._unpin(s)
                 if err:
                     fr.errors += 1
@@ -1494,7 +1620,7 @@ cdef class PageCache:
     def stats(self):
         """Counters of the whole cache, as a dict."""
         return dict(capacity_bytes=self.nslots * PAGE, used_bytes=(self.nslots - self.nfree) * PAGE,
-                    evictions=self.evictions, wait_spins=self.wait_spins,
+                    evictions=self.evictions, spent_evictions=self.spent_evictions, wait_spins=self.wait_spins,
                     twins_lost=self.nlost, twins_lost_overflow=self.lost_overflow,
                     prefetch_threads=self.pf_threads, prefetch_queued=self.pq_len,
                     prefetch_pending=self._pf_pending(), prefetches_done=self.pf_done,
@@ -1519,10 +1645,13 @@ cdef class PageCache:
             if self.slots[s].dirty:
                 dirty[f] = dirty.get(f, 0) + 1
         assert used == self.nslots - self.nfree, "free list out of step"
+        ndirty = 0
         for f in range(self.nfiles_cap):
             if self.files[f]:
                 assert self.files[f].cached == counts.get(f, 0), "file %d cached count" % f
                 assert self.files[f].ndirty == dirty.get(f, 0), "file %d dirty count" % f
+                ndirty += self.files[f].ndirty
+        assert self.ndirty == ndirty, "total dirty count %d, files say %d" % (self.ndirty, ndirty)
 
 
 cdef extern from "<unistd.h>" nogil:

@@ -57,6 +57,10 @@ class PageCache:
         self._files: dict[int, _File] = {}
         self._next = 0
         self._evictions = 0
+        # pages whose bytes the kernel has (served, or written back), oldest
+        # first: evicted before any other (the engine's spent queue)
+        self._spent: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._spent_evictions = 0
         self._lost: list[tuple[int, int]] = []
         self._pf_max = 0
         self._pf_pool = None
@@ -82,6 +86,7 @@ class PageCache:
             self._file(fid)
             for key in [k for k in self._pages if k[0] == fid]:
                 del self._pages[key]
+                self._spent.pop(key, None)
             del self._files[fid]
 
     def size(self, fid: int) -> int:
@@ -93,6 +98,10 @@ class PageCache:
 
     def dirty_bytes(self, fid: int) -> int:
         return len(self._file(fid).dirty) * PAGE
+
+    def clean_bytes(self) -> int:
+        with self._lock:
+            return (self._nslots - sum(len(f.dirty) for f in self._files.values())) * PAGE
 
     # -- pages -------------------------------------------------------------
     def _load(self, f: _File, page: int) -> bytearray:
@@ -106,10 +115,21 @@ class PageCache:
         return bytearray(data.ljust(PAGE, b"\0"))
 
     def _room(self) -> bool:
-        """Evict the least recently used clean page; False if all are dirty."""
+        """Evict the oldest spent page, else the least recently used clean
+        page; False if all are dirty."""
+        while self._spent:
+            key = next(iter(self._spent))
+            del self._spent[key]
+            if key in self._pages and key[1] not in self._files[key[0]].dirty:
+                del self._pages[key]
+                self._files[key[0]].twins.pop(key[1], None)
+                self._evictions += 1
+                self._spent_evictions += 1
+                return True
         for key in self._pages:
             if key[1] not in self._files[key[0]].dirty:
                 del self._pages[key]
+                self._spent.pop(key, None)
                 if self._files[key[0]].multiwrite:
                     self._lost.append(key)
                 self._files[key[0]].twins.pop(key[1], None)
@@ -134,7 +154,15 @@ class PageCache:
         if f.multiwrite:
             f.twins[page] = bytes(buf)
         self._pages[key] = buf
+        self._spent.pop(key, None)
         return buf
+
+    def _spend(self, fid: int, page: int) -> None:
+        """The kernel has this page's bytes: queue it to be evicted first
+        (multiwrite pages stay in LRU order, as in the engine)."""
+        key = (fid, page)
+        if key in self._pages and not self._files[fid].multiwrite:
+            self._spent.setdefault(key)
 
     def read(self, fid: int, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
@@ -149,6 +177,8 @@ class PageCache:
                 buf = self._page(fid, p, True, False)
                 a, b = max(offset, p * PAGE), min(end, (p + 1) * PAGE)
                 out += buf[a - p * PAGE:b - p * PAGE]
+                if b - a == PAGE:
+                    self._spend(fid, p)
             return bytes(out)
 
     def read_cached(self, fid: int, offset: int, size: int):
@@ -265,8 +295,17 @@ class PageCache:
         with self._lock:
             f = self._file(fid)
             end = offset + n
-            if not n or end > f.size or not all(
-                    (fid, p) in self._pages for p in range(offset // PAGE, (end + PAGE - 1) // PAGE)):
+            if not n or end > f.size:
+                return None
+            pages = range(offset // PAGE, (end + PAGE - 1) // PAGE)
+            missing = [p for p in pages if (fid, p) not in self._pages]
+            # a page written whole needs no old bytes, only a free or clean slot
+            if missing and (f.multiwrite or any(p * PAGE < offset or (p + 1) * PAGE > end
+                                                for p in missing)):
+                return None
+            clean = sum(1 for k in self._pages
+                        if k[1] not in self._files[k[0]].dirty and not (k[0] == fid and k[1] in pages))
+            if len(missing) > self._nslots - len(self._pages) + clean:
                 return None
             return self.write(fid, offset, data)
 
@@ -295,6 +334,8 @@ class PageCache:
                     raise EngineError(e.errno, "backing write failed") from None
                 f.counters["backing_writes"] += 1
                 f.dirty.difference_update(run)
+                for p in run:
+                    self._spend(fid, p)
                 written += len(data)
                 i = j
             return written
@@ -346,6 +387,7 @@ class PageCache:
             if f.multiwrite != bool(on):
                 for key in [k for k in self._pages if k[0] == fid]:
                     del self._pages[key]
+                    self._spent.pop(key, None)
                 f.twins.clear()
                 f.multiwrite = bool(on)
 
@@ -366,6 +408,7 @@ class PageCache:
                     if len(self._pages) >= self._nslots and not self._room():
                         continue
                     buf = self._pages[key] = bytearray(fresh)
+                    self._spent.pop(key, None)
                 elif p not in f.dirty:
                     buf[:] = fresh
                 elif f.multiwrite:
@@ -384,6 +427,7 @@ class PageCache:
             last = (size + PAGE - 1) // PAGE
             for key in [k for k in self._pages if k[0] == fid and k[1] >= last]:
                 del self._pages[key]
+                self._spent.pop(key, None)
                 f.dirty.discard(key[1])
                 f.twins.pop(key[1], None)
             tail = size % PAGE
@@ -400,6 +444,7 @@ class PageCache:
                     if k[0] == fid and p0 <= k[1] < p1 and k[1] not in f.dirty]
             for key in keys:
                 del self._pages[key]
+                self._spent.pop(key, None)
                 f.twins.pop(key[1], None)
             return len(keys)
 
@@ -414,7 +459,7 @@ class PageCache:
 
     def stats(self) -> dict:
         return dict(capacity_bytes=self._nslots * PAGE, used_bytes=len(self._pages) * PAGE,
-                    evictions=self._evictions, wait_spins=0, twins_lost=len(self._lost),
+                    evictions=self._evictions, spent_evictions=self._spent_evictions, wait_spins=0, twins_lost=len(self._lost),
                     twins_lost_overflow=0, page_size=PAGE,
                     prefetch_threads=self._pf_max if self._pf_pool else 0,
                     prefetch_queued=0, prefetch_pending=self._pf["pending"],

@@ -98,7 +98,7 @@ class AsyncCache:
         # The windows of all streams together may not exceed a quarter of the
         # cache: streams that prefetch more than that evict their own pages
         # before they are read.  A stream alone may take all of it.
-        self.budget = Budget(cache_size // WINDOW_BUDGET_SHARE)
+        self.budget = Budget(cache_size // WINDOW_BUDGET_SHARE, self.engine.clean_bytes)
         self.max_window = min(read_ahead_bytes * WINDOW_FACTOR, self.budget.total)
         self.read_ahead_bytes = read_ahead_bytes
         self.limiter = trio.CapacityLimiter(threads)

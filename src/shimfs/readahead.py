@@ -38,7 +38,11 @@ most ``max_window``, and at most the budget divided among the streams that
 are prefetching at the time.  One stream alone may run far ahead, which
 keeps every backing read slot busy.  Many streams together never prefetch
 more than the budget (a quarter of the cache), so their pages are not
-evicted before they are read.
+evicted before they are read.  Nor more than half of what dirty pages leave
+of the cache: a mapped write dirties pages faster than they can be written
+back, and with the whole budget in flight the cache then evicted prefetched
+pages before the kernel asked for them (a 1 GiB mapped write fetched 1.3-1.45
+GiB from the backing file, docs/performance.md step 15).
 """
 from __future__ import annotations
 
@@ -49,17 +53,27 @@ HOLE_EVERY = 2
 
 
 class Budget:
-    """Bytes of read-ahead that the prefetching streams of a mount share."""
+    """Bytes of read-ahead that the prefetching streams of a mount share.
 
-    __slots__ = ("total", "active")
+    ``clean`` (optional) returns how many bytes of the cache dirty pages do
+    not hold.  Prefetched pages can only live there, next to the pages
+    already served, which the kernel may still write to: the streams'
+    windows together stay within half of it.
+    """
 
-    def __init__(self, total: int):
+    __slots__ = ("total", "active", "clean")
+
+    def __init__(self, total: int, clean=None):
         self.total = total
         self.active = 0             # streams whose window is open (> 0)
+        self.clean = clean
 
     def share(self) -> int:
         """The window each open stream may have now (at least MIN_WINDOW)."""
-        return max(MIN_WINDOW, self.total // max(1, self.active))
+        total = self.total
+        if self.clean is not None:
+            total = min(total, self.clean() // 2)
+        return max(MIN_WINDOW, total // max(1, self.active))
 
 
 class Stream:
