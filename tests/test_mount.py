@@ -138,6 +138,38 @@ def test_mapped_rewrite_is_absorbed_without_worker_hops(mnt, data_dir):
     assert shimfs.stats(path)["file"]["dirty_bytes"] == 0
 
 
+def test_stat_during_a_mapped_write_keeps_the_page_cache(mnt, data_dir):
+    """The kernel drops a file's whole page cache when a GETATTR reply shows
+    it a new mtime.  A stat in the middle of a mapped write must not do that:
+    the mapping's pages stay (no READ to fault them in again) and the mtime
+    moves once the mapping and the file are closed."""
+    import time
+    import shimfs
+    from shimfs.vfs import TIMEOUT
+    size = 4 << 20
+    src = os.path.join(data_dir, "statwrite")
+    data = _make(src, size)
+    os.symlink(src, os.path.join(mnt, "statwrite"))
+    path = os.path.join(mnt, "statwrite")
+    before = os.stat(path).st_mtime_ns
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+            assert m[:] == data                         # every page faulted in
+            m[:4096] = b"w" * 4096
+            m.flush()                                   # the WRITE reached the daemon
+            reads = shimfs.stats(mnt)["mount"]["read_requests"]
+            time.sleep(TIMEOUT + 0.2)                   # the kernel's attributes expired:
+            assert os.stat(path).st_mtime_ns == before  # this stat asks the daemon
+            assert m[4096:] == data[4096:]
+            assert shimfs.stats(mnt)["mount"]["read_requests"] == reads
+    finally:
+        os.close(fd)
+    time.sleep(TIMEOUT + 0.2)
+    assert os.stat(path).st_mtime_ns > before
+    assert _read(src) == b"w" * 4096 + data[4096:]
+
+
 def test_rm_shadow_keeps_backing(mnt, data_dir):
     src = os.path.join(data_dir, "keep")
     data = _make(src, 5000)

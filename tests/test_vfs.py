@@ -263,3 +263,36 @@ def test_removed_file_is_forgotten_only_after_its_background_writeback(tmp_path)
             vfs.cache.nursery = None
     run(go)
     assert engine.log == ["writeback", "unregister"]
+
+
+def test_mtime_moves_when_the_last_writer_is_released(vfs, tmp_path):
+    """A new mtime makes the kernel drop the file's whole page cache, so
+    writes move ctime at once and mtime only once no handle writes."""
+    target = tmp_path / "t"
+    target.write_bytes(b"x" * 10000)
+
+    async def go():
+        await vfs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
+        ino = vfs.lookup(ROOT_INODE, b"s").ino
+        before = vfs.getattr(ino)
+        w1 = await vfs.open(ino, os.O_RDWR, Ctx())
+        w2 = await vfs.open(ino, os.O_WRONLY, Ctx())
+        r = await vfs.open(ino, os.O_RDONLY, Ctx())
+        await vfs.write(w1, 0, b"new")
+        during = vfs.getattr(ino)
+        assert during.mtime_ns == before.mtime_ns
+        assert during.ctime_ns > before.ctime_ns
+        await vfs.release(w1)
+        assert vfs.getattr(ino).mtime_ns == before.mtime_ns     # w2 still writes
+        await vfs.release(w2)
+        after = vfs.getattr(ino)
+        assert after.mtime_ns > before.mtime_ns
+        await vfs.release(r)
+        # an explicit mtime (touch -m) during a write stays
+        w = await vfs.open(ino, os.O_RDWR, Ctx())
+        await vfs.write(w, 0, b"again")
+        await vfs.setattr(ino, Ctx(), mtime_ns=123_000_000_000)
+        await vfs.release(w)
+        assert vfs.getattr(ino).mtime_ns == 123_000_000_000
+        assert await vfs.read(await vfs.open(ino, os.O_RDONLY, Ctx()), 0, 5) == b"again"
+    run(go)

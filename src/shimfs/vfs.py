@@ -130,6 +130,8 @@ class File(Node):
         self.shadow = shadow
         self.writable = writable
         self.opens = 0
+        self.writers = 0            # handles open for writing
+        self.mtime_due = False      # written since the last writer came: see wrote()
         self.io_lock = trio.Lock()  # serializes write-back, fsync and truncate
         self.background = False     # a background write-back is running
         self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
@@ -139,6 +141,26 @@ class File(Node):
 
     def backing_path(self) -> str:
         return self.path
+
+    def wrote(self) -> None:
+        """Data changed through the mount: ctime now, mtime once no writer is left.
+
+        The kernel drops the whole page cache of a file (mapped pages too,
+        after writing dirty ones back synchronously) whenever a GETATTR or
+        LOOKUP reply shows it a new mtime (auto_inval_data, fs/fuse/inode.c
+        fuse_change_attributes).  Bumping mtime at every WRITE made a plain
+        ``stat`` or ``ls -l`` during a mapped write stall for seconds and
+        made the writer fault every page in again.  Its pages came through
+        this mount, so the kernel's copies are current: the new mtime waits
+        until the last writable handle is released (for a mapping: after
+        munmap, once the kernel has written every dirty page back).  ctime
+        does not invalidate anything and moves at once.
+        """
+        self.ctime_ns = time.time_ns()
+        if self.writers:
+            self.mtime_due = True
+        else:
+            self.mtime_ns = self.ctime_ns
 
 
 class Handle:
@@ -346,6 +368,8 @@ class Vfs:
             node.atime_ns = atime_ns
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
+            if isinstance(node, File):
+                node.mtime_due = False      # set on purpose: release keeps it
         node.ctime_ns = time.time_ns()
         return self.attr(node)
 
@@ -587,6 +611,7 @@ class Vfs:
         stream = self.cache.stream() if self.config.read_ahead and not node.in_memory else None
         self.handles[fh] = Handle(fh, node, stream, writable)
         node.opens += 1
+        node.writers += writable
         return fh
 
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
@@ -643,7 +668,7 @@ class Vfs:
         if not node.writable:
             raise FsError(errno.EBADF)
         n = await self._with_reopen(node, self.cache.write, node.fid, off, data)
-        node.touch()
+        node.wrote()
         if not node.background and \
                 self.cache.engine.dirty_bytes(node.fid) >= self.config.cache_size // 2:
             # Half the cache is dirty: write back now, in parallel streams, so
@@ -737,6 +762,10 @@ class Vfs:
             node.opens -= 1
             if h.writable:
                 self.cache.open_gate(node.fid)
+                node.writers -= 1
+                if not node.writers and node.mtime_due:
+                    node.mtime_due = False
+                    node.mtime_ns = time.time_ns()
             self._maybe_free(node)
 
     async def truncate(self, node: File, size: int) -> None:
