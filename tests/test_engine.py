@@ -6,6 +6,7 @@ step every read must agree to the byte and the engine's invariants must hold.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -523,12 +524,23 @@ def test_file_removed_under_a_running_prefetch_lives_until_it_ends(tmp_path):
 PAGE_ = 4096
 
 
-def _file_of_pages(tmp_path, pages):
+@contextlib.contextmanager
+def _cache_over(tmp_path, impl, pages: int, cache_pages: int = 16):
+    """A cache of ``cache_pages`` slots over a file of ``pages`` distinct pages;
+    its invariants are checked at the end."""
     path = str(tmp_path / "f")
     data = b"".join(bytes([p % 251]) * PAGE_ for p in range(pages))
     with open(path, "wb") as f:
         f.write(data)
-    return os.open(path, os.O_RDWR), data
+    fd = os.open(path, os.O_RDWR)
+    pc = impl(cache_pages * PAGE_)
+    fid = pc.register(fd, len(data))
+    try:
+        yield pc, fid, fd, data
+        pc.check()
+    finally:
+        pc.unregister(fid)
+        os.close(fd)
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
@@ -536,68 +548,49 @@ def test_pages_served_are_evicted_before_pages_prefetched(tmp_path, impl):
     # 16 slots: 8 pages prefetched and not asked for yet, then 8 pages served
     # (read), then 8 more served.  The kernel holds what was served, so those
     # go first; the prefetched pages stay (plain CLOCK or LRU evicted them).
-    fd, data = _file_of_pages(tmp_path, 32)
-    pc = impl(16 * PAGE_)
-    fid = pc.register(fd, len(data))
-    pc.prefetch(fid, 8 * PAGE_, 8 * PAGE_)
-    assert pc.read(fid, 0, 8 * PAGE_) == data[:8 * PAGE_]
-    assert pc.read(fid, 16 * PAGE_, 8 * PAGE_) == data[16 * PAGE_:24 * PAGE_]
-    assert pc.read_cached(fid, 8 * PAGE_, 8 * PAGE_) == data[8 * PAGE_:16 * PAGE_]
-    assert pc.read_cached(fid, 0, PAGE_) is None
-    assert pc.stats()["spent_evictions"] == 8
-    assert pc.file_stats(fid)["bytes_fetched"] == 24 * PAGE_
-    pc.check()
-    pc.unregister(fid)
-    os.close(fd)
+    with _cache_over(tmp_path, impl, 32) as (pc, fid, fd, data):
+        pc.prefetch(fid, 8 * PAGE_, 8 * PAGE_)
+        assert pc.read(fid, 0, 8 * PAGE_) == data[:8 * PAGE_]
+        assert pc.read(fid, 16 * PAGE_, 8 * PAGE_) == data[16 * PAGE_:24 * PAGE_]
+        assert pc.read_cached(fid, 8 * PAGE_, 8 * PAGE_) == data[8 * PAGE_:16 * PAGE_]
+        assert pc.read_cached(fid, 0, PAGE_) is None
+        assert pc.stats()["spent_evictions"] == 8
+        assert pc.file_stats(fid)["bytes_fetched"] == 24 * PAGE_
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
 def test_written_back_pages_are_evicted_before_pages_prefetched(tmp_path, impl):
-    fd, data = _file_of_pages(tmp_path, 32)
-    pc = impl(16 * PAGE_)
-    fid = pc.register(fd, len(data))
-    pc.prefetch(fid, 8 * PAGE_, 8 * PAGE_)
-    new = os.urandom(8 * PAGE_)
-    pc.write(fid, 0, new)
-    pc.writeback(fid)                   # the kernel wrote these: it has them
-    assert pc.read(fid, 16 * PAGE_, 8 * PAGE_) == data[16 * PAGE_:24 * PAGE_]
-    assert pc.read_cached(fid, 8 * PAGE_, 8 * PAGE_) == data[8 * PAGE_:16 * PAGE_]
-    assert pc.read(fid, 0, 8 * PAGE_) == new
-    pc.check()
-    pc.unregister(fid)
-    os.close(fd)
+    with _cache_over(tmp_path, impl, 32) as (pc, fid, fd, data):
+        pc.prefetch(fid, 8 * PAGE_, 8 * PAGE_)
+        new = os.urandom(8 * PAGE_)
+        pc.write(fid, 0, new)
+        pc.writeback(fid)                   # the kernel wrote these: it has them
+        assert pc.read(fid, 16 * PAGE_, 8 * PAGE_) == data[16 * PAGE_:24 * PAGE_]
+        assert pc.read_cached(fid, 8 * PAGE_, 8 * PAGE_) == data[8 * PAGE_:16 * PAGE_]
+        assert pc.read(fid, 0, 8 * PAGE_) == new
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
 def test_write_cached_takes_fresh_slots_for_whole_pages_only(tmp_path, impl):
-    fd, data = _file_of_pages(tmp_path, 8)
-    pc = impl(16 * PAGE_)
-    fid = pc.register(fd, len(data))
-    # a page it covers in part would need its old bytes (I/O): refused
-    assert pc.write_cached(fid, 100, b"x" * PAGE_) is None
-    assert pc.file_stats(fid)["bytes_fetched"] == 0
-    # whole pages need no old bytes: taken, without reading the backing file
-    blob = os.urandom(2 * PAGE_)
-    assert pc.write_cached(fid, 2 * PAGE_, blob) == 2 * PAGE_
-    assert pc.file_stats(fid)["bytes_fetched"] == 0
-    assert pc.dirty_bytes(fid) == 2 * PAGE_
-    assert pc.read(fid, PAGE_, 4 * PAGE_) == data[PAGE_:2 * PAGE_] + blob + data[4 * PAGE_:5 * PAGE_]
-    pc.writeback(fid)
-    assert os.pread(fd, 2 * PAGE_, 2 * PAGE_) == blob
-    pc.check()
-    pc.unregister(fid)
-    os.close(fd)
+    with _cache_over(tmp_path, impl, 8) as (pc, fid, fd, data):
+        # a page it covers in part would need its old bytes (I/O): refused
+        assert pc.write_cached(fid, 100, b"x" * PAGE_) is None
+        assert pc.file_stats(fid)["bytes_fetched"] == 0
+        # whole pages need no old bytes: taken, without reading the backing file
+        blob = os.urandom(2 * PAGE_)
+        assert pc.write_cached(fid, 2 * PAGE_, blob) == 2 * PAGE_
+        assert pc.file_stats(fid)["bytes_fetched"] == 0
+        assert pc.dirty_bytes(fid) == 2 * PAGE_
+        assert pc.read(fid, PAGE_, 4 * PAGE_) == \
+            data[PAGE_:2 * PAGE_] + blob + data[4 * PAGE_:5 * PAGE_]
+        pc.writeback(fid)
+        assert os.pread(fd, 2 * PAGE_, 2 * PAGE_) == blob
 
 
 def test_write_cached_refuses_when_every_slot_is_dirty(tmp_path):
-    fd, data = _file_of_pages(tmp_path, 32)
-    pc = CompiledPageCache(16 * PAGE_)
-    fid = pc.register(fd, len(data))
-    pc.write(fid, 0, os.urandom(16 * PAGE_))       # all 16 slots dirty
-    assert pc.write_cached(fid, 20 * PAGE_, b"y" * PAGE_) is None    # would need a write-back
-    assert pc.dirty_bytes(fid) == 16 * PAGE_
-    pc.writeback(fid)
-    assert pc.write_cached(fid, 20 * PAGE_, b"y" * PAGE_) == PAGE_
-    pc.check()
-    pc.unregister(fid)
-    os.close(fd)
+    with _cache_over(tmp_path, CompiledPageCache, 32) as (pc, fid, fd, data):
+        pc.write(fid, 0, os.urandom(16 * PAGE_))       # all 16 slots dirty
+        assert pc.write_cached(fid, 20 * PAGE_, b"y" * PAGE_) is None    # needs a write-back
+        assert pc.dirty_bytes(fid) == 16 * PAGE_
+        pc.writeback(fid)
+        assert pc.write_cached(fid, 20 * PAGE_, b"y" * PAGE_) == PAGE_
