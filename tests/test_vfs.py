@@ -267,7 +267,8 @@ def test_removed_file_is_forgotten_only_after_its_background_writeback(tmp_path)
 
 def test_mtime_moves_when_the_last_writer_is_released(vfs, tmp_path):
     """A new mtime makes the kernel drop the file's whole page cache, so
-    writes move ctime at once and mtime only once no handle writes."""
+    writes move ctime at once, and mtime when no handle writes any more or
+    at the flusher's next tick."""
     target = tmp_path / "t"
     target.write_bytes(b"x" * 10000)
 
@@ -284,9 +285,17 @@ def test_mtime_moves_when_the_last_writer_is_released(vfs, tmp_path):
         assert during.ctime_ns > before.ctime_ns
         await vfs.release(w1)
         assert vfs.getattr(ino).mtime_ns == before.mtime_ns     # w2 still writes
+        vfs.publish_mtimes()                                    # the flusher's tick
+        ticked = vfs.getattr(ino).mtime_ns
+        assert ticked > before.mtime_ns
+        await vfs.release(w2)
+        assert vfs.getattr(ino).mtime_ns == ticked              # no write since
+        await vfs.write(w2 := await vfs.open(ino, os.O_WRONLY, Ctx()), 3, b"more")
+        assert vfs.getattr(ino).mtime_ns == ticked
         await vfs.release(w2)
         after = vfs.getattr(ino)
-        assert after.mtime_ns > before.mtime_ns
+        assert after.mtime_ns > ticked
+        assert after.mtime_ns <= after.ctime_ns
         await vfs.release(r)
         # an explicit mtime (touch -m) during a write stays
         w = await vfs.open(ino, os.O_RDWR, Ctx())

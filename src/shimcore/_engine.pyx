@@ -1151,8 +1151,8 @@ cdef class PageCache:
         covers whole gets a fresh slot if it is missing, as long as one is
         free or clean (evicting a clean page is no I/O).  Returns the number
         of bytes taken, or None (nothing written) when a page is missing or
-        being loaded, no clean slot is left, or the write would extend the
-        file.  Cheap enough for the thread that serves FUSE requests: a
+        being loaded, no clean slot is left, the write would extend the
+        file, or it spans more than 4 MiB (no FUSE WRITE does).  Cheap enough for the thread that serves FUSE requests: a
         mapped write faults each page in (a READ) before the kernel writes it
         back, so its WRITEs skip the hop to a worker thread, even when the
         page was evicted in between (spent pages go first, see _spend).
@@ -1162,11 +1162,10 @@ cdef class PageCache:
         cdef int64_t end, p0, p1, i, s, a, b, n, fresh = 0
         cdef bint ok = True
         cdef const char *src
-        cdef int64_t *slot_of
+        cdef int64_t slot_of[MAX_RUN]
         if offset < 0:
             raise ValueError("negative offset")
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        slot_of = NULL
         try:
             end = offset + view.len
             if view.len == 0:
@@ -1175,9 +1174,8 @@ cdef class PageCache:
             p0 = offset >> PAGE_SHIFT
             p1 = (end + PAGE - 1) >> PAGE_SHIFT
             n = p1 - p0
-            slot_of = <int64_t *>malloc(n * sizeof(int64_t))
-            if not slot_of:
-                raise MemoryError()
+            if n > MAX_RUN:
+                return None         # larger than any FUSE WRITE: the long way
             with nogil:
                 pthread_mutex_lock(&self.mu)
                 # growing the file is left to write(): it may have to evict
@@ -1230,7 +1228,6 @@ cdef class PageCache:
                 pthread_mutex_unlock(&self.mu)
             return view.len if ok else None
         finally:
-            free(slot_of)
             PyBuffer_Release(&view)
 
     cdef _write_piece(self, int64_t fid, int64_t offset, const char *src, int64_t length):

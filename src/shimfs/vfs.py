@@ -131,7 +131,8 @@ class File(Node):
         self.writable = writable
         self.opens = 0
         self.writers = 0            # handles open for writing
-        self.mtime_due = False      # written since the last writer came: see wrote()
+        self.mtime_due = False      # written since mtime last moved: see wrote()
+        self.written_ns = 0         # when the last WRITE came
         self.io_lock = trio.Lock()  # serializes write-back, fsync and truncate
         self.background = False     # a background write-back is running
         self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
@@ -143,24 +144,31 @@ class File(Node):
         return self.path
 
     def wrote(self) -> None:
-        """Data changed through the mount: ctime now, mtime once no writer is left.
+        """Data changed through the mount: ctime now, mtime a little later.
 
         The kernel drops the whole page cache of a file (mapped pages too,
         after writing dirty ones back synchronously) whenever a GETATTR or
         LOOKUP reply shows it a new mtime (auto_inval_data, fs/fuse/inode.c
         fuse_change_attributes).  Bumping mtime at every WRITE made a plain
         ``stat`` or ``ls -l`` during a mapped write stall for seconds and
-        made the writer fault every page in again.  Its pages came through
-        this mount, so the kernel's copies are current: the new mtime waits
-        until the last writable handle is released (for a mapping: after
-        munmap, once the kernel has written every dirty page back).  ctime
+        made the writer fault every page in again.  The pages came through
+        this mount, so the kernel's copies are current: mtime takes the time
+        of the last write when the last writable handle is released (for a
+        mapping: after munmap, once every dirty page is written back), or
+        at the flusher's next tick (``Vfs.publish_mtimes``), so a file kept
+        open shows its writes within ``writeback_interval`` seconds.  ctime
         does not invalidate anything and moves at once.
         """
-        self.ctime_ns = time.time_ns()
-        if self.writers:
-            self.mtime_due = True
-        else:
-            self.mtime_ns = self.ctime_ns
+        self.ctime_ns = self.written_ns = time.time_ns()
+        self.mtime_due = True
+        if not self.writers:
+            self.publish_mtime()
+
+    def publish_mtime(self) -> None:
+        """Show the time of the last write as mtime, if it is not shown yet."""
+        if self.mtime_due:
+            self.mtime_due = False
+            self.mtime_ns = self.written_ns
 
 
 class Handle:
@@ -739,6 +747,13 @@ class Vfs:
                 if not node.background and node.writable \
                         and self.cache.engine.dirty_bytes(node.fid):
                     self._start_background(node)
+            self.publish_mtimes()
+
+    def publish_mtimes(self) -> None:
+        """Files written while open show those writes in their mtime now (see
+        :meth:`File.wrote`): at most one drop of a file's page cache per tick."""
+        for node in self.by_fid.values():
+            node.publish_mtime()
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
         await self._writeback(self._handle(fh).node, durable=True)
@@ -763,9 +778,8 @@ class Vfs:
             if h.writable:
                 self.cache.open_gate(node.fid)
                 node.writers -= 1
-                if not node.writers and node.mtime_due:
-                    node.mtime_due = False
-                    node.mtime_ns = time.time_ns()
+                if not node.writers:
+                    node.publish_mtime()
             self._maybe_free(node)
 
     async def truncate(self, node: File, size: int) -> None:
