@@ -581,16 +581,15 @@ cdef class PageCache:
                     self.pq[i].fid = -1
                     fr.pf_pending -= 1
             self._drop_pages(fid)
+            self.ndirty -= fr.ndirty
             if fr.pf_pending:
                 fr.zombie = 1
                 fr.multiwrite = 0
-                self.ndirty -= fr.ndirty
                 fr.ndirty = 0
                 if fr.dirty:
                     memset(fr.dirty, 0, fr.nwords * sizeof(uint64_t))
                 fr = NULL
             else:
-                self.ndirty -= fr.ndirty
                 self.files[fid] = NULL
             pthread_mutex_unlock(&self.mu)
         if fr:

@@ -85,8 +85,7 @@ class PageCache:
         with self._lock:
             self._file(fid)
             for key in [k for k in self._pages if k[0] == fid]:
-                del self._pages[key]
-                self._spent.pop(key, None)
+                self._forget(key)
             del self._files[fid]
 
     def size(self, fid: int) -> int:
@@ -121,15 +120,14 @@ class PageCache:
             key = next(iter(self._spent))
             del self._spent[key]
             if key in self._pages and key[1] not in self._files[key[0]].dirty:
-                del self._pages[key]
+                self._forget(key)
                 self._files[key[0]].twins.pop(key[1], None)
                 self._evictions += 1
                 self._spent_evictions += 1
                 return True
         for key in self._pages:
             if key[1] not in self._files[key[0]].dirty:
-                del self._pages[key]
-                self._spent.pop(key, None)
+                self._forget(key)
                 if self._files[key[0]].multiwrite:
                     self._lost.append(key)
                 self._files[key[0]].twins.pop(key[1], None)
@@ -156,6 +154,11 @@ class PageCache:
         self._pages[key] = buf
         self._spent.pop(key, None)
         return buf
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        """Take a page out of the cache (and out of the spent queue)."""
+        del self._pages[key]
+        self._spent.pop(key, None)
 
     def _spend(self, fid: int, page: int) -> None:
         """The kernel has this page's bytes: queue it to be evicted first
@@ -386,8 +389,7 @@ class PageCache:
                 raise EngineError(errno.EBUSY, "write back dirty pages before switching multiwrite")
             if f.multiwrite != bool(on):
                 for key in [k for k in self._pages if k[0] == fid]:
-                    del self._pages[key]
-                    self._spent.pop(key, None)
+                    self._forget(key)
                 f.twins.clear()
                 f.multiwrite = bool(on)
 
@@ -426,8 +428,7 @@ class PageCache:
             f = self._file(fid)
             last = (size + PAGE - 1) // PAGE
             for key in [k for k in self._pages if k[0] == fid and k[1] >= last]:
-                del self._pages[key]
-                self._spent.pop(key, None)
+                self._forget(key)
                 f.dirty.discard(key[1])
                 f.twins.pop(key[1], None)
             tail = size % PAGE
@@ -443,8 +444,7 @@ class PageCache:
             keys = [k for k in self._pages
                     if k[0] == fid and p0 <= k[1] < p1 and k[1] not in f.dirty]
             for key in keys:
-                del self._pages[key]
-                self._spent.pop(key, None)
+                self._forget(key)
                 f.twins.pop(key[1], None)
             return len(keys)
 
