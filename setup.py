@@ -9,10 +9,17 @@ extensions = [
         extra_compile_args=["-O2", "-D_GNU_SOURCE"],
     ),
     Extension(
+        "shimfs._notify",
+        ["src/shimfs/_notify.pyx"],
+        extra_compile_args=["-O2", "-D_GNU_SOURCE"],
+    ),
+    Extension(
         "shimcore._creds",
         ["src/shimcore/_creds.pyx"],
         extra_compile_args=["-O2", "-D_GNU_SOURCE"],
     ),
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))
+# include_path: shimfs._notify cimports shimcore._engine (its .pxd).
+setup(ext_modules=cythonize(extensions, include_path=["src"],
+                            compiler_directives={"language_level": "3"}))

@@ -24,7 +24,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from mounting import shim_mount  # noqa: E402  (the tests' mount helper)
+from mounting import daemon_pid, shim_mount  # noqa: E402  (the tests' helpers)
 
 from shimfs import standin  # noqa: E402
 
@@ -108,7 +108,7 @@ class Mounts:
         mnt = self.stack.enter_context(shim_mount(os.path.join(self.tmp, "m%d" % self.n),
                                                   self.tmp, *opts))
         os.symlink(target, os.path.join(mnt, "f"))
-        self.pid = int(os.getxattr(mnt, "user.shimfs.pid"))
+        self.pid = daemon_pid(mnt)
         return os.path.join(mnt, "f")
 
     def _daemon(self, prefix: str, argv: list[str]) -> str:

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from benchlib import (MIB, PAGE_REPORTING, make_file,  # noqa: E402
                       page_reporting, page_reporting_state)
-from mounting import shim_mount  # noqa: E402
+from mounting import daemon_pid, shim_mount  # noqa: E402
 from test_throughput import (mapped_scan, mapped_write, native_scan, native_write,  # noqa: E402
                              timed_cold)
 
@@ -87,7 +87,7 @@ def main() -> None:
                 mnt = os.path.join(tmp, "%s%d" % (name, r))
                 with environ(env), shim_mount(mnt, tmp, *opts) as m:
                     os.symlink(path, os.path.join(m, "f"))
-                    pid = int(os.getxattr(m, "user.shimfs.pid"))
+                    pid = daemon_pid(m)
                     rows[name].append(timed_cold(map_fn, os.path.join(m, "f"), nbytes, pid,
                                                  path))
             print("round %d: %s" % (r + 1, "  ".join(

@@ -1,4 +1,6 @@
-"""Mounting shimfs for tests and benchmarks: the CLI, with a guaranteed unmount."""
+"""The suite's helpers, in one place: mounting shimfs with a guaranteed
+unmount, the daemon's pid and log, files with known bytes, and waiting for a
+condition with a deadline."""
 from __future__ import annotations
 
 import contextlib
@@ -6,11 +8,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
+from shimfs.names import XATTR_PID
+
 CI = os.environ.get("CI") == "true"
+
+#: Log files of the daemons mounted during the current test, and whether
+#: shim_mount made the file itself; tests/checklogs.py reads them when the
+#: test ends.
+DAEMON_LOGS: list[tuple[str, bool]] = []
 
 
 def unavailable(why: str):
@@ -28,36 +38,85 @@ def shimfs_cmd(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return res
 
 
-def _is_mounted(path: str) -> bool:
+def is_mounted(path: str) -> bool:
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == path for line in f)
 
 
+def daemon_pid(mnt: str) -> int:
+    return int(os.getxattr(mnt, XATTR_PID))
+
+
+def wait_until(cond, timeout: float = 30.0, what: str = "the condition",
+               interval: float = 0.05):
+    """Poll ``cond()`` until it is true (returns its value); fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    """True once process ``pid`` has exited, False if it still runs after ``timeout``."""
+    try:
+        wait_until(lambda: process_gone(pid), timeout, "pid %d to exit" % pid)
+    except AssertionError:
+        return False
+    return True
+
+
+def make_file(path: str, size: int, seed: int = 0) -> bytes:
+    """Write ``size`` bytes that differ by ``seed`` to ``path``; return them."""
+    if size > 8192:
+        data = os.urandom(size)
+    else:
+        data = bytes((b + seed) & 0xFF for b in (bytes(range(256)) * (size // 256 + 1))[:size])
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 @contextlib.contextmanager
 def shim_mount(mnt: str, backing: str, *opts: str, log: str | None = None):
-    """Mount shimfs on ``mnt`` with the CLI; always unmount afterwards."""
+    """Mount shimfs on ``mnt`` with the CLI; always unmount afterwards.
+
+    The daemon always logs to a file (``log``, or a new one), which the
+    checklogs plugin reads when the test ends."""
     if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
         unavailable("/dev/fuse or fusermount3 missing")
     os.makedirs(mnt, exist_ok=True)
-    options = ["backing=" + backing] + list(opts)
-    if log:
-        options.append("log=" + log)
+    own = log is None
+    if own:
+        fd, log = tempfile.mkstemp(prefix="shimfs-", suffix=".log")
+        os.close(fd)
+    DAEMON_LOGS.append((log, own))
+    options = ["backing=" + backing] + list(opts) + ["log=" + log]
     shimfs_cmd("mount", "-o", ",".join(options), mnt)
     pid = None
     try:
-        pid = int(os.getxattr(mnt, "user.shimfs.pid"))
+        pid = daemon_pid(mnt)
         yield mnt
     finally:
-        if _is_mounted(mnt):
+        if is_mounted(mnt):
             res = shimfs_cmd("umount", mnt, check=False)
             if res.returncode:
                 subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-        if pid:
-            for _ in range(200):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                os.kill(pid, 9)
+        if pid and not wait_gone(pid, 10.0):
+            os.kill(pid, 9)

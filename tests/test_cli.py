@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import shimfs_cmd
+from mounting import shimfs_cmd
 
 
 def _one_line_error(res):

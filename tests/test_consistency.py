@@ -16,8 +16,9 @@ import uuid
 import pytest
 
 import shimfs
-from conftest import shim_mount, shimfs_cmd
+from mounting import shim_mount, shimfs_cmd
 from shimfs import standin
+from shimfs.names import XATTR_MULTIWRITE, XATTR_REFRESH
 
 SIZE = 64 * 4096 + 123          # 65 pages, the last one partial
 
@@ -91,7 +92,7 @@ def test_refresh_sub_range_leaves_other_pages_alone(nodes):
     a.map[10 * 4096:10 * 4096 + 4] = b"BBBB"
     a.map.flush()
     # xattr interface: page 10 only
-    os.setxattr(b.path, "user.shimfs.refresh", b"%d %d" % (10 * 4096, 4096))
+    os.setxattr(b.path, XATTR_REFRESH, b"%d %d" % (10 * 4096, 4096))
     assert b.map[10 * 4096:10 * 4096 + 4] == b"BBBB"
     assert b.map[0:4] == bytes(4)                  # outside the range: untouched
     shimfs_cmd("refresh", "--offset", "0", "--length", "1", b.path)   # CLI interface
@@ -167,11 +168,11 @@ def test_alternating_rounds_lose_nothing(nodes):
 def test_refresh_bad_ranges(nodes):
     a, b, path = nodes
     with pytest.raises(OSError):
-        os.setxattr(b.path, "user.shimfs.refresh", b"%d 10" % (SIZE + 4096))
+        os.setxattr(b.path, XATTR_REFRESH, b"%d 10" % (SIZE + 4096))
     with pytest.raises(OSError):
-        os.setxattr(b.path, "user.shimfs.refresh", b"-5 10")
+        os.setxattr(b.path, XATTR_REFRESH, b"-5 10")
     with pytest.raises(OSError):
-        os.setxattr(b.path, "user.shimfs.refresh", b"lots")
+        os.setxattr(b.path, XATTR_REFRESH, b"lots")
     res = shimfs_cmd("refresh", "--offset", "-1", b.path, check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     res = shimfs_cmd("refresh", "--offset", str(SIZE + 4096), b.path, check=False)
@@ -181,9 +182,9 @@ def test_refresh_bad_ranges(nodes):
 
 def test_per_file_multiwrite_by_xattr(nodes):
     a, b, path = nodes
-    os.setxattr(a.path, "user.shimfs.multiwrite", b"1")     # plain libc interface
+    os.setxattr(a.path, XATTR_MULTIWRITE, b"1")     # plain libc interface
     shimfs.set_multiwrite(b.path, True)                     # Python API
-    assert os.getxattr(a.path, "user.shimfs.multiwrite") == b"1"
+    assert os.getxattr(a.path, XATTR_MULTIWRITE) == b"1"
     a.map[10] = 0xAA
     b.map[11] = 0xBB
     a.map.flush()
@@ -191,7 +192,7 @@ def test_per_file_multiwrite_by_xattr(nodes):
     data = backing(path)
     assert data[10] == 0xAA and data[11] == 0xBB
     with pytest.raises(OSError):
-        os.setxattr(a.path, "user.shimfs.multiwrite", b"yes")
+        os.setxattr(a.path, XATTR_MULTIWRITE, b"yes")
 
 
 def test_multiwrite_survives_eviction_of_twins(gluster, tmp_path):

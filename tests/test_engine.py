@@ -14,10 +14,8 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from shimcore import FallbackPageCache
+from engines import IMPLS, cache_over
 from shimcore._engine import PageCache as CompiledPageCache
-
-IMPLS = [CompiledPageCache, FallbackPageCache]
 AWKWARD = [0, 1, 4095, 4096, 4097, (1 << 20) + 1]
 
 offsets = st.one_of(st.sampled_from(AWKWARD), st.integers(0, 300_000))
@@ -328,53 +326,32 @@ def test_write_cached_takes_only_cached_pages_and_never_does_io(tmp_path, impl):
     os.close(fd)
 
 
-def _read_store(rfd: int):
-    """Parse one FUSE_NOTIFY_STORE message from a pipe: (nodeid, offset, data)."""
-    import struct
-    head = os.read(rfd, 40)
-    length, code, unique, nodeid, offset, size, pad = struct.unpack("=IiQQQII", head)
-    assert (code, unique, pad) == (4, 0, 0) and length == 40 + size
-    data = b""
-    while len(data) < size:
-        data += os.read(rfd, size - len(data))
-    return nodeid, offset, data
-
-
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
-def test_push_writes_one_notify_store_of_the_cached_prefix(tmp_path, impl):
-    path = str(tmp_path / "f")
+def test_cached_prefix_and_delivered(tmp_path, impl):
+    """What a push takes from the engine: the cached prefix of a range (no
+    I/O, clipped to the size), and afterwards whole delivered pages are
+    spent and counted as pushed."""
     data = os.urandom(5 * 4096 + 100)
-    with open(path, "wb") as f:
-        f.write(data)
-    fd = os.open(path, os.O_RDWR)
-    rfd, wfd = os.pipe()
-    import fcntl
-    fcntl.fcntl(wfd, 1031, 1 << 20)            # F_SETPIPE_SZ: room for a whole message
-    pc = impl(1 << 20)
-    fid = pc.register(fd, len(data))
-    try:
-        assert pc.push(fid, 0, 8192, wfd, 7) == 0             # nothing cached: nothing sent
-        pc.prefetch(fid, 4096, 2 * 4096)                       # pages 1 and 2
-        pc.write(fid, 3 * 4096, b"X" * 10)                     # page 3: dirty, also cached
-        assert pc.push(fid, 4096, 1 << 20, wfd, 7) == 3 * 4096  # stops at uncached page 4
+    with cache_over(tmp_path, impl, data) as (pc, fid, fd):
+        assert pc.cached_prefix(fid, 0, 8192) == b""            # nothing cached
+        pc.prefetch(fid, 4096, 2 * 4096)                        # pages 1 and 2
+        pc.write(fid, 3 * 4096, b"X" * 10)                      # page 3: dirty, also cached
         model = bytearray(data)
         model[3 * 4096:3 * 4096 + 10] = b"X" * 10
-        assert _read_store(rfd) == (7, 4096, bytes(model[4096:4 * 4096]))
+        fetched = pc.file_stats(fid)["bytes_fetched"]
+        assert pc.cached_prefix(fid, 4096, 1 << 20) == bytes(model[4096:4 * 4096])
+        assert pc.file_stats(fid)["bytes_fetched"] == fetched   # no I/O
+        assert pc.file_stats(fid)["bytes_pushed"] == 0          # a copy is no delivery
+        pc.delivered(fid, 4096, 3 * 4096)
         pc.read(fid, 0, len(data))
-        assert pc.push(fid, 4 * 4096, 1 << 20, wfd, 9) == 4096 + 100   # clipped to the size
-        assert _read_store(rfd) == (9, 4 * 4096, bytes(model[4 * 4096:]))
+        assert pc.cached_prefix(fid, 4 * 4096, 1 << 20) == bytes(model[4 * 4096:])
+        pc.delivered(fid, 4 * 4096, 1 << 20)                    # clipped to the size
         st = pc.file_stats(fid)
         assert (st["bytes_pushed"], st["pushes"]) == (4 * 4096 + 100, 2)
-        with pytest.raises(ValueError):
-            pc.push(fid, 100, 4096, wfd, 7)                    # not page aligned
-        os.close(rfd)
-        with pytest.raises(OSError) as e:                      # EPIPE reaches the caller
-            pc.push(fid, 0, 4096, wfd, 7)
-        assert e.value.errno == errno.EPIPE
-    finally:
-        os.close(wfd)
-        pc.unregister(fid)
-        os.close(fd)
+        for bad in (lambda: pc.cached_prefix(fid, 100, 4096), lambda: pc.delivered(fid, 1, 1),
+                    lambda: pc.cached_prefix(fid, 0, -1)):
+            with pytest.raises(ValueError):
+                bad()
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])
@@ -528,19 +505,9 @@ PAGE_ = 4096
 def _cache_over(tmp_path, impl, pages: int, cache_pages: int = 16):
     """A cache of ``cache_pages`` slots over a file of ``pages`` distinct pages;
     its invariants are checked at the end."""
-    path = str(tmp_path / "f")
     data = b"".join(bytes([p % 251]) * PAGE_ for p in range(pages))
-    with open(path, "wb") as f:
-        f.write(data)
-    fd = os.open(path, os.O_RDWR)
-    pc = impl(cache_pages * PAGE_)
-    fid = pc.register(fd, len(data))
-    try:
+    with cache_over(tmp_path, impl, data, cache_pages * PAGE_) as (pc, fid, fd):
         yield pc, fid, fd, data
-        pc.check()
-    finally:
-        pc.unregister(fid)
-        os.close(fd)
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "fallback"])

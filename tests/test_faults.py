@@ -16,32 +16,8 @@ import time
 
 import pytest
 
-from conftest import shim_mount, shimfs_cmd, unavailable
-
-
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _pid(mnt):
-    return int(os.getxattr(mnt, "user.shimfs.pid"))
-
-
-def _wait_gone(pid, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _mounted(mnt):
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == mnt for line in f)
+from mounting import (daemon_pid, is_mounted, read_file, shim_mount, shimfs_cmd, unavailable,
+                      wait_gone)
 
 
 @contextlib.contextmanager
@@ -91,10 +67,10 @@ def test_enospc_msync_fails_keeps_data_and_retries(tmp_path, backing):
                 assert shimfs_dirty(mnt + "/d") > 0    # kept for a retry
                 res = shimfs_cmd("umount", mnt, check=False)   # refuses to drop it
                 assert res.returncode != 0 and "cannot write back" in res.stderr
-                assert _mounted(mnt)
+                assert is_mounted(mnt)
                 os.unlink(filler)
                 m.flush()                              # the retry succeeds
-                assert _read(src) == blob
+                assert read_file(src) == blob
                 m.close()
             finally:
                 os.close(fd)
@@ -111,14 +87,14 @@ def test_signal_writes_back_and_unmounts(tmp_path, backing, sig):
     data.write_bytes(bytes(10000))
     mnt = str(tmp_path / "mnt")
     with shim_mount(mnt, backing) as m:
-        pid = _pid(m)
+        pid = daemon_pid(m)
         os.symlink(str(data), os.path.join(m, "f"))
         fd = os.open(os.path.join(m, "f"), os.O_RDWR)
         os.pwrite(fd, b"not yet synced", 5000)        # dirty in the daemon only
         os.kill(pid, sig)
-        assert _wait_gone(pid)
-        assert not _mounted(mnt)
-        assert _read(str(data))[5000:5014] == b"not yet synced"
+        assert wait_gone(pid)
+        assert not is_mounted(mnt)
+        assert read_file(str(data))[5000:5014] == b"not yet synced"
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -128,13 +104,13 @@ def test_kill9_leaves_dead_mount_that_umount_cleans(tmp_path, backing):
     data.write_bytes(bytes(8192))
     mnt = str(tmp_path / "mnt")
     with shim_mount(mnt, backing) as m:
-        pid = _pid(m)
+        pid = daemon_pid(m)
         os.symlink(str(data), os.path.join(m, "f"))
         fd = os.open(os.path.join(m, "f"), os.O_RDWR)
         os.pwrite(fd, b"durable", 0)
         os.fsync(fd)
         os.kill(pid, signal.SIGKILL)
-        assert _wait_gone(pid)
+        assert wait_gone(pid)
         with pytest.raises(OSError) as info:
             os.stat(m)
         assert info.value.errno == errno.ENOTCONN
@@ -142,11 +118,11 @@ def test_kill9_leaves_dead_mount_that_umount_cleans(tmp_path, backing):
             os.close(fd)
         res = shimfs_cmd("umount", m)
         assert "gone" in res.stderr
-        assert not _mounted(m)
-        assert _read(str(data))[:7] == b"durable"
+        assert not is_mounted(m)
+        assert read_file(str(data))[:7] == b"durable"
     with shim_mount(mnt, backing) as m:                # a fresh mount works
         os.symlink(str(data), os.path.join(m, "f"))
-        assert _read(os.path.join(m, "f"))[:7] == b"durable"
+        assert read_file(os.path.join(m, "f"))[:7] == b"durable"
 
 
 def test_backing_removed_under_live_shadow(mnt, tmp_path):
@@ -214,7 +190,7 @@ for rnd in range(3):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(k)]) for k in range(4)]
     for p in procs:
         assert p.wait(timeout=120) == 0
-    data = _read(str(src))
+    data = read_file(str(src))
     for k in range(4):
         for off in range(k * 1000, size, 4000):
             assert data[off:off + 1000] == bytes([k + 3]) * 1000
@@ -279,6 +255,7 @@ def test_brick_killed_mid_scan_and_write_back(gluster, tmp_path, backing):
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.daemon_logs(r"could not write back .* at unmount: \[Errno 28\]")
 def test_umount_force_when_the_backing_is_gone(tmp_path, backing):
     with small_tmpfs(str(tmp_path / "small")) as small:
         src = os.path.join(small, "data")
@@ -286,7 +263,7 @@ def test_umount_force_when_the_backing_is_gone(tmp_path, backing):
             f.truncate(64 * 1024)
         mnt = str(tmp_path / "mnt")
         with shim_mount(mnt, backing) as m:
-            pid = _pid(m)
+            pid = daemon_pid(m)
             os.symlink(src, os.path.join(m, "d"))
             fd = os.open(os.path.join(m, "d"), os.O_RDWR)
             os.pwrite(fd, os.urandom(64 * 1024), 0)          # dirty in the daemon
@@ -296,10 +273,11 @@ def test_umount_force_when_the_backing_is_gone(tmp_path, backing):
             with contextlib.suppress(OSError):
                 os.close(fd)                                 # close: ENOSPC too
             res = shimfs_cmd("umount", "--force", m)
-            assert not _mounted(m)
-            assert _wait_gone(pid)
+            assert not is_mounted(m)
+            assert wait_gone(pid)
 
 
+@pytest.mark.daemon_logs(r"keeping .*: its unwritten data is retried")
 def test_unlinked_shadow_keeps_unwritten_data_until_it_lands(tmp_path, backing):
     """rm of a shadow whose last close could not write back (disk full) must
     not throw the data away: the daemon keeps it and the flusher retries."""
@@ -323,7 +301,7 @@ def test_unlinked_shadow_keeps_unwritten_data_until_it_lands(tmp_path, backing):
             assert shimfs.stats(m)["mount"]["files"] == 1    # still held, with its data
             os.unlink(filler)
             deadline = time.monotonic() + 30
-            while _read(src) != blob:                        # the flusher retries
+            while read_file(src) != blob:                        # the flusher retries
                 assert time.monotonic() < deadline, "unwritten data was dropped"
                 time.sleep(0.1)
             while shimfs.stats(m)["mount"]["files"]:         # and then frees it

@@ -13,26 +13,15 @@ import stat
 
 import pytest
 
+from mounting import make_file, read_file
+from shimfs.names import XATTR_BACKING
+
 SIZES = [0, 1, 4095, 4097, (1 << 20) + 1]
-
-
-def _make(path: str, size: int, seed: int = 0) -> bytes:
-    data = (bytes(range(256)) * (size // 256 + 1))[:size]
-    data = bytes((b + seed) & 0xFF for b in data[:4096]) + data[4096:]
-    data = os.urandom(size) if size > 8192 else data
-    with open(path, "wb") as f:
-        f.write(data)
-    return data
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def test_standin_refuses_shared_mmap(gluster):
     path = os.path.join(gluster, "refuse-mmap")
-    _make(path, 8192)
+    make_file(path, 8192)
     fd = os.open(path, os.O_RDWR)
     try:
         with pytest.raises(OSError) as info:
@@ -46,34 +35,34 @@ def test_standin_refuses_shared_mmap(gluster):
 @pytest.mark.parametrize("size", SIZES)
 def test_shadow_is_regular_file_with_backing_bytes(mnt, data_dir, size):
     src = os.path.join(data_dir, "file%d" % size)
-    data = _make(src, size)
+    data = make_file(src, size)
     os.symlink(src, os.path.join(mnt, "shadow"))
     shadow = os.path.join(mnt, "shadow")
     st = os.lstat(shadow)
     assert stat.S_ISREG(st.st_mode)
     assert st.st_size == size
     assert st.st_mtime_ns == os.stat(src).st_mtime_ns
-    assert _read(shadow) == data
-    assert os.getxattr(shadow, "user.shimfs.backing") == os.fsencode(src)
+    assert read_file(shadow) == data
+    assert os.getxattr(shadow, XATTR_BACKING) == os.fsencode(src)
 
 
 def test_ln_into_mountpoint_uses_basename_and_relative_targets(mnt, data_dir):
     src = os.path.join(data_dir, "dataset.bin")
-    data = _make(src, 10000)
+    data = make_file(src, 10000)
     # `ln -s /data/file MOUNTPOINT`
     import subprocess
     subprocess.run(["ln", "-s", src, mnt], check=True)
-    assert _read(os.path.join(mnt, "dataset.bin")) == data
+    assert read_file(os.path.join(mnt, "dataset.bin")) == data
     # a relative target resolves against the cwd of the process that ran ln
     subprocess.run(["ln", "-s", "dataset.bin", os.path.join(mnt, "rel")], check=True,
                    cwd=data_dir)
-    assert _read(os.path.join(mnt, "rel")) == data
+    assert read_file(os.path.join(mnt, "rel")) == data
 
 
 @pytest.mark.parametrize("size", [1, 4095, 4097, (1 << 20) + 1])
 def test_mapped_write_msync_reaches_backing(mnt, data_dir, size):
     src = os.path.join(data_dir, "m%d" % size)
-    data = bytearray(_make(src, size))
+    data = bytearray(make_file(src, size))
     os.symlink(src, os.path.join(mnt, "m"))
     fd = os.open(os.path.join(mnt, "m"), os.O_RDWR)
     try:
@@ -83,19 +72,19 @@ def test_mapped_write_msync_reaches_backing(mnt, data_dir, size):
             m[off] = (data[off] + 1) & 0xFF
             data[off] = (data[off] + 1) & 0xFF
         m.flush()        # msync(MS_SYNC)
-        assert _read(src) == bytes(data)
+        assert read_file(src) == bytes(data)
         assert os.path.getsize(src) == size
         m.close()
     finally:
         os.close(fd)
-    assert _read(src) == bytes(data)
+    assert read_file(src) == bytes(data)
 
 
 def test_large_mapped_scan_and_rewrite_with_eviction(mnt, data_dir):
     """64 MiB through a 32 MiB daemon cache: pages are evicted and re-read."""
     size = 64 << 20
     src = os.path.join(data_dir, "big")
-    data = bytearray(_make(src, size))
+    data = bytearray(make_file(src, size))
     os.symlink(src, os.path.join(mnt, "big"))
     fd = os.open(os.path.join(mnt, "big"), os.O_RDWR)
     try:
@@ -108,7 +97,7 @@ def test_large_mapped_scan_and_rewrite_with_eviction(mnt, data_dir):
             m.flush()
     finally:
         os.close(fd)
-    assert _read(src) == bytes(data)
+    assert read_file(src) == bytes(data)
 
 
 def test_mapped_rewrite_is_absorbed_without_worker_hops(mnt, data_dir):
@@ -118,7 +107,7 @@ def test_mapped_rewrite_is_absorbed_without_worker_hops(mnt, data_dir):
     import shimfs
     size = 8 << 20
     src = os.path.join(data_dir, "rewrite")
-    _make(src, size)
+    make_file(src, size)
     os.symlink(src, os.path.join(mnt, "rewrite"))
     path = os.path.join(mnt, "rewrite")
     new = os.urandom(size)
@@ -130,7 +119,7 @@ def test_mapped_rewrite_is_absorbed_without_worker_hops(mnt, data_dir):
             m.flush()
     finally:
         os.close(fd)
-    assert _read(src) == new
+    assert read_file(src) == new
     after = shimfs.stats(path)["mount"]
     writes = after["write_requests"] - before["write_requests"]
     cached = after["writes_to_cache"] - before["writes_to_cache"]
@@ -145,10 +134,10 @@ def test_stat_during_a_mapped_write_keeps_the_page_cache(mnt, data_dir):
     moves once the mapping and the file are closed."""
     import time
     import shimfs
-    from shimfs.vfs import TIMEOUT
+    from shimfs.names import TIMEOUT
     size = 4 << 20
     src = os.path.join(data_dir, "statwrite")
-    data = _make(src, size)
+    data = make_file(src, size)
     os.symlink(src, os.path.join(mnt, "statwrite"))
     path = os.path.join(mnt, "statwrite")
     before = os.stat(path).st_mtime_ns
@@ -167,24 +156,24 @@ def test_stat_during_a_mapped_write_keeps_the_page_cache(mnt, data_dir):
         os.close(fd)
     time.sleep(TIMEOUT + 0.2)
     assert os.stat(path).st_mtime_ns > before
-    assert _read(src) == b"w" * 4096 + data[4096:]
+    assert read_file(src) == b"w" * 4096 + data[4096:]
 
 
 def test_rm_shadow_keeps_backing(mnt, data_dir):
     src = os.path.join(data_dir, "keep")
-    data = _make(src, 5000)
+    data = make_file(src, 5000)
     os.symlink(src, os.path.join(mnt, "keep"))
     with open(os.path.join(mnt, "keep"), "r+b") as f:
         f.write(b"Z")
     data = b"Z" + data[1:]
     os.unlink(os.path.join(mnt, "keep"))
     assert not os.path.exists(os.path.join(mnt, "keep"))
-    assert _read(src) == data
+    assert read_file(src) == data
 
 
 def test_write_and_truncate_pass_through(mnt, data_dir):
     src = os.path.join(data_dir, "wt")
-    data = bytearray(_make(src, 10000))
+    data = bytearray(make_file(src, 10000))
     os.symlink(src, os.path.join(mnt, "wt"))
     path = os.path.join(mnt, "wt")
     with open(path, "r+b") as f:
@@ -192,36 +181,36 @@ def test_write_and_truncate_pass_through(mnt, data_dir):
         f.write(b"middle")           # never changes the size
         data[5000:5006] = b"middle"
     assert os.path.getsize(src) == 10000
-    assert _read(src) == bytes(data)
+    assert read_file(src) == bytes(data)
     with open(path, "r+b") as f:
         f.seek(12000)
         f.write(b"tail")             # extends, with a hole of zeros
     data += bytes(2000) + b"tail"
-    assert _read(src) == bytes(data)
+    assert read_file(src) == bytes(data)
     os.truncate(path, 4097)
     assert os.path.getsize(src) == 4097
     assert os.path.getsize(path) == 4097
-    assert _read(path) == bytes(data[:4097])
+    assert read_file(path) == bytes(data[:4097])
     os.truncate(path, 9000)
-    assert _read(src) == bytes(data[:4097]) + bytes(9000 - 4097)
-    assert _read(path) == _read(src)
+    assert read_file(src) == bytes(data[:4097]) + bytes(9000 - 4097)
+    assert read_file(path) == read_file(src)
     os.truncate(path, 0)
-    assert os.path.getsize(src) == 0 and _read(path) == b""
+    assert os.path.getsize(src) == 0 and read_file(path) == b""
 
 
 def test_fsync_and_close_flush(mnt, data_dir):
     src = os.path.join(data_dir, "fs")
-    _make(src, 0)
+    make_file(src, 0)
     os.symlink(src, os.path.join(mnt, "fs"))
     fd = os.open(os.path.join(mnt, "fs"), os.O_RDWR)
     try:
         os.write(fd, b"a" * 7000)
         os.fsync(fd)
-        assert _read(src) == b"a" * 7000
+        assert read_file(src) == b"a" * 7000
         os.pwrite(fd, b"b" * 10, 3)
     finally:
         os.close(fd)
-    assert _read(src) == b"aaa" + b"b" * 10 + b"a" * (7000 - 13)
+    assert read_file(src) == b"aaa" + b"b" * 10 + b"a" * (7000 - 13)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -230,7 +219,7 @@ def test_created_file_gets_backing_file(mnt, backing, size):
     path = os.path.join(mnt, "created")
     with open(path, "wb") as f:
         f.write(data)
-    assert _read(os.path.join(backing, "created")) == data
+    assert read_file(os.path.join(backing, "created")) == data
     with open(path, "r+b") as f:
         m = mmap.mmap(f.fileno(), 0) if size else None
         if m is not None:
@@ -238,9 +227,9 @@ def test_created_file_gets_backing_file(mnt, backing, size):
             m.flush()
             m.close()
             data = b"!" + data[1:]
-    assert _read(os.path.join(backing, "created")) == data
+    assert read_file(os.path.join(backing, "created")) == data
     os.truncate(path, size // 2)
-    assert _read(os.path.join(backing, "created")) == data[:size // 2]
+    assert read_file(os.path.join(backing, "created")) == data[:size // 2]
     os.unlink(path)
     assert not os.path.exists(os.path.join(backing, "created"))
 
@@ -249,17 +238,17 @@ def test_directories_map_to_backing_subdirectories(mnt, backing):
     os.makedirs(os.path.join(mnt, "a", "b"))
     with open(os.path.join(mnt, "a", "b", "f"), "wb") as f:
         f.write(b"deep")
-    assert _read(os.path.join(backing, "a", "b", "f")) == b"deep"
+    assert read_file(os.path.join(backing, "a", "b", "f")) == b"deep"
     assert sorted(os.listdir(mnt)) == ["a"]
     assert os.listdir(os.path.join(mnt, "a")) == ["b"]
     with pytest.raises(OSError) as info:
         os.rmdir(os.path.join(mnt, "a"))
     assert info.value.errno == errno.ENOTEMPTY
     os.rename(os.path.join(mnt, "a"), os.path.join(mnt, "c"))
-    assert _read(os.path.join(backing, "c", "b", "f")) == b"deep"
-    assert _read(os.path.join(mnt, "c", "b", "f")) == b"deep"
+    assert read_file(os.path.join(backing, "c", "b", "f")) == b"deep"
+    assert read_file(os.path.join(mnt, "c", "b", "f")) == b"deep"
     os.rename(os.path.join(mnt, "c", "b", "f"), os.path.join(mnt, "g"))
-    assert _read(os.path.join(backing, "g")) == b"deep"
+    assert read_file(os.path.join(backing, "g")) == b"deep"
     os.rmdir(os.path.join(mnt, "c", "b"))
     os.rmdir(os.path.join(mnt, "c"))
     assert not os.path.exists(os.path.join(backing, "c"))
@@ -268,12 +257,12 @@ def test_directories_map_to_backing_subdirectories(mnt, backing):
 
 def test_rename_shadow_keeps_backing_where_it_is(mnt, data_dir, backing):
     src = os.path.join(data_dir, "r")
-    data = _make(src, 4097)
+    data = make_file(src, 4097)
     os.symlink(src, os.path.join(mnt, "r1"))
     os.mkdir(os.path.join(mnt, "d"))
     os.rename(os.path.join(mnt, "r1"), os.path.join(mnt, "d", "r2"))
-    assert _read(os.path.join(mnt, "d", "r2")) == data
-    assert _read(src) == data
+    assert read_file(os.path.join(mnt, "d", "r2")) == data
+    assert read_file(src) == data
     assert os.listdir(os.path.join(backing, "d")) == []
 
 
@@ -311,9 +300,9 @@ def test_statfs_reports_backing_space(mnt, backing):
 
 def test_stats_and_sync_interfaces(mnt, data_dir):
     import shimfs
-    from conftest import shimfs_cmd
+    from mounting import shimfs_cmd
     src = os.path.join(data_dir, "s")
-    _make(src, 1 << 20)
+    make_file(src, 1 << 20)
     os.symlink(src, os.path.join(mnt, "s"))
     path = os.path.join(mnt, "s")
     with open(path, "r+b") as f:
@@ -332,7 +321,7 @@ def test_stats_and_sync_interfaces(mnt, data_dir):
 def test_background_writeback_without_fsync(tmp_path, backing):
     """Dirty data reaches the backing file by itself within writeback_interval."""
     import time
-    from conftest import shim_mount
+    from mounting import shim_mount
     src = tmp_path / "bg"
     src.write_bytes(bytes(8192))
     with shim_mount(str(tmp_path / "m"), backing, "writeback_interval=1") as m:
@@ -341,7 +330,7 @@ def test_background_writeback_without_fsync(tmp_path, backing):
         try:
             os.pwrite(fd, b"later", 10)           # no fsync, file stays open
             deadline = time.monotonic() + 30
-            while _read(str(src))[10:15] != b"later":
+            while read_file(str(src))[10:15] != b"later":
                 assert time.monotonic() < deadline, "never written back"
                 time.sleep(0.1)
         finally:

@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 
-from conftest import shim_mount, unavailable
+from mounting import shim_mount, unavailable
 
 USERS = ("shimfs-user1", "shimfs-user2")
 
@@ -143,7 +143,7 @@ def test_allowed_roots_restricts_link_targets(users, root_mount, world):
 
 
 def test_bad_allowed_roots_option(tmp_path):
-    from conftest import shimfs_cmd
+    from mounting import shimfs_cmd
     res = shimfs_cmd("mount", "-o", "allowed_roots=/nonexistent", str(tmp_path), check=False)
     assert res.returncode != 0 and "allowed_roots" in res.stderr and "Traceback" not in res.stderr
 

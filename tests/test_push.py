@@ -16,7 +16,7 @@ import pytest
 
 import shimfs
 
-from conftest import shim_mount
+from mounting import make_file, shim_mount
 
 MIB = 1 << 20
 
@@ -27,13 +27,6 @@ def pmnt(tmp_path, backing):
     with shim_mount(str(tmp_path / "pmnt"), backing, "cache_size=32M", "push",
                     log=str(tmp_path / "shimfs.log")) as m:
         yield m
-
-
-def _make(path: str, size: int) -> bytes:
-    data = os.urandom(size)
-    with open(path, "wb") as f:
-        f.write(data)
-    return data
 
 
 def _scan(path: str, pause: float = 0.0) -> bytes:
@@ -53,7 +46,7 @@ def _scan(path: str, pause: float = 0.0) -> bytes:
 
 def test_read_only_scan_is_pushed_and_exact(pmnt, data_dir):
     src = os.path.join(data_dir, "big")
-    data = _make(src, 24 * MIB + 123)
+    data = make_file(src, 24 * MIB + 123)
     os.symlink(src, os.path.join(pmnt, "big"))
     path = os.path.join(pmnt, "big")
     # How much arrives by push is a race between the pushes and the kernel's
@@ -71,7 +64,7 @@ def test_read_only_scan_is_pushed_and_exact(pmnt, data_dir):
 
 def test_without_push_everything_comes_by_read(tmp_path, data_dir):
     src = os.path.join(data_dir, "big")
-    data = _make(src, 8 * MIB)
+    data = make_file(src, 8 * MIB)
     with shim_mount(str(tmp_path / "m"), str(tmp_path)) as m:       # push is off by default
         os.symlink(src, os.path.join(m, "big"))
         path = os.path.join(m, "big")
@@ -84,7 +77,7 @@ def test_without_push_everything_comes_by_read(tmp_path, data_dir):
 def test_no_push_while_open_for_writing(pmnt, data_dir):
     """Dirty mapped pages of a writer survive a reader streaming the same file."""
     src = os.path.join(data_dir, "w")
-    data = _make(src, 16 * MIB)
+    data = make_file(src, 16 * MIB)
     os.symlink(src, os.path.join(pmnt, "w"))
     path = os.path.join(pmnt, "w")
     fd = os.open(path, os.O_RDWR)
@@ -117,7 +110,7 @@ def test_writer_arriving_during_a_pushed_scan_keeps_its_bytes(pmnt, data_dir):
     late push can never overwrite what the writer then puts in its mapping."""
     src = os.path.join(data_dir, "r")
     size = 48 * MIB
-    data = _make(src, size)
+    data = make_file(src, size)
     os.symlink(src, os.path.join(pmnt, "r"))
     path = os.path.join(pmnt, "r")
     started = threading.Event()
@@ -160,7 +153,7 @@ def test_truncate_during_a_pushed_read_is_not_undone(pmnt, data_dir):
     """A push that started before a truncate must not re-grow the file."""
     src = os.path.join(data_dir, "t")
     size = 32 * MIB
-    data = _make(src, size)
+    data = make_file(src, size)
     os.symlink(src, os.path.join(pmnt, "t"))
     path = os.path.join(pmnt, "t")
     with open(path, "rb") as f:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import shim_mount
+from mounting import shim_mount
 
 NAMES = st.sampled_from(["a", "b", "c", "d/x", "d/y", "e/z"])
 DIRS = st.sampled_from(["d", "e"])

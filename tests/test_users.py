@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from conftest import unavailable
+from mounting import unavailable
 
 USER = "shimfs-user1"
 

@@ -11,7 +11,9 @@ import trio
 
 from shimfs.config import Config
 from shimfs.errors import FsError
-from shimfs.vfs import ROOT_INODE, Ctx, Vfs
+from shimfs.names import ROOT_INODE
+from shimfs.nodes import Ctx
+from shimfs.vfs import Vfs
 
 
 def run(fn):
@@ -252,7 +254,7 @@ def test_removed_file_is_forgotten_only_after_its_background_writeback(tmp_path)
             vfs.cache.engine.real.writeback(node.fid)         # release has nothing to do
             await vfs.release(fh)
             vfs.cache.engine.real.write(node.fid, 0, b"y" * 100)   # dirty again, no handle
-            vfs._start_background(node)                       # what the flusher does
+            vfs.writeback.start_background(node)                       # what the flusher does
             await trio.sleep(0.02)
             await vfs.unlink(ROOT_INODE, b"f")
             vfs.forget(attr.ino, 1)

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled page cache: the data path between FUSE requests and backing files.
+"""Compiled page cache: the data path between requests and backing files.
 
 One :class:`PageCache` owns a fixed arena of page slots (``cache_size`` bytes
 of anonymous memory), an open-addressing table from (file, page) to slot, a
@@ -11,7 +11,9 @@ thread.  All metadata (table, slot states, bitmaps, sizes, counters) is guarded
 by one pthread mutex that is only ever taken with the GIL released, and never
 held across a system call.  Slots are *pinned* while a thread copies into or
 out of them outside the mutex, and a pinned or LOADING slot is never evicted
-or reused.  The engine knows nothing of FUSE or trio.
+or reused.  The engine knows nothing of FUSE or trio: it lends pinned pages
+to other compiled modules through the C API in _engine.pxd (``lend`` and
+``give_back``), and shimfs._notify writes them to the kernel.
 """
 
 import os
@@ -19,113 +21,14 @@ import os
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t, int32_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EINTR, EIO, EBUSY, ENOMEM
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    ssize_t preadv(int fd, const iovec *iov, int iovcnt, long offset)
-    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, long offset)
-    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+# The C declarations, constants, structs and PageCache's fields and C methods
+# are in _engine.pxd.
 
-# FUSE_NOTIFY_STORE, as <linux/fuse.h> lays it out: fuse_out_header followed
-# by fuse_notify_store_out, then the data.
-cdef struct NotifyStore:
-    uint32_t len
-    int32_t code          # the notify code travels in fuse_out_header.error
-    uint64_t unique       # 0: not a reply
-    uint64_t nodeid
-    uint64_t offset
-    uint32_t size
-    uint32_t padding
-DEF FUSE_NOTIFY_STORE = 4
-
-cdef extern from *:
-    """
-    #include <sys/mman.h>
-    #ifndef MADV_POPULATE_WRITE
-    #define MADV_POPULATE_WRITE 23      /* Linux >= 5.14 */
-    #endif
-    """
-    int MADV_POPULATE_WRITE
-
-cdef extern from "<sys/mman.h>" nogil:
-    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
-    int munmap(void *addr, size_t length)
-    int madvise(void *addr, size_t length, int advice)
-    void *MAP_FAILED
-    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-    ctypedef struct pthread_cond_t:
-        pass
-    int pthread_cond_init(pthread_cond_t *c, void *attr)
-    int pthread_cond_destroy(pthread_cond_t *c)
-    int pthread_cond_broadcast(pthread_cond_t *c)
-    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
-    int pthread_cond_signal(pthread_cond_t *c)
-    ctypedef unsigned long pthread_t
-    ctypedef struct pthread_attr_t:
-        pass
-    int pthread_attr_init(pthread_attr_t *a)
-    int pthread_attr_destroy(pthread_attr_t *a)
-    int pthread_attr_setdetachstate(pthread_attr_t *a, int state)
-    int PTHREAD_CREATE_DETACHED
-    int pthread_create(pthread_t *t, const pthread_attr_t *attr,
-                       void *(*fn)(void *) noexcept nogil, void *arg)
-
-cdef extern from "<time.h>" nogil:
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec *t)
-    int CLOCK_REALTIME
-
-DEF PAGE = 4096
-DEF PAGE_SHIFT = 12
-# Longest run moved by one preadv/pwritev: IOV_MAX (1024) iovecs of one page.
-DEF MAX_RUN = 1024
-# Evicted multiwrite pages remembered until the daemon drains them.
-DEF LOST_MAX = 4096
-
-# Slot states.
-DEF S_FREE = 0
-DEF S_LOADING = 1
-DEF S_VALID = 2
-
-cdef struct Slot:
-    int64_t file          # owning file id, -1 when free
-    int64_t page          # page index within the file
-    uint32_t pins         # threads copying in/out or writing back this slot
-    uint8_t state
-    uint8_t dirty
-    uint8_t ref           # CLOCK reference bit
-    uint8_t spent         # the kernel's page cache has these bytes (see _spend)
-    uint8_t orphan        # dropped from the table while pinned: free on last unpin
-
-cdef struct FileRec:
-    int fd
-    int64_t size          # the size this node believes the file has
-    uint64_t *dirty       # one bit per page
-    int64_t nwords
-    int64_t ndirty        # pages set in the bitmap
-    int64_t cached        # slots owned by this file
-    int multiwrite        # keep a clean twin of every page; write back changed bytes only
-    int64_t pf_pending    # prefetch_async items queued or running for this file
-    int zombie            # unregistered while a prefetch ran: freed by the last one
-    # counters
-    uint64_t hits, misses, bytes_fetched, bytes_written, read_ops, write_ops, errors
-    uint64_t bytes_pushed, push_ops
 
 cdef inline uint64_t _hash(int64_t f, int64_t p) nogil:
     cdef uint64_t h = <uint64_t>p * 0x9E3779B97F4A7C15ULL
@@ -181,13 +84,6 @@ class EngineError(OSError):
     """An OSError raised by the engine; ``errno`` says what failed."""
 
 
-cdef struct PfItem:
-    int64_t fid, off, size      # fid -1: cancelled (its file was unregistered)
-
-# Prefetches queued at most (each is at most a read-ahead chunk, 1 MiB).
-DEF PQ_CAP = 4096
-# A prefetch thread with nothing to do for this long exits.
-DEF PF_IDLE_SEC = 2
 
 
 cdef void *_prefetch_thread(void *arg) noexcept with gil:
@@ -208,36 +104,6 @@ cdef class PageCache:
     resident memory grows with use).  Files are registered with
     :meth:`register` and addressed by the returned integer id.
     """
-    cdef pthread_mutex_t mu
-    cdef pthread_cond_t loaded      # broadcast when LOADING slots become VALID or are dropped
-    cdef char *arena
-    cdef size_t arena_len
-    cdef Slot *slots
-    cdef int64_t nslots
-    cdef int32_t *table
-    cdef int64_t tmask
-    cdef int64_t hand
-    cdef int64_t *freelist
-    cdef int64_t nfree
-    # spent slots, oldest first: the first to evict (see _spend)
-    cdef int32_t *spent
-    cdef int64_t sp_head, sp_len
-    cdef uint64_t spent_evictions
-    cdef FileRec **files
-    cdef int64_t nfiles_cap
-    cdef uint64_t evictions, wait_spins
-    cdef int64_t ndirty           # dirty pages of all files (the sum of their ndirty)
-    cdef char *twins      # multiwrite: the page as last read from / written to the backing file
-    # multiwrite pages evicted with their twins, for the kernel to drop its copies
-    cdef int64_t lost[LOST_MAX][2]
-    cdef int64_t nlost
-    cdef uint64_t lost_overflow
-    # prefetch_async: a ring of queued prefetches and the threads serving it
-    cdef PfItem pq[PQ_CAP]
-    cdef int64_t pq_head, pq_len
-    cdef pthread_cond_t pq_ready
-    cdef int pf_max, pf_threads, pf_idle
-    cdef uint64_t pf_done, pf_errors, pf_refused
 
     def __cinit__(self, size_t cache_size):
         pthread_mutex_init(&self.mu, NULL)
@@ -301,7 +167,7 @@ cdef class PageCache:
 
     # ------------------------------------------------------------------
     # table (caller holds mu)
-    cdef inline int64_t _find(self, int64_t f, int64_t p) noexcept nogil:
+    cdef int64_t _find(self, int64_t f, int64_t p) noexcept nogil:
         cdef int64_t i = _hash(f, p) & self.tmask
         cdef int32_t s
         while True:
@@ -312,7 +178,7 @@ cdef class PageCache:
                 return s
             i = (i + 1) & self.tmask
 
-    cdef inline void _insert(self, int64_t s) noexcept nogil:
+    cdef void _insert(self, int64_t s) noexcept nogil:
         cdef int64_t i = _hash(self.slots[s].file, self.slots[s].page) & self.tmask
         while self.table[i] >= 0:
             i = (i + 1) & self.tmask
@@ -361,7 +227,7 @@ cdef class PageCache:
         else:
             self._release_slot(s)
 
-    cdef inline void _unpin(self, int64_t s) noexcept nogil:
+    cdef void _unpin(self, int64_t s) noexcept nogil:
         self.slots[s].pins -= 1
         if self.slots[s].pins == 0 and self.slots[s].orphan:
             self._release_slot(s)
@@ -394,7 +260,7 @@ cdef class PageCache:
         self.files[f].cached += 1
         return s
 
-    cdef inline void _spend(self, int64_t s) noexcept nogil:
+    cdef void _spend(self, int64_t s) noexcept nogil:
         """Slot s has gone to the kernel, or came from it and is written back.
 
         Then the kernel's own page cache holds the same bytes, and it asks
@@ -494,7 +360,7 @@ cdef class PageCache:
         fr.nwords = n
         return 0
 
-    cdef inline void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil:
+    cdef void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil:
         cdef int64_t p = self.slots[s].page
         cdef uint64_t bit = 1ULL << (p & 63)
         if not self.slots[s].dirty:
@@ -504,7 +370,7 @@ cdef class PageCache:
             fr.ndirty += 1
             self.ndirty += 1
 
-    cdef inline void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
+    cdef void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
         cdef uint64_t bit = 1ULL << (p & 63)
         if p >> 6 < fr.nwords and fr.dirty[p >> 6] & bit:
             fr.dirty[p >> 6] &= ~bit
@@ -527,7 +393,7 @@ cdef class PageCache:
             word = fr.dirty[w]
 
     # ------------------------------------------------------------------
-    cdef FileRec *_file(self, int64_t fid) except NULL:
+    cdef FileRec *record(self, int64_t fid) except NULL:
         if fid < 0 or fid >= self.nfiles_cap or self.files[fid] == NULL or self.files[fid].zombie != 0:
             raise KeyError("no such file id %d" % fid)
         return self.files[fid]
@@ -571,7 +437,7 @@ cdef class PageCache:
         once -- the running read then fails or reads into pages nobody can
         see, which are dropped with the zombie.
         """
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t i, k
         with nogil:
             pthread_mutex_lock(&self.mu)
@@ -609,11 +475,11 @@ cdef class PageCache:
 
     def size(self, int64_t fid):
         """The size the cache holds for the file."""
-        return self._file(fid).size
+        return self.record(fid).size
 
     def set_size(self, int64_t fid, int64_t size):
         """Record a new size without touching cached pages (see :meth:`truncate`)."""
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         with nogil:
             pthread_mutex_lock(&self.mu)
             fr.size = size
@@ -621,7 +487,7 @@ cdef class PageCache:
 
     def dirty_bytes(self, int64_t fid):
         """Bytes in dirty pages of the file (whole pages)."""
-        return self._file(fid).ndirty * PAGE
+        return self.record(fid).ndirty * PAGE
 
     def clean_bytes(self):
         """Bytes of the cache that dirty pages do not hold (free or clean slots).
@@ -734,7 +600,7 @@ cdef class PageCache:
         if not load or not fresh:
             free(load)
             free(fresh)
-            return 12  # ENOMEM
+            return ENOMEM
         pthread_mutex_lock(&self.mu)
         for i in range(n):
             slot_of[i] = -2   # not resolved yet
@@ -827,7 +693,7 @@ cdef class PageCache:
     # ------------------------------------------------------------------
     def read(self, int64_t fid, int64_t offset, int64_t size):
         """Return ``size`` bytes at ``offset`` (fewer only at the cached end of file)."""
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t end, p0, p1, i, s, n, a, b, loaded
         cdef int err = 0
         cdef char *out
@@ -872,7 +738,7 @@ cdef class PageCache:
         call on the thread that serves FUSE requests, which saves the hop to a
         worker thread for reads that the prefetcher already served.
         """
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t end, p0, p1, i, s, a, b
         cdef bint ok = True
         cdef char *out
@@ -917,7 +783,7 @@ cdef class PageCache:
         Errors are counted (stats: prefetch_errors), never raised: the read
         that needs the pages fetches them itself and reports them.
         """
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t i
         cdef bint ok, spawn = False
         cdef pthread_t t
@@ -994,7 +860,7 @@ cdef class PageCache:
                 if slot_of:
                     err = self._fault_in(it.fid, fr, p0, p1, slot_of, False, 0, 0, &loaded)
                 else:
-                    err = 12  # ENOMEM
+                    err = ENOMEM
                 pthread_mutex_lock(&self.mu)
                 if slot_of and not err:
                     for i in range(n):
@@ -1015,7 +881,7 @@ cdef class PageCache:
 
     def prefetch(self, int64_t fid, int64_t offset, int64_t size):
         """Load the pages of [offset, offset+size) into the cache; return bytes fetched."""
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t end, p0, p1, i, n, loaded = 0
         cdef int err = 0
         cdef int64_t *slot_of
@@ -1039,84 +905,100 @@ cdef class PageCache:
             raise EngineError(err, "backing read failed")
         return loaded * PAGE
 
-    def push(self, int64_t fid, int64_t offset, int64_t size, int fuse_fd, uint64_t nodeid):
-        """Copy cached pages into the kernel's page cache of inode ``nodeid``.
+    # -- lending pages to other compiled modules (_engine.pxd) ---------------
+    cdef int64_t lend(self, FileRec *fr, int64_t fid, int64_t offset, int64_t end,
+                      int64_t *slot_of, iovec *iov) noexcept nogil:
+        """Pin the cached prefix of [offset, end) for a reader outside the engine.
 
-        Writes one FUSE_NOTIFY_STORE message to the session descriptor
-        ``fuse_fd``, straight from the pinned slots (GIL released).  Pushes
-        the cached prefix of [offset, offset+size), clipped to the size, and
-        returns its length in bytes: 0 when the first page is not cached or
-        the kernel no longer knows the inode.  The caller must make sure the
-        kernel holds no dirty page in the range (NOTIFY_STORE overwrites
-        dirty pages) and that the size cannot shrink meanwhile.
+        ``offset`` is page aligned; at most MAX_RUN pages are lent, and the
+        range is clipped to the size.  Fills ``slot_of[i]`` and ``iov[i]``
+        (the page in the arena, its length clipped to the range) for each
+        page lent and returns how many: 0 when the first page is not
+        cached.  The pages stay pinned, so never evicted or reused, until
+        :meth:`give_back`.  Takes the mutex: call without the GIL.
         """
-        cdef FileRec *fr = self._file(fid)
-        cdef int64_t end, p0, p1, i, s, n = 0, a, b
-        cdef int64_t slot_of[MAX_RUN]
-        cdef iovec iov[MAX_RUN + 1]
-        cdef NotifyStore msg
-        cdef ssize_t r = 0
-        cdef int err = 0
-        if offset & (PAGE - 1):
-            raise ValueError("push offset must be page aligned")
-        end = _span(fr, offset, size, &p0, &p1)
+        cdef int64_t p0 = offset >> PAGE_SHIFT, p1, i, s, n = 0, a, b
+        pthread_mutex_lock(&self.mu)
+        if end > fr.size:
+            end = fr.size
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
         if p1 - p0 > MAX_RUN:
             p1 = p0 + MAX_RUN
-            end = p1 * PAGE
-        if end <= offset:
-            return 0
+        for i in range(p0, p1):
+            s = self._find(fid, i)
+            if s < 0 or self.slots[s].state != S_VALID:
+                break
+            self.slots[s].pins += 1
+            self.slots[s].ref = 1
+            slot_of[n] = s
+            n += 1
+        pthread_mutex_unlock(&self.mu)
+        if end > (p0 + n) * PAGE:
+            end = (p0 + n) * PAGE
+        for i in range(n):
+            _clip(p0 + i, offset, end, &a, &b)
+            iov[i].iov_base = self.arena + slot_of[i] * PAGE
+            iov[i].iov_len = b - a
+        return n
+
+    cdef void give_back(self, FileRec *fr, int64_t *slot_of, iovec *iov, int64_t n,
+                        bint delivered) noexcept nogil:
+        """Unpin the ``n`` pages :meth:`lend` lent.  ``delivered``: the reader
+        put the bytes into the kernel's page cache (a push), so whole pages
+        are spent (see _spend) and the bytes count as pushed."""
+        cdef int64_t i
+        pthread_mutex_lock(&self.mu)
+        for i in range(n):
+            if delivered:
+                if iov[i].iov_len == PAGE:
+                    self._spend(slot_of[i])
+                fr.bytes_pushed += iov[i].iov_len
+            self._unpin(slot_of[i])
+        if delivered and n:
+            fr.push_ops += 1
+        pthread_mutex_unlock(&self.mu)
+
+    def cached_prefix(self, int64_t fid, int64_t offset, int64_t size):
+        """A copy of the cached prefix of [offset, offset+size) (at most
+        MAX_RUN pages, clipped to the size); b"" if its first page is not
+        cached.  ``offset`` must be page aligned.  Never does I/O."""
+        cdef FileRec *fr = self.record(fid)
+        cdef int64_t slot_of[MAX_RUN]
+        cdef iovec iov[MAX_RUN]
+        cdef int64_t n, i, total = 0, end
+        if offset & (PAGE - 1):
+            raise ValueError("offset must be page aligned")
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = offset + size
         with nogil:
-            pthread_mutex_lock(&self.mu)
-            end = min(end, fr.size)
-            for i in range(p0, p1):
-                if i * PAGE >= end:
-                    break
-                s = self._find(fid, i)
-                if s < 0 or self.slots[s].state != S_VALID:
-                    break
-                self.slots[s].pins += 1
-                self.slots[s].ref = 1
-                slot_of[n] = s
-                n += 1
-            pthread_mutex_unlock(&self.mu)
-            if n:
-                if end > (p0 + n) * PAGE:
-                    end = (p0 + n) * PAGE
-                for i in range(n):
-                    _clip(p0 + i, offset, end, &a, &b)
-                    iov[i + 1].iov_base = self.arena + slot_of[i] * PAGE
-                    iov[i + 1].iov_len = b - a
-                msg.len = sizeof(NotifyStore) + (end - offset)
-                msg.code = FUSE_NOTIFY_STORE
-                msg.unique = 0
-                msg.nodeid = nodeid
-                msg.offset = offset
-                msg.size = end - offset
-                msg.padding = 0
-                iov[0].iov_base = &msg
-                iov[0].iov_len = sizeof(NotifyStore)
-                while True:
-                    r = writev(fuse_fd, iov, n + 1)
-                    if r < 0 and errno == EINTR:
-                        continue
-                    break
-                if r < 0:
-                    err = errno
-                pthread_mutex_lock(&self.mu)
-                for i in range(n):
-                    _clip(p0 + i, offset, end, &a, &b)
-                    if not err and b - a == PAGE:
-                        self._spend(slot_of[i])
-                    self._unpin(slot_of[i])
-                if not err:
-                    fr.bytes_pushed += end - offset
-                    fr.push_ops += 1
-                pthread_mutex_unlock(&self.mu)
-        if err == 2:        # ENOENT: the kernel has forgotten the inode
-            return 0
-        if err:
-            raise EngineError(err, "notify store failed")
-        return end - offset if n else 0
+            n = self.lend(fr, fid, offset, end, slot_of, iov)
+        for i in range(n):
+            total += iov[i].iov_len
+        out = PyBytes_FromStringAndSize(NULL, total)
+        cdef char *dst = PyBytes_AS_STRING(out)
+        with nogil:
+            for i in range(n):
+                memcpy(dst, iov[i].iov_base, iov[i].iov_len)
+                dst += iov[i].iov_len
+            self.give_back(fr, slot_of, iov, n, False)
+        return out
+
+    def delivered(self, int64_t fid, int64_t offset, int64_t length):
+        """The bytes of [offset, offset+length) went into the kernel's page
+        cache (a push): its whole cached pages are spent, and the bytes count
+        as pushed."""
+        cdef FileRec *fr = self.record(fid)
+        cdef int64_t slot_of[MAX_RUN]
+        cdef iovec iov[MAX_RUN]
+        cdef int64_t n
+        if offset & (PAGE - 1):
+            raise ValueError("offset must be page aligned")
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or size")
+        with nogil:
+            n = self.lend(fr, fid, offset, offset + length, slot_of, iov)
+            self.give_back(fr, slot_of, iov, n, True)
 
     def write(self, int64_t fid, int64_t offset, data):
         """Copy ``data`` into the cache at ``offset``, marking the pages dirty.
@@ -1130,7 +1012,7 @@ cdef class PageCache:
         cdef int64_t done = 0, piece, step
         if offset < 0:
             raise ValueError("negative offset")
-        self._file(fid)
+        self.record(fid)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             step = max(min(<int64_t>MAX_RUN, self.nslots // 4), 1) * PAGE
@@ -1156,7 +1038,7 @@ cdef class PageCache:
         back, so its WRITEs skip the hop to a worker thread, even when the
         page was evicted in between (spent pages go first, see _spend).
         """
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef Py_buffer view
         cdef int64_t end, p0, p1, i, s, a, b, n, fresh = 0
         cdef bint ok = True
@@ -1230,58 +1112,57 @@ cdef class PageCache:
             PyBuffer_Release(&view)
 
     cdef _write_piece(self, int64_t fid, int64_t offset, const char *src, int64_t length):
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t end, p0, p1, i, s, n, a, b, victim, loaded
         cdef int err = 0
         cdef int64_t *slot_of
-        if True:
-            if length == 0:
-                return 0
-            end = offset + length
-            p0 = offset >> PAGE_SHIFT
-            p1 = (end + PAGE - 1) >> PAGE_SHIFT
-            n = p1 - p0
-            slot_of = <int64_t *>malloc(n * sizeof(int64_t))
-            if not slot_of:
-                raise MemoryError()
-            try:
-                while True:
-                    with nogil:
-                        pthread_mutex_lock(&self.mu)
-                        err = self._bitmap_fit(fr, p1 - 1)
-                        pthread_mutex_unlock(&self.mu)
-                        if not err:
-                            err = self._fault_in(fid, fr, p0, p1, slot_of, True, offset, end, &loaded)
-                    if err != -1:
-                        break
-                    # the cache is full of dirty or busy pages: write some back
-                    with nogil:
-                        pthread_mutex_lock(&self.mu)
-                        victim = self._any_dirty_file()
-                        pthread_mutex_unlock(&self.mu)
-                    if victim < 0:
-                        raise EngineError(16, "page cache too small for this write")  # EBUSY
-                    self.writeback(victim)
-                if err:
-                    raise EngineError(err, "backing read failed")
+        if length == 0:
+            return 0
+        end = offset + length
+        p0 = offset >> PAGE_SHIFT
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
+        n = p1 - p0
+        slot_of = <int64_t *>malloc(n * sizeof(int64_t))
+        if not slot_of:
+            raise MemoryError()
+        try:
+            while True:
                 with nogil:
                     pthread_mutex_lock(&self.mu)
-                    for i in range(n):
-                        s = slot_of[i]
-                        _clip(p0 + i, offset, end, &a, &b)
-                        memcpy(self.arena + s * PAGE + (a - (p0 + i) * PAGE), src + (a - offset), b - a)
-                        self.slots[s].state = S_VALID
-                        if not self.slots[s].orphan:
-                            self._set_dirty(fr, s)
-                        self._unpin(s)
-                    pthread_cond_broadcast(&self.loaded)
-                    if end > fr.size:
-                        fr.size = end
-                    fr.bytes_written += end - offset
+                    err = self._bitmap_fit(fr, p1 - 1)
                     pthread_mutex_unlock(&self.mu)
-            finally:
-                free(slot_of)
-            return length
+                    if not err:
+                        err = self._fault_in(fid, fr, p0, p1, slot_of, True, offset, end, &loaded)
+                if err != -1:
+                    break
+                # the cache is full of dirty or busy pages: write some back
+                with nogil:
+                    pthread_mutex_lock(&self.mu)
+                    victim = self._any_dirty_file()
+                    pthread_mutex_unlock(&self.mu)
+                if victim < 0:
+                    raise EngineError(EBUSY, "page cache too small for this write")
+                self.writeback(victim)
+            if err:
+                raise EngineError(err, "backing read failed")
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+                for i in range(n):
+                    s = slot_of[i]
+                    _clip(p0 + i, offset, end, &a, &b)
+                    memcpy(self.arena + s * PAGE + (a - (p0 + i) * PAGE), src + (a - offset), b - a)
+                    self.slots[s].state = S_VALID
+                    if not self.slots[s].orphan:
+                        self._set_dirty(fr, s)
+                    self._unpin(s)
+                pthread_cond_broadcast(&self.loaded)
+                if end > fr.size:
+                    fr.size = end
+                fr.bytes_written += end - offset
+                pthread_mutex_unlock(&self.mu)
+        finally:
+            free(slot_of)
+        return length
 
     def writeback(self, int64_t fid):
         """Write every dirty page of the file to its backing fd in coalesced runs.
@@ -1289,7 +1170,7 @@ cdef class PageCache:
         Does not fsync.  On error the pages that were not written stay dirty
         and an OSError carrying the errno is raised.  Returns bytes written.
         """
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t run[MAX_RUN]
         cdef int64_t p, q, n, i, s, last_len, written = 0
         cdef int err = 0
@@ -1368,6 +1249,7 @@ cdef class PageCache:
         cdef char *tw
         cdef ssize_t r
         cdef int err = 0
+        cdef int64_t writes = 0       # pwrites not yet counted (counters change under mu)
         cdef struct_stat st
         with nogil:
             while not err:
@@ -1418,12 +1300,14 @@ cdef class PageCache:
                     if r < 0:
                         err = errno
                     elif r < j - i:
-                        err = 5   # EIO: a short pwrite on a regular file
+                        err = EIO   # a short pwrite on a regular file
                     else:
                         written += j - i
-                        fr.write_ops += 1
+                        writes += 1
                     i = j
                 pthread_mutex_lock(&self.mu)
+                fr.write_ops += writes
+                writes = 0
                 if err:
                     fr.errors += 1
                     if not self.slots[s].orphan:
@@ -1469,7 +1353,7 @@ cdef class PageCache:
         Cached clean pages are dropped so that every page is read again with
         its twin.  Raises EBUSY if the file still has dirty pages.
         """
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t s
         cdef int busy = 0
         if on and self.twins == NULL:
@@ -1490,7 +1374,7 @@ cdef class PageCache:
                 fr.multiwrite = 1 if on else 0
             pthread_mutex_unlock(&self.mu)
         if busy:
-            raise EngineError(16, "write back dirty pages before switching multiwrite")
+            raise EngineError(EBUSY, "write back dirty pages before switching multiwrite")
 
     def refresh(self, int64_t fid, int64_t offset, int64_t length):
         """Reload the pages covering [offset, offset+length) from the backing file.
@@ -1501,7 +1385,7 @@ cdef class PageCache:
         it, the whole dirty page stays as written locally.  Twins take the
         backing bytes.  Returns the number of pages reloaded.
         """
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t p0, p1, cp0, cp1, i, s, k, reloaded = 0
         cdef int64_t CH = 256     # pages per backing read: 1 MiB
         cdef char *buf
@@ -1522,9 +1406,9 @@ cdef class PageCache:
                 err = _pread_full(fr.fd, buf, (cp1 - cp0) * PAGE, cp0 * PAGE)
                 if err:
                     break
+                pthread_mutex_lock(&self.mu)
                 fr.bytes_fetched += (cp1 - cp0) * PAGE
                 fr.read_ops += 1
-                pthread_mutex_lock(&self.mu)
                 for i in range(cp0, cp1):
                     s = self._find(fid, i)
                     if s >= 0 and self.slots[s].state != S_VALID:
@@ -1556,7 +1440,7 @@ cdef class PageCache:
 
     def truncate(self, int64_t fid, int64_t size):
         """Set the cached size; drop pages past it and zero the tail of the last one."""
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t s, lastp, tail
         with nogil:
             pthread_mutex_lock(&self.mu)
@@ -1577,7 +1461,7 @@ cdef class PageCache:
 
     def invalidate(self, int64_t fid, int64_t offset, int64_t length):
         """Drop clean cached pages overlapping [offset, offset+length); return how many."""
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         cdef int64_t s, p0, p1, dropped = 0
         p0 = offset >> PAGE_SHIFT
         p1 = (offset + length + PAGE - 1) >> PAGE_SHIFT
@@ -1594,7 +1478,7 @@ cdef class PageCache:
 
     def file_stats(self, int64_t fid):
         """Counters of one file, as a dict."""
-        cdef FileRec *fr = self._file(fid)
+        cdef FileRec *fr = self.record(fid)
         return dict(size=fr.size, cached_bytes=fr.cached * PAGE, dirty_bytes=fr.ndirty * PAGE,
                     multiwrite=bool(fr.multiwrite),
                     twin_bytes=fr.cached * PAGE if fr.multiwrite else 0,
@@ -1650,23 +1534,6 @@ cdef class PageCache:
         assert self.ndirty == ndirty, "total dirty count %d, files say %d" % (self.ndirty, ndirty)
 
 
-cdef extern from "<unistd.h>" nogil:
-    ssize_t pread(int fd, void *buf, size_t count, long offset)
-    ssize_t pwrite(int fd, const void *buf, size_t count, long offset)
-    int ftruncate(int fd, long length)
-
-cdef extern from "<sys/stat.h>" nogil:
-    cdef struct struct_stat "stat":
-        long st_size
-    int fstat(int fd, struct_stat *st)
-
-cdef extern from *:
-    int __builtin_ctzll(unsigned long long) nogil
-
-cdef extern from "<sys/vfs.h>" nogil:
-    cdef struct struct_statfs "statfs":
-        long f_type
-    int fstatfs(int fd, struct_statfs *buf)
 
 
 def fs_magic(int fd):

@@ -239,31 +239,36 @@ class PageCache:
                     fetched += PAGE
             return fetched
 
-    def push(self, fid: int, offset: int, size: int, fuse_fd: int, nodeid: int) -> int:
+    def _prefix(self, fid: int, offset: int, size: int) -> tuple[int, int]:
+        """The cached prefix [offset, end) of a range, as the engine's lend()."""
         if offset % PAGE:
-            raise ValueError("push offset must be page aligned")
+            raise ValueError("offset must be page aligned")
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
+        f = self._file(fid)
+        end = min(offset + size, f.size, offset + MAX_RUN * PAGE)
+        p = offset // PAGE
+        while p * PAGE < end and (fid, p) in self._pages:
+            self._pages.move_to_end((fid, p))
+            p += 1
+        return offset, max(offset, min(end, p * PAGE))
+
+    def cached_prefix(self, fid: int, offset: int, size: int) -> bytes:
         with self._lock:
-            f = self._file(fid)
-            end = min(offset + size, f.size, offset + MAX_RUN * PAGE)
-            p = offset // PAGE
-            while p * PAGE < end and (fid, p) in self._pages:
-                p += 1
-            end = min(end, p * PAGE)
-            if end <= offset:
-                return 0
-            data = self.read(fid, offset, end - offset)
-            msg = struct.pack("=IiQQQII", 40 + len(data), 4, 0, nodeid, offset, len(data), 0)
-            try:
-                os.writev(fuse_fd, [msg, data])
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    return 0
-                raise EngineError(exc.errno, "notify store failed") from None
-            f.counters["bytes_pushed"] += len(data)
-            f.counters["pushes"] += 1
-            return len(data)
+            a, b = self._prefix(fid, offset, size)
+            return b"".join(bytes(self._pages[(fid, p)][:min(PAGE, b - p * PAGE)])
+                            for p in range(a // PAGE, (b + PAGE - 1) // PAGE))
+
+    def delivered(self, fid: int, offset: int, length: int) -> None:
+        with self._lock:
+            a, b = self._prefix(fid, offset, length)
+            for p in range(a // PAGE, (b + PAGE - 1) // PAGE):
+                if min(b, (p + 1) * PAGE) - p * PAGE == PAGE:
+                    self._spend(fid, p)
+            if b > a:
+                f = self._files[fid]
+                f.counters["bytes_pushed"] += b - a
+                f.counters["pushes"] += 1
 
     def write(self, fid: int, offset: int, data) -> int:
         if offset < 0:

@@ -4,6 +4,7 @@ A FUSE file system (pyfuse3 + trio) over the :mod:`shimcore` page-cache engine.
 The Python API: :func:`sync`, :func:`refresh`, :func:`set_multiwrite` and :func:`stats`; the command line: ``shimfs``.
 """
 from .api import refresh, set_multiwrite, stats, sync
+from .errors import ShimfsError
 
 __version__ = "0.1.0"
-__all__ = ["refresh", "set_multiwrite", "stats", "sync", "__version__"]
+__all__ = ["ShimfsError", "refresh", "set_multiwrite", "stats", "sync", "__version__"]

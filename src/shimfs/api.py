@@ -7,6 +7,9 @@
   range (default: the whole file) from the backing file into the daemon's
   cache and every mapping of the file.
 * ``set_multiwrite(path, on)``: byte-granular write-back for one file.
+
+A path that is missing or not in a shimfs mount raises :class:`ShimfsError`;
+an operation the daemon refused raises ``OSError`` with its errno.
 """
 from __future__ import annotations
 
@@ -14,12 +17,8 @@ import errno
 import json
 import os
 
-from .errors import UserError
-
-XATTR_SYNC = "user.shimfs.sync"
-XATTR_STATS = "user.shimfs.stats"
-XATTR_REFRESH = "user.shimfs.refresh"
-XATTR_MULTIWRITE = "user.shimfs.multiwrite"
+from .errors import ShimfsError
+from .names import FSTYPE, XATTR_MULTIWRITE, XATTR_REFRESH, XATTR_STATS, XATTR_SYNC
 
 
 def mount_table():
@@ -48,15 +47,15 @@ def _path(path_or_fd) -> str | int:
     else:
         path = target = os.fspath(path_or_fd)
         if not os.path.exists(path):
-            raise UserError("%s does not exist" % path)
-    if mount_of(path)[1] != "fuse.shimfs":
-        raise UserError("%s is not in a shimfs mount" % (path,))
+            raise ShimfsError("%s does not exist" % path)
+    if mount_of(path)[1] != FSTYPE:
+        raise ShimfsError("%s is not in a shimfs mount" % (path,))
     return target
 
 
 def _not_shimfs(path, exc: OSError):
     if exc.errno in (errno.ENOTSUP, errno.ENODATA, errno.EOPNOTSUPP):
-        raise UserError("%s is not in a shimfs mount" % (path,)) from None
+        raise ShimfsError("%s is not in a shimfs mount" % (path,)) from None
     raise exc
 
 

@@ -1,9 +1,14 @@
-"""Async facade over the shimcore engine: every call runs in a worker thread.
+"""The façade: the only way from the VFS to the shimcore engine.
+
+Nothing else in shimfs imports shimcore.  Calls that may do I/O are async
+and run in worker threads; calls that never do I/O (sizes, dirty counts,
+cache lookups) are plain methods, fine on the trio thread.
 
 The engine releases the GIL for its copies and backing I/O, so these threads
 run in parallel with each other and with the trio thread that serves FUSE.
 Nothing here blocks the trio thread.  Prefetches are queued to the engine's
-own threads (``PageCache.prefetch_async``, at most ``PREFETCH_THREADS``),
+own threads (``PageCache.prefetch_async``, at most
+``ReadAheadConfig.prefetch_threads``),
 which never need the GIL: against a trio task and a worker hop per 1 MiB
 chunk that took the daemon's CPU per GiB scanned 0.97 -> 0.68 s and the scan
 582 -> 711 MB/s (docs/performance.md, step 12).  The engine keeps a file's
@@ -13,8 +18,9 @@ bounded by their own limiter so that they never starve the reads a process
 is waiting for.
 
 Pushing (``-o push``, off by default): a prefetched chunk is also copied
-into the kernel's page cache (``PageCache.push``, a FUSE_NOTIFY_STORE written
-from the worker thread with the GIL released), so the kernel need not send
+into the kernel's page cache (``Kernel.push``: a FUSE_NOTIFY_STORE written
+by shimfs._notify straight from the engine's pinned slots, GIL released),
+so the kernel need not send
 READs for it, which pyfuse3 would answer on the trio thread with the GIL
 held.  NOTIFY_STORE overwrites
 whatever the kernel holds, dirty pages included, and grows the kernel's idea
@@ -35,6 +41,7 @@ file in /dev/shm (the default backing directory): 1858 -> 2490 MB/s, daemon
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 
@@ -42,24 +49,15 @@ import trio
 
 import shimcore
 
-from .readahead import Budget, Stream, chunks, hole
+from .kernel import Kernel, NullKernel
+from .readahead import DEFAULT as READ_AHEAD, Budget, ReadAheadConfig, Stream, chunks, hole
 
-PAGE = 4096
-#: Backing reads in flight for prefetches.  A network file system is latency
-#: bound: on the stand-in, 1 MiB preads from 1/2/4/8 threads gave 265/484/
-#: 644/680 MB/s, and a mapped scan through shimfs went from ~210 to ~400 MB/s
-#: going from 4 to 12 (docs/performance.md; 16 was no better).
-PREFETCH_THREADS = 12
-#: A stream's window may grow to this many times ``read_ahead``: 64 MiB at
-#: the defaults.  The kernel's own read-ahead is ``read_ahead`` long;
-#: prefetching four times as far kept ~16 backing reads queued for the
-#: prefetch threads (1.0x -> 1.3x native on the stand-in) and let pushes get
-#: ahead of the kernel's requests; sixteen times as far keeps the 12 engine
-#: threads busy (2 GiB scan, 10 pairs: +5% and +8%, less daemon CPU).
-WINDOW_FACTOR = 16
-#: All the streams of a mount together prefetch at most this share of the
-#: cache ahead of their readers (readahead.Budget).
-WINDOW_BUDGET_SHARE = 4
+try:
+    from shimcore._creds import run_as as _run_as
+except ImportError:    # pragma: no cover - the extension is always built
+    _run_as = None
+
+PAGE = shimcore.PAGE_SIZE
 #: Concurrent write-back streams for one file once it has this much dirty data.
 WRITEBACK_STREAMS = 4
 WRITEBACK_PARALLEL_MIN = 8 << 20
@@ -82,27 +80,27 @@ class AsyncCache:
     """One engine, two thread pools (foreground and prefetch)."""
 
     def __init__(self, cache_size: int, read_ahead_bytes: int, threads: int = 8,
-                 prefetch_threads: int = PREFETCH_THREADS, push: bool = False):
+                 push: bool = False, read_ahead: ReadAheadConfig = READ_AHEAD):
         self.engine = shimcore.PageCache(cache_size)
         # Prefetches without pushing run on the engine's own threads
         # (prefetch_async): no trio task, no worker hop, no GIL per chunk.
-        self.engine.set_prefetchers(prefetch_threads)
+        self.engine.set_prefetchers(read_ahead.prefetch_threads)
         self.push = push
-        self.notify_fd: int | None = None       # the session's /dev/fuse fd, set by the mount
+        self.kernel: Kernel = NullKernel()      # the mount's, once it exists
         self.gates: dict[int, PushGate] = {}
         # Prefetches in flight per file, and what to call once there are none:
         # a prefetch outlives the handle that started it, and the engine must
         # not forget a file (nor its fd be closed) while one is using it.
         self.prefetching: dict[int, int] = {}
         self.idle_callbacks: dict[int, list] = {}
-        # The windows of all streams together may not exceed a quarter of the
+        # The windows of all streams together may not exceed a share of the
         # cache: streams that prefetch more than that evict their own pages
         # before they are read.  A stream alone may take all of it.
-        self.budget = Budget(cache_size // WINDOW_BUDGET_SHARE, self.engine.clean_bytes)
-        self.max_window = min(read_ahead_bytes * WINDOW_FACTOR, self.budget.total)
+        self.budget = Budget(read_ahead.budget(cache_size), self.engine.clean_bytes)
+        self.max_window = read_ahead.max_window(read_ahead_bytes, cache_size)
         self.read_ahead_bytes = read_ahead_bytes
         self.limiter = trio.CapacityLimiter(threads)
-        self.prefetch_limiter = trio.CapacityLimiter(prefetch_threads)
+        self.prefetch_limiter = trio.CapacityLimiter(read_ahead.prefetch_threads)
         self.nursery: trio.Nursery | None = None
         self.prefetch_errors = 0
         self.on_lost_twins = None
@@ -125,8 +123,68 @@ class AsyncCache:
         if lost and self.on_lost_twins is not None:
             self.on_lost_twins(lost)
 
+    async def run_as(self, uid: int, gid: int, groups: list[int], fn, *args):
+        """``run`` with the worker thread's fs credentials switched to the user's."""
+        if _run_as is None:     # pragma: no cover
+            raise OSError(errno.ENOSYS, "no credential switch")
+        return await self.run(_run_as, uid, gid, groups, fn, *args)
+
     def stream(self) -> Stream:
         return Stream(self.max_window, self.read_ahead_bytes, self.budget)
+
+    # -- the engine's file records (no I/O: fine on any thread) --------------
+    def register(self, fd: int, size: int, multiwrite: bool = False) -> int:
+        """Start caching backing file ``fd``; returns its file id."""
+        fid = self.engine.register(fd, size)
+        if multiwrite:
+            self.engine.set_multiwrite(fid, True)
+        return fid
+
+    def unregister(self, fid: int) -> None:
+        """Forget the file and its pages (write back first)."""
+        self.engine.unregister(fid)
+        self.gates.pop(fid, None)
+
+    @staticmethod
+    def in_memory(fd: int) -> bool:
+        """Whether backing file ``fd`` lives in memory (tmpfs, ramfs)."""
+        return shimcore.fs_magic(fd) in shimcore.MEMORY_FS_MAGIC
+
+    def size(self, fid: int) -> int:
+        return self.engine.size(fid)
+
+    def set_size(self, fid: int, size: int) -> None:
+        self.engine.set_size(fid, size)
+
+    def dirty_bytes(self, fid: int) -> int:
+        return self.engine.dirty_bytes(fid)
+
+    def truncate(self, fid: int, size: int) -> None:
+        """The cached size and pages follow a truncate of the backing file."""
+        self.engine.truncate(fid, size)
+
+    def invalidate(self, fid: int, offset: int, length: int) -> int:
+        """Drop the clean cached pages of a range."""
+        return self.engine.invalidate(fid, offset, length)
+
+    def set_multiwrite(self, fid: int, on: bool) -> None:
+        self.engine.set_multiwrite(fid, on)
+
+    def file_stats(self, fid: int) -> dict:
+        return self.engine.file_stats(fid)
+
+    def pushing(self, fid: int) -> bool:
+        """Whether prefetched pages of ``fid`` are pushed into the kernel now."""
+        return self.gate(fid).closed == 0 and self.push and self.kernel.live
+
+    def stats(self) -> dict:
+        """The mount's counters: the engine's, the requests', read-ahead's."""
+        return dict(self.engine.stats(), **self.counters,
+                    prefetch_errors=self.prefetch_failures,
+                    prefetches_in_flight=self.prefetches_in_flight,
+                    read_ahead_max_window=self.max_window,
+                    read_ahead_budget=self.budget.total,
+                    read_ahead_streams=self.budget.active)
 
     # -- the push gate -------------------------------------------------------
     def gate(self, fid: int) -> PushGate:
@@ -155,9 +213,6 @@ class AsyncCache:
             yield
         finally:
             self.open_gate(fid)
-
-    def forget(self, fid: int) -> None:
-        self.gates.pop(fid, None)
 
     @property
     def prefetches_in_flight(self) -> int:
@@ -190,7 +245,7 @@ class AsyncCache:
             plan = stream.on_read(off, size)
             if plan is not None:
                 engine = self.engine
-                pushing = self.push and self.notify_fd is not None
+                pushing = self.push and self.kernel.live
                 for c_off, c_len in chunks(*plan):
                     # Pushes need the gate, which lives on this thread: they,
                     # and whatever the engine's queue refuses, take a trio task.
@@ -213,8 +268,8 @@ class AsyncCache:
     async def _prefetch(self, fid: int, ino: int, stream: Stream, off: int, length: int) -> None:
         self.counters["prefetches"] += 1
         self.prefetching[fid] = self.prefetching.get(fid, 0) + 1
-        fd = self.notify_fd
-        g = self.gate(fid) if self.push and fd is not None else None
+        kernel = self.kernel
+        g = self.gate(fid) if self.push and kernel.live else None
         if g is not None:
             if g.closed:
                 g = None
@@ -232,7 +287,7 @@ class AsyncCache:
             start = max(off + (PAGE if hole(off) else 0),
                         (stream.asked_until + PAGE - 1) & ~(PAGE - 1))
             if start < off + length:
-                engine.push(fid, start, off + length - start, fd, ino)
+                kernel.push(engine, fid, ino, start, off + length - start)
         try:
             await trio.to_thread.run_sync(work, limiter=self.prefetch_limiter)
         except (OSError, KeyError) as exc:
@@ -263,6 +318,14 @@ class AsyncCache:
             c["writes_to_cache"] += 1
             return n
         return await self.run(self.engine.write, fid, off, data)
+
+    def read_blocking(self, fid: int, off: int, size: int) -> bytes:
+        """A read that may do I/O on the calling thread: worker threads only."""
+        return self.engine.read(fid, off, size)
+
+    async def reload(self, fid: int, offset: int, length: int) -> int:
+        """Re-read a range from the backing file, keeping local dirty bytes."""
+        return await self.run(self.engine.refresh, fid, offset, length)
 
     async def writeback(self, fid: int, fd: int | None = None) -> int:
         """Write dirty pages back; with ``fd``, fsync it afterwards (durable).

@@ -19,7 +19,8 @@ import time
 
 from . import api
 from .config import check_dir, parse_options
-from .errors import UserError
+from .errors import ShimfsError, UserError
+from .names import FSTYPE, XATTR_PID, XATTR_SYNC
 
 PROG = "shimfs"
 READY_TIMEOUT = 60.0
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print("%s: %s" % (PROG, exc), file=sys.stderr)
         return exc.code
+    except ShimfsError as exc:
+        print("%s: %s" % (PROG, exc), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -189,7 +193,7 @@ def cmd_umount(args) -> int:
     fstype = _mount_type(mnt)
     if fstype is None:
         raise UserError("%s is not mounted" % mnt)
-    if fstype != "fuse.shimfs":
+    if fstype != FSTYPE:
         raise UserError("%s is not a shimfs mount (it is %s)" % (mnt, fstype))
     pid = None
     try:
@@ -205,9 +209,9 @@ def cmd_umount(args) -> int:
         print("%s: notice: the daemon of %s is gone; removing the dead mount" % (PROG, mnt),
               file=sys.stderr)
     else:
-        pid = int(os.getxattr(mnt, "user.shimfs.pid"))
+        pid = int(os.getxattr(mnt, XATTR_PID))
         try:
-            os.setxattr(mnt, "user.shimfs.sync", b"")
+            os.setxattr(mnt, XATTR_SYNC, b"")
         except OSError as exc:
             if not args.force:
                 raise UserError("cannot write back the data of %s (%s); nothing unmounted. "

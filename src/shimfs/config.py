@@ -23,8 +23,11 @@ class Config:
     #: the original kernel module it defaults to /dev/shm.
     backing: str = "/dev/shm"
     #: Read-ahead, in 4 KiB pages (the original module's unit and default):
-    #: the largest window a sequential stream prefetches from the backing file,
-    #: and the kernel's read_ahead_kb for the mount (as root).
+    #: the kernel's read_ahead_kb for the mount (as root), and the run of
+    #: sequential reads after which the daemon starts prefetching.  The
+    #: daemon's own window then grows up to ``window_factor`` (16) times this
+    #: (readahead.ReadAheadConfig), within a quarter of the cache shared by
+    #: the mount's streams.
     read_ahead: int = 1024
     #: Bytes of the daemon's page cache (the bound of its data memory).
     cache_size: int = 256 << 20

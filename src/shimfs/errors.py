@@ -6,6 +6,9 @@
   :class:`FsError`: an ``OSError`` keeps its errno (EBADFD, a backing
   descriptor invalidated by a server restart, becomes EIO), anything else is
   a bug and becomes EIO (logged with its traceback).
+* :class:`ShimfsError` is what the Python API (:mod:`shimfs.api`) raises
+  when a path is not one it can control (missing, or not in a shimfs mount);
+  failed operations raise ``OSError`` with the daemon's errno.
 * :class:`UserError` is bad input from the command line: the CLI prints its
   message as one line and exits with its code, never with a traceback.
 """
@@ -27,6 +30,10 @@ class FsError(Exception):
 
     def __str__(self) -> str:
         return "%s (%s)" % (self.args[1], errno.errorcode.get(self.errno, self.errno))
+
+
+class ShimfsError(Exception):
+    """The Python API cannot act on a path: it is missing or not in a shimfs mount."""
 
 
 class UserError(Exception):

@@ -6,7 +6,6 @@ Each method converts pyfuse3 arguments into plain values, calls the VFS core
 """
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -14,7 +13,8 @@ import os
 import pyfuse3
 
 from .errors import fs_error
-from .vfs import Attr, Ctx, Vfs
+from .nodes import Attr, Ctx
+from .vfs import Vfs
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,7 @@ class ShimOperations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
-        self.vfs._dir(inode)
-        return inode
+        return self.vfs.opendir(inode)
 
     @_errors
     async def readdir(self, fh, start_id, token):
@@ -209,4 +208,4 @@ class ShimOperations(pyfuse3.Operations):
 
     @_errors
     async def removexattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        await self.vfs.removexattr(inode, os.fsdecode(name))

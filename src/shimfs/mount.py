@@ -9,16 +9,17 @@ requests, with one-line notices for the user (settings that were skipped).
 from __future__ import annotations
 
 import logging
-import sys
+import os
 import signal
+import sys
 
 import pyfuse3
 import trio
 
 from .config import Config
 from .errors import UserError
+from ._notify import SessionKernel
 from .fuseops import ShimOperations
-from .notify import KernelNotifier, find_session_fd
 from .tuning import tune
 from .vfs import Vfs
 
@@ -39,6 +40,17 @@ def _limit_malloc_arenas() -> None:
         libc.mallopt(-8, 2)          # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
+
+
+def find_session_fd() -> int | None:
+    """The daemon's open /dev/fuse descriptor (there is one per session)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink("/proc/self/fd/" + name) == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue
+    return None
 
 
 def fuse_options(config: Config) -> set[str]:
@@ -63,8 +75,10 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
         pyfuse3.init(ops, mountpoint, fuse_options(config))
     except RuntimeError as exc:
         raise UserError("cannot mount %s: %s" % (mountpoint, exc), 1) from None
-    vfs.kernel = KernelNotifier(find_session_fd())
-    vfs.cache.notify_fd = vfs.kernel.fd      # prefetched pages are pushed through it
+    fd = find_session_fd()
+    if fd is not None:
+        # Refresh, multiwrite and pushes reach the kernel through it.
+        vfs.attach_kernel(SessionKernel(fd))
     try:
         trio.run(_main, vfs, mountpoint, config, ready)
     finally:

@@ -19,19 +19,8 @@ READ moves the stream on.  The reads the policy sees then land inside the
 prefetched range rather than at its end, which is why that range counts as
 sequential.
 
-Why these numbers:
-
-* ``MIN_WINDOW`` = 1 MiB: one FUSE request carries at most 1 MiB (max_pages
-  256), so a smaller first prefetch would not run ahead of the kernel at all.
-* ``SLACK`` = 256 KiB: the kernel's async read-ahead and mmap read-around
-  issue requests a little out of order; jumps this small do not reset a
-  stream.
-* Prefetches are cut into ``CHUNK`` = 1 MiB pieces, on 1 MiB boundaries,
-  so that several backing reads are in flight at once (the stand-in serves 2
-  streams at ~1.6x one).
-* ``HOLE_EVERY`` = 2: one 4 KiB READ round trip per 2 MiB pushed; the window
-  (up to ``max_window``) is several holes long, so the reader finds pushed
-  pages ahead of it while the next chunks load.
+Every number the policy uses, and why it has its value, is a field of
+:class:`ReadAheadConfig` below.
 
 The streams of one mount share a :class:`Budget`: a stream's window is at
 most ``max_window``, and at most the budget divided among the streams that
@@ -46,10 +35,63 @@ GiB from the backing file, docs/performance.md step 15).
 """
 from __future__ import annotations
 
-MIN_WINDOW = 1 << 20
-SLACK = 256 << 10
-CHUNK = 1 << 20
-HOLE_EVERY = 2
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadAheadConfig:
+    """Every constant of the daemon's read-ahead, with the reason for its value.
+
+    The mount option ``read_ahead`` (pages) sets the rest: the kernel's own
+    read-ahead (``read_ahead_kb``, tuning.py) and the run length after which
+    a stream starts prefetching.  Measurements: docs/performance.md.
+    """
+
+    #: The first window: one FUSE request carries at most 1 MiB (max_pages
+    #: 256), so a smaller first prefetch would not run ahead of the kernel.
+    min_window: int = 1 << 20
+    #: The kernel's async read-ahead and mmap read-around issue requests a
+    #: little out of order; jumps this small do not reset a stream.
+    slack: int = 256 << 10
+    #: Prefetches are cut into pieces this long, on multiples of it, so that
+    #: several backing reads are in flight at once (the stand-in serves 2
+    #: streams at ~1.6x one).
+    chunk: int = 1 << 20
+    #: With ``-o push``, every this-many-th chunk is pushed without its
+    #: first page: one 4 KiB READ round trip per 2 MiB pushed tells the
+    #: policy where the reader is; the window is several holes long, so the
+    #: reader finds pushed pages ahead of it while the next chunks load.
+    hole_every: int = 2
+    #: A stream's window may grow to this many times ``read_ahead`` (64 MiB
+    #: at the defaults).  Four times kept ~16 backing reads queued (1.0x ->
+    #: 1.3x native on the stand-in); sixteen keeps the prefetch threads busy
+    #: (2 GiB scan, 10 pairs: +5% and +8%, less daemon CPU).
+    window_factor: int = 16
+    #: All the streams of a mount together prefetch at most 1/this of the
+    #: cache ahead of their readers (:class:`Budget`); more, and they evict
+    #: their own pages before they are read.
+    budget_share: int = 4
+    #: Backing reads in flight for prefetches (the engine's prefetch threads).
+    #: A network file system is latency bound: on the stand-in 1 MiB preads
+    #: from 1/2/4/8 threads gave 265/484/644/680 MB/s, and a mapped scan went
+    #: from ~210 to ~400 MB/s going from 4 to 12 threads (16: no better).
+    prefetch_threads: int = 12
+
+    def max_window(self, read_ahead_bytes: int, cache_size: int) -> int:
+        """The largest window of one stream."""
+        return min(read_ahead_bytes * self.window_factor, self.budget(cache_size))
+
+    def budget(self, cache_size: int) -> int:
+        """The read-ahead bytes all the streams of a mount share."""
+        return cache_size // self.budget_share
+
+
+DEFAULT = ReadAheadConfig()
+# The policy's hot path reads these as module constants.
+MIN_WINDOW = DEFAULT.min_window
+SLACK = DEFAULT.slack
+CHUNK = DEFAULT.chunk
+HOLE_EVERY = DEFAULT.hole_every
 
 
 class Budget:

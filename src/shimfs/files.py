@@ -1,0 +1,163 @@
+"""Open files: handles, READ and WRITE, truncate and attribute changes,
+flush, fsync and release.
+
+Each open handle has a read-ahead stream (none for files in memory).  READ
+and WRITE go straight to the façade, which serves what it can from the cache
+on the trio thread and sends the rest to worker threads.  A writable handle
+closes the file's push gate until it is released, because the kernel may
+then hold dirty pages that a push would overwrite (cache.py).  Runs on the
+trio thread.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import time
+
+from .cache import AsyncCache
+from .config import Config
+from .credentials import Credentials
+from .errors import FsError
+from .namespace import Namespace
+from .nodes import Attr, Ctx, Dir, File, Handle
+from .writeback import WriteBack
+
+
+class OpenFiles:
+    """The handle table and the data operations on it."""
+
+    def __init__(self, config: Config, cache: AsyncCache, ns: Namespace, creds: Credentials,
+                 wb: WriteBack):
+        self.config = config
+        self.cache = cache
+        self.ns = ns
+        self.creds = creds
+        self.wb = wb
+        self.handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def streams(self, node: File) -> list:
+        """The read-ahead streams of the handles open on ``node``."""
+        return [h.stream for h in self.handles.values()
+                if h.node is node and h.stream is not None]
+
+    async def open_handle(self, node: File, writable: bool) -> int:
+        if writable:
+            # the kernel may now hold dirty pages: no more pushes (until release)
+            await self.cache.close_gate(node.fid)
+        fh = next(self._fh)
+        stream = self.cache.stream() if self.config.read_ahead and not node.in_memory else None
+        self.handles[fh] = Handle(fh, node, stream, writable)
+        node.opens += 1
+        node.writers += writable
+        return fh
+
+    async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
+        """Open a file; returns the handle.  See also ``Coherence.revalidate``."""
+        node = self.ns.file(ino)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and not node.writable:
+            raise FsError(errno.EACCES, "backing file %s is read-only" % node.path)
+        want = os.R_OK if not writable else (os.W_OK if flags & os.O_ACCMODE == os.O_WRONLY
+                                             else os.R_OK | os.W_OK)
+        await self.creds.check_reachable(node, ctx, want)
+        if flags & os.O_TRUNC and writable:
+            await self.truncate(node, 0)
+        return await self.open_handle(node, writable)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handle(fh)
+        node = h.node
+        return await self.wb.with_reopen(node, self.cache.read, node.fid, node.ino, h.stream,
+                                         off, size, node.in_memory)
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        node = self.handle(fh).node
+        if not node.writable:
+            raise FsError(errno.EBADF)
+        n = await self.wb.with_reopen(node, self.cache.write, node.fid, off, data)
+        node.wrote()
+        self.wb.note_written(node)
+        return n
+
+    async def fsync(self, fh: int, datasync: bool = False) -> None:
+        await self.wb.writeback(self.handle(fh).node, durable=True)
+
+    async def flush(self, fh: int) -> None:
+        await self.wb.writeback_if_dirty(self.handle(fh).node)
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        if h.stream is not None:
+            h.stream.close()
+        node = h.node
+        try:
+            await self.wb.writeback_if_dirty(node)
+        finally:
+            node.opens -= 1
+            if h.writable:
+                self.cache.open_gate(node.fid)
+                node.writers -= 1
+                if not node.writers:
+                    node.publish_mtime()
+            self.ns.maybe_free(node)
+
+    async def truncate(self, node: File, size: int) -> None:
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if not node.writable:
+            raise FsError(errno.EACCES)
+        async with self.cache.pushes_paused(node.fid), node.io_lock:
+            await self.cache.run(os.ftruncate, node.fd, size)
+            self.cache.truncate(node.fid, size)
+            st = await self.cache.run(os.fstat, node.fd)
+            node.seen = (st.st_size, st.st_mtime_ns)
+        node.touch()
+
+    async def setattr(self, ino: int, ctx: Ctx, size=None, mode=None, uid=None, gid=None,
+                      atime_ns=None, mtime_ns=None) -> Attr:
+        node = self.ns.node(ino)
+        if isinstance(node, File):
+            if size is not None:
+                await self.creds.check_reachable(node, ctx, os.W_OK)
+                await self.truncate(node, size)
+            if mode is not None:
+                await self.cache.run(os.fchmod, node.fd, stat.S_IMODE(mode))
+            if uid is not None or gid is not None:
+                await self.cache.run(os.fchown, node.fd,
+                                     -1 if uid is None else uid, -1 if gid is None else gid)
+            if atime_ns is not None or mtime_ns is not None:
+                a = node.atime_ns if atime_ns is None else atime_ns
+                m = node.mtime_ns if mtime_ns is None else mtime_ns
+                await self.cache.run(lambda: os.utime(node.fd, ns=(a, m)))
+        elif isinstance(node, Dir) and node is not self.ns.root:
+            path = node.backing_path()
+            if mode is not None:
+                await self.creds.as_user(ctx, os.chmod, path, stat.S_IMODE(mode))
+            if uid is not None or gid is not None:
+                await self.creds.as_user(ctx, os.chown, path,
+                                         -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
+        if uid is not None:
+            node.uid = uid
+        if gid is not None:
+            node.gid = gid
+        if atime_ns is not None:
+            node.atime_ns = atime_ns
+        if mtime_ns is not None:
+            node.mtime_ns = mtime_ns
+            if isinstance(node, File):
+                node.mtime_due = False      # set on purpose: release keeps it
+        node.ctime_ns = time.time_ns()
+        return self.ns.attr(node)

@@ -1,0 +1,34 @@
+"""One place for the names that several parts of shimfs share.
+
+The control xattrs are the public interface of a mount (the CLI, the Python
+API, the daemon and the tests all spell them from here), and the few
+constants of the namespace that more than one room needs.
+"""
+from __future__ import annotations
+
+#: The control interface: extended attributes of the files in a mount (and of
+#: its root).  pyfuse3 has no ioctl handler, so control goes through xattrs.
+XATTR_PREFIX = "user.shimfs."
+XATTR_BACKING = XATTR_PREFIX + "backing"        # get: a file's backing path
+XATTR_SYNC = XATTR_PREFIX + "sync"              # set: write back and fsync (file or mount)
+XATTR_PID = XATTR_PREFIX + "pid"                # get, on the root: the daemon's pid
+XATTR_STATS = XATTR_PREFIX + "stats"            # get: counters, as JSON
+XATTR_REFRESH = XATTR_PREFIX + "refresh"        # set "OFFSET LENGTH": the reverse msync
+XATTR_MULTIWRITE = XATTR_PREFIX + "multiwrite"  # get/set "0"/"1": byte-granular write-back
+
+#: The root directory's inode number (FUSE's FUSE_ROOT_ID).
+ROOT_INODE = 1
+
+#: How long the kernel may trust names and attributes (seconds): the entry
+#: and attr timeouts of every reply but the transient symlink's (0).  Sizes
+#: and mtimes are reported steadily, so caching them is safe.
+TIMEOUT = 1.0
+
+#: The page size of the daemon's cache and of FUSE's page cache.
+PAGE = 4096
+
+#: Pages refreshed into the kernel (NOTIFY_STORE) per message.
+REFRESH_CHUNK = 4 << 20
+
+#: The file system type of a shimfs mount in /proc/self/mounts.
+FSTYPE = "fuse.shimfs"

@@ -1,0 +1,434 @@
+"""The namespace: directories, shadows and created files, by name and inode.
+
+The namespace lives in memory, like the original module's (a ramfs whose
+files point at backing files), and starts empty at every mount:
+
+* ``symlink(name -> target)`` opens the target and makes a *shadow*: a regular
+  file whose bytes are the target's.  Removing it closes the backing file and
+  never deletes it.
+* ``create`` and ``mkdir`` create the backing file or directory under the
+  backing directory, at the same relative path; removing them removes it.
+* ``rename`` moves entries; for created files and directories it renames the
+  backing path too, so the backing tree mirrors the mount.
+
+Everything here runs on the trio thread.  A change to the tables happens
+between awaits, and each operation that awaited looks its names up again
+before it changes them (docs/design.md, "Namespace").
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+
+from .cache import AsyncCache
+from .config import Config
+from .credentials import Credentials
+from .errors import FsError
+from .names import ROOT_INODE
+from .nodes import Attr, Ctx, Dir, File, Node
+
+log = logging.getLogger(__name__)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class Namespace:
+    """The inode and name tables, and every operation that changes them."""
+
+    def __init__(self, config: Config, cache: AsyncCache, creds: Credentials):
+        self.config = config
+        self.cache = cache
+        self.creds = creds
+        self.inodes: dict[int, Node] = {}
+        self.links: dict[int, tuple[bytes, Attr]] = {}     # transient S_IFLNK replies
+        self.by_fid: dict[int, File] = {}
+        self._ino = itertools.count(ROOT_INODE + 1)
+        st = os.stat(config.backing)
+        self.root = Dir(ROOT_INODE, None, b"", st, root_path=config.backing)
+        self.root.mode = stat.S_IFDIR | 0o755 | (0o1000 if config.allow_other else 0)
+        self.root.uid, self.root.gid = os.getuid(), os.getgid()
+        if config.allow_other:
+            self.root.mode |= 0o777
+        self.inodes[ROOT_INODE] = self.root
+
+    # -- finding nodes -----------------------------------------------------
+    def node(self, ino: int) -> Node:
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def dir(self, ino: int) -> Dir:
+        node = self.node(ino)
+        if not isinstance(node, Dir):
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    def file(self, ino: int) -> File:
+        node = self.node(ino)
+        if isinstance(node, Dir):
+            raise FsError(errno.EISDIR)
+        return node
+
+    def files(self) -> list[File]:
+        """Every file the daemon holds open, unlinked ones included."""
+        return list(self.by_fid.values())
+
+    def attr(self, node: Node) -> Attr:
+        if isinstance(node, File):
+            size = self.cache.size(node.fid)
+            nlink = 1 if node.parent is not None else 0
+        else:
+            size = 4096
+            nlink = 2 + sum(isinstance(c, Dir) for c in node.children.values())
+        return Attr(node.ino, node.mode, nlink, node.uid, node.gid, size,
+                    node.atime_ns, node.mtime_ns, node.ctime_ns)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if b"/" in name or name in (b"", b".", b".."):
+            raise FsError(errno.EINVAL)
+        if len(name) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+
+    # -- adding and freeing ------------------------------------------------
+    def _add_file(self, parent: Dir, name: bytes, fd: int, path: str, shadow: bool,
+                  writable: bool) -> File:
+        st = os.fstat(fd)
+        fid = self.cache.register(fd, st.st_size, multiwrite=self.config.multiwrite)
+        node = File(next(self._ino), parent, name, st, fd, fid, path, shadow, writable,
+                    in_memory=self.cache.in_memory(fd))
+        self.inodes[node.ino] = node
+        self.by_fid[fid] = node
+        parent.children[name] = node
+        parent.touch()
+        return node
+
+    def maybe_free(self, node: Node) -> None:
+        """Close an unlinked file once nothing refers to it any more."""
+        if node.parent is not None or node.nlookup > 0:
+            return
+        if isinstance(node, File):
+            if node.opens or node.background or self.by_fid.get(node.fid) is not node:
+                return      # in use (the background write-back frees it after), or freed
+            if node.shadow and self.cache.dirty_bytes(node.fid):
+                # Nothing lost: an unlinked shadow's dirty pages still belong
+                # to its backing file, which release() failed to write.  Keep
+                # the file; the flusher and unmount retry, and free it after.
+                log.warning("keeping %s: its unwritten data is retried", node.path)
+                return
+            if self.cache.when_idle(node.fid, lambda: self.maybe_free(node)):
+                return      # a prefetch still reads into this file: free it after
+            self.cache.unregister(node.fid)
+            self.by_fid.pop(node.fid, None)
+            os.close(node.fd)
+        self.inodes.pop(node.ino, None)
+
+    def close_all(self) -> None:
+        """Unmount: forget every file and close its backing descriptor."""
+        for node in list(self.inodes.values()):
+            if isinstance(node, File):
+                self.cache.unregister(node.fid)
+                os.close(node.fd)
+        self.inodes.clear()
+        self.by_fid.clear()
+
+    def _detach(self, node: Node) -> None:
+        parent = node.parent
+        if parent is not None:
+            del parent.children[node.name]
+            parent.touch()
+        node.parent = None
+        node.ctime_ns = time.time_ns()
+        self.maybe_free(node)
+
+    # -- the kernel's references ---------------------------------------------
+    def lookup(self, parent_ino: int, name: bytes) -> Attr:
+        parent = self.dir(parent_ino)
+        node = parent.children.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        node.nlookup += 1
+        return self.attr(node)
+
+    def forget(self, ino: int, n: int) -> None:
+        if ino in self.links:
+            del self.links[ino]
+            return
+        node = self.inodes.get(ino)
+        if node is None or node is self.root:
+            return
+        node.nlookup = max(0, node.nlookup - n)
+        self.maybe_free(node)
+
+    def note_lookup(self, ino: int) -> None:
+        """readdir_reply accepted an entry: the kernel now holds a reference."""
+        node = self.inodes.get(ino)
+        if node is not None:
+            node.nlookup += 1
+
+    def getattr(self, ino: int) -> Attr:
+        if ino in self.links:
+            return self.links[ino][1]
+        return self.attr(self.node(ino))
+
+    def readlink(self, ino: int) -> bytes:
+        if ino in self.links:
+            return self.links[ino][0]
+        raise FsError(errno.EINVAL)
+
+    def opendir(self, ino: int) -> int:
+        return self.dir(ino).ino
+
+    def readdir(self, ino: int, start: int) -> list[tuple[bytes, Attr, int]]:
+        """Entries after index ``start``, as (name, attr, next index)."""
+        node = self.dir(ino)
+        items = sorted(node.children.items())
+        return [(name, self.attr(child), i + 1) for i, (name, child) in enumerate(items)
+                if i >= start]
+
+    async def statfs(self) -> os.statvfs_result:
+        return await self.cache.run(os.statvfs, self.config.backing)
+
+    # -- changes -------------------------------------------------------------
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes, ctx: Ctx) -> Attr:
+        """Make ``name`` a shadow of the file ``target`` points at.
+
+        FUSE insists that the reply to SYMLINK is a symlink, so the reply is a
+        transient S_IFLNK inode that the kernel may not cache (timeout 0); the
+        next lookup of the name finds the shadow, a regular file.
+        """
+        parent = self.dir(parent_ino)
+        self._check_name(name)
+        if name in parent.children:
+            raise FsError(errno.EEXIST)
+        path = await self.creds.check_target(_resolve_target(os.fsdecode(target), ctx), ctx)
+        fd, writable = await self.creds.as_user(ctx, _open_backing, path)
+        try:
+            if name in parent.children:        # raced with another create
+                raise FsError(errno.EEXIST)
+            node = self._add_file(parent, name, fd, path, shadow=True, writable=writable)
+        except BaseException:
+            os.close(fd)
+            raise
+        log.debug("shadow %s -> %s (%s)", name, path, "rw" if writable else "ro")
+        ino = next(self._ino)
+        link = Attr(ino, stat.S_IFLNK | 0o777, 1, node.uid, node.gid, len(target),
+                    node.atime_ns, node.mtime_ns, node.ctime_ns, timeout=0)
+        self.links[ino] = (target, link)
+        return link
+
+    async def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
+                     ctx: Ctx) -> tuple[File, bool]:
+        """The file ``name``, made (backing file included) unless it exists;
+        returns it, and whether it was made.  The kernel holds one more
+        reference to it either way."""
+        parent = self.dir(parent_ino)
+        self._check_name(name)
+        if name in parent.children:
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST)
+            node = parent.children[name]
+            if isinstance(node, Dir):
+                raise FsError(errno.EISDIR)
+            node.nlookup += 1
+            return node, False
+        if not stat.S_ISREG(mode) and stat.S_IFMT(mode):
+            raise FsError(errno.EPERM)
+        path = os.path.join(parent.backing_path(), os.fsdecode(name))
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+
+        def work():
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (flags & os.O_TRUNC))
+            return fd
+        fd = await self.creds.as_user(ctx, work)
+        try:
+            node = self._add_file(parent, name, fd, path, shadow=False, writable=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        node.nlookup += 1
+        return node, True
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
+        parent = self.dir(parent_ino)
+        self._check_name(name)
+        if name in parent.children:
+            raise FsError(errno.EEXIST)
+        path = os.path.join(parent.backing_path(), os.fsdecode(name))
+
+        def work():
+            try:
+                os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask)
+            except FileExistsError:
+                # Left from an earlier mount: adopt it (the namespace is not
+                # persistent, the backing tree is).
+                if not os.path.isdir(path) or os.path.islink(path):
+                    raise
+            return os.lstat(path)
+        st = await self.creds.as_user(ctx, work)
+        if name in parent.children:
+            raise FsError(errno.EEXIST)
+        node = Dir(next(self._ino), parent, name, st)
+        self.inodes[node.ino] = node
+        parent.children[name] = node
+        parent.touch()
+        node.nlookup += 1
+        return self.attr(node)
+
+    async def unlink(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> None:
+        parent = self.dir(parent_ino)
+        node = parent.children.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if isinstance(node, Dir):
+            raise FsError(errno.EISDIR)
+        if not node.shadow:
+            try:
+                await self.creds.as_user(ctx, os.unlink, node.path)
+            except FileNotFoundError:
+                pass
+        if parent.children.get(name) is node:
+            self._detach(node)
+
+    async def rmdir(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> None:
+        parent = self.dir(parent_ino)
+        node = parent.children.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if not isinstance(node, Dir):
+            raise FsError(errno.ENOTDIR)
+        if node.children:
+            raise FsError(errno.ENOTEMPTY)
+        try:
+            await self.creds.as_user(ctx, os.rmdir, node.backing_path())
+        except FileNotFoundError:
+            pass
+        if node.children:
+            raise FsError(errno.ENOTEMPTY)
+        if parent.children.get(name) is node:
+            self._detach(node)
+
+    async def rename(self, old_ino: int, old: bytes, new_ino: int, new: bytes,
+                     flags: int = 0, ctx: Ctx = Ctx()) -> None:
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        src_dir, dst_dir = self.dir(old_ino), self.dir(new_ino)
+        self._check_name(new)
+        node = src_dir.children.get(old)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        victim = dst_dir.children.get(new)
+        if victim is node:
+            return
+        if victim is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if isinstance(node, Dir) != isinstance(victim, Dir):
+                raise FsError(errno.EISDIR if isinstance(victim, Dir) else errno.ENOTDIR)
+            if isinstance(victim, Dir) and victim.children:
+                raise FsError(errno.ENOTEMPTY)
+        if isinstance(node, Dir):
+            d = dst_dir
+            while d is not None:               # no directory into itself
+                if d is node:
+                    raise FsError(errno.EINVAL)
+                d = d.parent
+        new_path = os.path.join(dst_dir.backing_path(), os.fsdecode(new))
+        moves_backing = isinstance(node, Dir) or not node.shadow
+        if moves_backing:
+            old_path = node.backing_path()
+            victim_path = None
+            if victim is not None and (isinstance(victim, Dir) or not victim.shadow):
+                victim_path = victim.backing_path()
+
+            def work():
+                if victim_path is None and os.path.lexists(new_path):
+                    # A backing file the namespace does not show: never clobber it.
+                    raise FsError(errno.EEXIST, "backing path %s exists" % new_path)
+                os.rename(old_path, new_path)
+            await self.creds.as_user(ctx, work)
+        elif victim is not None and not isinstance(victim, Dir) and not victim.shadow:
+            # A shadow replaces a created file: that file goes, as with unlink.
+            try:
+                await self.creds.as_user(ctx, os.unlink, victim.path)
+            except FileNotFoundError:
+                pass
+        if victim is not None and dst_dir.children.get(new) is victim:
+            self._detach(victim)
+        if src_dir.children.get(old) is node:
+            del src_dir.children[old]
+        node.parent = dst_dir
+        node.name = new
+        dst_dir.children[new] = node
+        if isinstance(node, File) and not node.shadow:
+            node.path = new_path
+        if isinstance(node, Dir):
+            for f in _walk_files(node):
+                if not f.shadow:
+                    f.path = os.path.join(f.parent.backing_path(), os.fsdecode(f.name))
+        src_dir.touch()
+        dst_dir.touch()
+        node.ctime_ns = time.time_ns()
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        raise FsError(errno.EPERM, "hard links are not supported")
+
+
+def _resolve_target(target: str, ctx: Ctx) -> str:
+    if not target:
+        raise FsError(errno.ENOENT)
+    if not os.path.isabs(target):
+        # Relative to the process that ran ln, as the kernel module did.
+        try:
+            cwd = os.readlink("/proc/%d/cwd" % ctx.pid)
+        except OSError:
+            raise FsError(errno.EINVAL, "relative link target and unknown cwd") from None
+        target = os.path.join(cwd, target)
+    return os.path.normpath(target)
+
+
+def _walk_files(d: Dir):
+    for child in d.children.values():
+        if isinstance(child, Dir):
+            yield from _walk_files(child)
+        else:
+            yield child
+
+
+def _open_backing(path: str) -> tuple[int, bool]:
+    """Open a link target for a shadow: read/write if allowed, else read-only.
+
+    O_NONBLOCK keeps a FIFO from blocking the open; anything but a regular
+    file is refused.
+    """
+    base = os.O_CLOEXEC | os.O_NONBLOCK
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | base)
+    except IsADirectoryError:
+        raise FsError(errno.EISDIR, "%s is a directory" % path) from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ETXTBSY):
+            raise
+        fd = os.open(path, os.O_RDONLY | base)
+        writable = False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FsError(errno.EINVAL, "%s is not a regular file" % path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, writable

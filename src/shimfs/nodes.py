@@ -1,0 +1,138 @@
+"""What the namespace is made of: directories, files, open handles, and the
+plain values (attributes, the requester) that cross the adapter.
+
+These are data, shared by every room of the VFS; they do no I/O.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .names import TIMEOUT
+
+
+@dataclass
+class Attr:
+    """What stat() shows; converted to EntryAttributes by the adapter."""
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    timeout: float = TIMEOUT
+
+
+@dataclass
+class Ctx:
+    """Who asks: the requesting process's credentials."""
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+
+class Node:
+    """A name in the namespace (a directory or a file)."""
+
+    def __init__(self, ino: int, parent: "Dir | None", name: bytes, st: os.stat_result):
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        self.nlookup = 0
+        self.mode = st.st_mode
+        self.uid = st.st_uid
+        self.gid = st.st_gid
+        self.atime_ns = st.st_atime_ns
+        self.mtime_ns = st.st_mtime_ns
+        self.ctime_ns = st.st_ctime_ns
+
+    def backing_path(self) -> str:
+        raise NotImplementedError
+
+    def touch(self) -> None:
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+
+
+class Dir(Node):
+    """A directory; its backing directory is its parent's plus its name."""
+
+    def __init__(self, ino, parent, name, st, root_path: str | None = None):
+        super().__init__(ino, parent, name, st)
+        self.children: dict[bytes, Node] = {}
+        self._root_path = root_path
+
+    def backing_path(self) -> str:
+        if self.parent is None:
+            return self._root_path
+        return os.path.join(self.parent.backing_path(), os.fsdecode(self.name))
+
+
+class File(Node):
+    """A regular file: a shadow of some backing file, or one created here."""
+
+    def __init__(self, ino, parent, name, st, fd: int, fid: int, path: str,
+                 shadow: bool, writable: bool, in_memory: bool = False):
+        super().__init__(ino, parent, name, st)
+        self.fd = fd
+        self.fid = fid
+        self.path = path            # the backing file (absolute)
+        self.shadow = shadow
+        self.writable = writable
+        self.opens = 0
+        self.writers = 0            # handles open for writing
+        self.mtime_due = False      # written since mtime last moved: see wrote()
+        self.written_ns = 0         # when the last WRITE came
+        self.io_lock = trio.Lock()  # serializes write-back, fsync and truncate
+        self.background = False     # a background write-back is running
+        self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
+        self.ident = (st.st_dev, st.st_ino)        # to reopen the very same file
+        # tmpfs or ramfs: no read-ahead, misses read inline (cache.AsyncCache.read)
+        self.in_memory = in_memory
+
+    def backing_path(self) -> str:
+        return self.path
+
+    def wrote(self) -> None:
+        """Data changed through the mount: ctime now, mtime a little later.
+
+        The kernel drops the whole page cache of a file (mapped pages too,
+        after writing dirty ones back synchronously) whenever a GETATTR or
+        LOOKUP reply shows it a new mtime (auto_inval_data, fs/fuse/inode.c
+        fuse_change_attributes).  Bumping mtime at every WRITE made a plain
+        ``stat`` or ``ls -l`` during a mapped write stall for seconds and
+        made the writer fault every page in again.  The pages came through
+        this mount, so the kernel's copies are current: mtime takes the time
+        of the last write when the last writable handle is released (for a
+        mapping: after munmap, once every dirty page is written back), or
+        at the flusher's next tick (``WriteBack.publish_mtimes``), so a file
+        kept open shows its writes within ``writeback_interval`` seconds.
+        ctime does not invalidate anything and moves at once.
+        """
+        self.ctime_ns = self.written_ns = time.time_ns()
+        self.mtime_due = True
+        if not self.writers:
+            self.publish_mtime()
+
+    def publish_mtime(self) -> None:
+        """Show the time of the last write as mtime, if it is not shown yet."""
+        if self.mtime_due:
+            self.mtime_due = False
+            self.mtime_ns = self.written_ns
+
+
+class Handle:
+    """One open file description: its node, read-ahead stream and access."""
+    __slots__ = ("fh", "node", "stream", "writable")
+
+    def __init__(self, fh, node, stream, writable):
+        self.fh = fh
+        self.node = node
+        self.stream = stream
+        self.writable = writable

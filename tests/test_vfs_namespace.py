@@ -1,0 +1,330 @@
+"""The namespace rules and the control xattrs, driven in-process (no kernel).
+
+Each test builds a :class:`Vfs` over a temporary backing directory and calls
+its operations the way the adapter would.  What only a kernel can show
+(mappings, the kernel's caches, permissions of a root daemon) stays in the
+real-mount tests.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+import trio
+
+from shimfs.config import Config
+from shimfs.control import parse_range
+from shimfs.errors import FsError, fs_error
+from shimfs.names import (ROOT_INODE, XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFIX,
+                          XATTR_REFRESH, XATTR_STATS, XATTR_SYNC)
+from shimfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE
+from shimfs.nodes import Ctx
+from shimfs.vfs import Vfs
+
+REG = stat.S_IFREG | 0o644
+
+
+@pytest.fixture
+def fs(tmp_path):
+    (tmp_path / "b").mkdir()
+    return Vfs(Config(backing=str(tmp_path / "b"), cache_size=16 << 20))
+
+
+def run(fn, *args):
+    return trio.run(fn, *args)
+
+
+async def fails(call) -> int:
+    """The errno a VFS call fails with, 0 if it succeeds: ``call`` is a
+    coroutine, or a function for the calls that do not await."""
+    try:
+        r = call() if callable(call) else call
+        if hasattr(r, "__await__"):
+            await r
+    except Exception as exc:
+        return fs_error(exc).errno      # as the adapter answers the kernel
+    return 0
+
+
+def errno_of(call) -> int:
+    """``fails`` from outside trio."""
+    return trio.run(fails, call)
+
+
+async def make(fs, parent, name, data=b""):
+    fh, attr = await fs.create(parent, name, REG, os.O_RDWR, Ctx())
+    if data:
+        await fs.write(fh, 0, data)
+    await fs.release(fh)
+    return fs.getattr(attr.ino)
+
+
+def test_created_files_and_directories_mirror_the_backing_tree(fs, tmp_path):
+    b = tmp_path / "b"
+
+    async def go():
+        d = await fs.mkdir(ROOT_INODE, b"d", 0o755, Ctx())
+        assert stat.S_ISDIR(d.mode) and (b / "d").is_dir()
+        a = await make(fs, d.ino, b"f", b"12345")
+        assert stat.S_ISREG(a.mode) and a.size == 5 and a.nlink == 1
+        assert (b / "d" / "f").read_bytes() == b"12345"
+        assert fs.getattr(d.ino).nlink == 2
+        assert fs.getattr(ROOT_INODE).nlink == 3
+        await fs.unlink(d.ino, b"f")
+        assert not (b / "d" / "f").exists()
+        await fs.rmdir(ROOT_INODE, b"d")
+        assert not (b / "d").exists()
+    run(go)
+
+
+def test_mkdir_adopts_a_backing_directory_left_from_before(fs, tmp_path):
+    (tmp_path / "b" / "old").mkdir()
+    (tmp_path / "b" / "file").write_bytes(b"x")
+
+    async def go():
+        await fs.mkdir(ROOT_INODE, b"old", 0o755, Ctx())
+        assert (tmp_path / "b" / "old").is_dir()
+        assert await fails(fs.mkdir(ROOT_INODE, b"file", 0o755, Ctx())) == errno.EEXIST
+    run(go)
+
+
+def test_create_exclusive_and_reopen(fs, tmp_path):
+    async def go():
+        await make(fs, ROOT_INODE, b"f", b"abc")
+        with pytest.raises(FsError) as e:
+            await fs.create(ROOT_INODE, b"f", REG, os.O_RDWR | os.O_EXCL, Ctx())
+        assert e.value.errno == errno.EEXIST
+        fh, attr = await fs.create(ROOT_INODE, b"f", REG, os.O_RDWR, Ctx())
+        assert attr.size == 3 and await fs.read(fh, 0, 10) == b"abc"
+        await fs.release(fh)
+        with pytest.raises(FsError) as e:
+            await fs.mknod(ROOT_INODE, b"fifo", stat.S_IFIFO | 0o644, Ctx())
+        assert e.value.errno == errno.EPERM
+        await fs.mknod(ROOT_INODE, b"plain", REG, Ctx())
+    run(go)
+    assert (tmp_path / "b" / "plain").read_bytes() == b""
+
+
+@pytest.mark.parametrize("name, err", [(b"a/b", errno.EINVAL), (b".", errno.EINVAL),
+                                       (b"..", errno.EINVAL), (b"", errno.EINVAL),
+                                       (b"x" * 256, errno.ENAMETOOLONG)])
+def test_bad_names(fs, name, err):
+    assert errno_of(fs.mkdir(ROOT_INODE, name, 0o755, Ctx())) == err
+    assert errno_of(fs.create(ROOT_INODE, name, REG, os.O_RDWR, Ctx())) == err
+
+
+def test_shadows_keep_their_target_and_follow_the_caller_cwd(fs, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "t"
+    target.write_bytes(b"target bytes")
+    monkeypatch.chdir(tmp_path / "data")
+
+    async def go():
+        await fs.symlink(ROOT_INODE, b"s", b"t", Ctx(pid=os.getpid()))    # relative to cwd
+        a = fs.lookup(ROOT_INODE, b"s")
+        assert fs.getxattr(a.ino, XATTR_BACKING) == os.fsencode(target)
+        assert await fails(fs.symlink(ROOT_INODE, b"s", b"t", Ctx(pid=os.getpid()))) == errno.EEXIST
+        await fs.rename(ROOT_INODE, b"s", ROOT_INODE, b"moved")
+        await fs.unlink(ROOT_INODE, b"moved")
+    run(go)
+    assert target.read_bytes() == b"target bytes"         # never moved, never deleted
+    assert os.listdir(tmp_path / "b") == []
+
+
+def test_shadow_targets_must_be_regular_files(fs, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert errno_of(fs.symlink(ROOT_INODE, b"p", os.fsencode(fifo), Ctx())) == errno.EINVAL
+    assert errno_of(fs.symlink(ROOT_INODE, b"d", os.fsencode(tmp_path), Ctx())) == errno.EISDIR
+    assert errno_of(fs.symlink(ROOT_INODE, b"m", os.fsencode(tmp_path / "no"), Ctx())) \
+        == errno.ENOENT
+    assert errno_of(fs.symlink(ROOT_INODE, b"e", b"", Ctx())) == errno.ENOENT
+
+
+def test_read_only_target_makes_a_read_only_shadow(fs, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root opens read-only files for writing anyway")
+    target = tmp_path / "ro"
+    target.write_bytes(b"ro")
+    target.chmod(0o444)
+
+    async def go():
+        await fs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
+        ino = fs.lookup(ROOT_INODE, b"s").ino
+        assert await fails(fs.open(ino, os.O_RDWR, Ctx())) == errno.EACCES
+        fh = await fs.open(ino, os.O_RDONLY, Ctx())
+        assert await fs.read(fh, 0, 2) == b"ro"
+        await fs.release(fh)
+    run(go)
+
+
+def test_rename_rules(fs, tmp_path):
+    b = tmp_path / "b"
+    (tmp_path / "t").write_bytes(b"shadowed")
+
+    async def go():
+        d = await fs.mkdir(ROOT_INODE, b"d", 0o755, Ctx())
+        e = await fs.mkdir(ROOT_INODE, b"e", 0o755, Ctx())
+        await make(fs, d.ino, b"f", b"in d")
+        await make(fs, e.ino, b"g", b"in e")
+        await make(fs, ROOT_INODE, b"top", b"top")
+        # flags and kinds
+        assert await fails(fs.rename(ROOT_INODE, b"top", d.ino, b"f", RENAME_NOREPLACE)) \
+            == errno.EEXIST
+        assert await fails(fs.rename(ROOT_INODE, b"top", d.ino, b"f", RENAME_EXCHANGE)) \
+            == errno.EINVAL
+        assert await fails(fs.rename(ROOT_INODE, b"top", ROOT_INODE, b"d")) == errno.EISDIR
+        assert await fails(fs.rename(ROOT_INODE, b"d", ROOT_INODE, b"top")) == errno.ENOTDIR
+        assert await fails(fs.rename(ROOT_INODE, b"d", ROOT_INODE, b"e")) == errno.ENOTEMPTY
+        assert await fails(fs.rename(ROOT_INODE, b"nothing", ROOT_INODE, b"x")) == errno.ENOENT
+        # a created file replaces another: the backing files follow
+        await fs.rename(ROOT_INODE, b"top", d.ino, b"f")
+        assert (b / "d" / "f").read_bytes() == b"top" and not (b / "top").exists()
+        # a directory moves with its files, whose later writes land in the new place
+        await fs.rename(ROOT_INODE, b"d", e.ino, b"d2")
+        assert (b / "e" / "d2" / "f").read_bytes() == b"top"
+        f = fs.lookup(fs.lookup(e.ino, b"d2").ino, b"f")
+        fh = await fs.open(f.ino, os.O_RDWR, Ctx())
+        await fs.write(fh, 0, b"TOP")
+        await fs.fsync(fh)
+        await fs.release(fh)
+        assert (b / "e" / "d2" / "f").read_bytes() == b"TOP"
+        # a shadow replacing a created file removes that file's backing file
+        await fs.symlink(ROOT_INODE, b"s", os.fsencode(tmp_path / "t"), Ctx())
+        await fs.rename(ROOT_INODE, b"s", e.ino, b"g")
+        assert not (b / "e" / "g").exists()
+        assert (tmp_path / "t").read_bytes() == b"shadowed"
+        g = fs.lookup(e.ino, b"g")
+        assert fs.getxattr(g.ino, XATTR_BACKING) == os.fsencode(tmp_path / "t")
+    run(go)
+
+
+def test_unlinked_open_file_keeps_serving_its_handle(fs, tmp_path):
+    async def go():
+        fh, attr = await fs.create(ROOT_INODE, b"f", REG, os.O_RDWR, Ctx())
+        await fs.write(fh, 0, b"still here")
+        await fs.unlink(ROOT_INODE, b"f")
+        assert fs.getattr(attr.ino).nlink == 0
+        assert await fails(lambda: fs.lookup(ROOT_INODE, b"f")) == errno.ENOENT
+        assert await fs.read(fh, 0, 100) == b"still here"
+        await fs.release(fh)
+        assert attr.ino in fs.inodes            # the kernel still holds a reference
+        fs.forget(attr.ino, 1)
+        assert attr.ino not in fs.inodes
+        assert await fails(lambda: fs.getattr(attr.ino)) == errno.ENOENT
+    run(go)
+
+
+def test_readdir_lists_sorted_entries_from_an_offset(fs):
+    async def go():
+        for name in (b"c", b"a", b"b"):
+            await make(fs, ROOT_INODE, name)
+        await fs.mkdir(ROOT_INODE, b"dir", 0o755, Ctx())
+        names = [(n, nxt) for n, _, nxt in fs.readdir(ROOT_INODE, 0)]
+        assert names == [(b"a", 1), (b"b", 2), (b"c", 3), (b"dir", 4)]
+        assert [n for n, _, _ in fs.readdir(ROOT_INODE, 2)] == [b"c", b"dir"]
+        assert fs.readdir(ROOT_INODE, 4) == []
+        f = fs.lookup(ROOT_INODE, b"a").ino
+        assert await fails(lambda: fs.readdir(f, 0)) == errno.ENOTDIR
+        assert await fails(lambda: fs.opendir(f)) == errno.ENOTDIR
+        assert await fails(fs.rmdir(ROOT_INODE, b"a")) == errno.ENOTDIR
+    run(go)
+
+
+# -- the control xattrs ------------------------------------------------------
+
+def test_listxattr_and_getxattr(fs, tmp_path):
+    async def go():
+        a = await make(fs, ROOT_INODE, b"f", b"x" * 5000)
+        d = await fs.mkdir(ROOT_INODE, b"d", 0o755, Ctx())
+        assert fs.listxattr(a.ino) == [XATTR_BACKING.encode(), XATTR_MULTIWRITE.encode(),
+                                       XATTR_STATS.encode()]
+        assert fs.listxattr(ROOT_INODE) == [XATTR_STATS.encode(), XATTR_PID.encode()]
+        assert fs.listxattr(d.ino) == [XATTR_STATS.encode()]
+        assert fs.getxattr(a.ino, XATTR_BACKING) == os.fsencode(tmp_path / "b" / "f")
+        assert fs.getxattr(a.ino, XATTR_MULTIWRITE) == b"0"
+        assert fs.getxattr(ROOT_INODE, XATTR_PID) == str(os.getpid()).encode()
+        for ino, name in [(ROOT_INODE, XATTR_BACKING), (d.ino, XATTR_PID),
+                          (a.ino, "user.other"), (a.ino, XATTR_SYNC)]:
+            assert await fails(lambda: fs.getxattr(ino, name)) == errno.ENODATA
+        st = json.loads(fs.getxattr(a.ino, XATTR_STATS))
+        assert st["file"]["size"] == 5000 and st["file"]["shadow"] is False
+        assert st["file"]["dirty_bytes"] == 0           # release wrote it back
+        assert st["mount"]["files"] == 1
+        assert "file" not in json.loads(fs.getxattr(ROOT_INODE, XATTR_STATS))
+        assert await fails(fs.removexattr(a.ino, XATTR_STATS)) == errno.ENOTSUP
+    run(go)
+
+
+def test_sync_xattr_writes_back_a_file_or_the_mount(fs, tmp_path):
+    b = tmp_path / "b"
+
+    async def go():
+        fh1, a1 = await fs.create(ROOT_INODE, b"one", REG, os.O_RDWR, Ctx())
+        fh2, a2 = await fs.create(ROOT_INODE, b"two", REG, os.O_RDWR, Ctx())
+        await fs.write(fh1, 0, b"first")
+        await fs.write(fh2, 0, b"second")
+        assert (b / "one").read_bytes() == b"" and (b / "two").read_bytes() == b""
+        await fs.setxattr(a1.ino, XATTR_SYNC, b"")
+        assert (b / "one").read_bytes() == b"first" and (b / "two").read_bytes() == b""
+        await fs.setxattr(ROOT_INODE, XATTR_SYNC, b"")
+        assert (b / "two").read_bytes() == b"second"
+        assert json.loads(fs.getxattr(a2.ino, XATTR_STATS))["file"]["dirty_bytes"] == 0
+        await fs.release(fh1)
+        await fs.release(fh2)
+    run(go)
+
+
+def test_setxattr_refuses_bad_controls(fs):
+    async def go():
+        a = await make(fs, ROOT_INODE, b"f", b"abc")
+        for name, value, err in [
+            (XATTR_PREFIX + "nonsense", b"", errno.EINVAL),
+            ("user.other", b"", errno.ENOTSUP),
+            (XATTR_MULTIWRITE, b"yes", errno.EINVAL),
+            (XATTR_REFRESH, b"lots", errno.EINVAL),
+            (XATTR_REFRESH, b"-5 10", errno.EINVAL),
+            (XATTR_REFRESH, b"1 2 3", errno.EINVAL),
+            (XATTR_REFRESH, b"%d" % (1 << 20), errno.EINVAL),      # past the end
+            (XATTR_STATS, b"", errno.EINVAL),
+        ]:
+            assert await fails(fs.setxattr(a.ino, name, value)) == err, (name, value)
+        await fs.setxattr(a.ino, XATTR_MULTIWRITE, b"1")
+        assert fs.getxattr(a.ino, XATTR_MULTIWRITE) == b"1"
+        await fs.setxattr(a.ino, XATTR_MULTIWRITE, b"0\n")
+        assert fs.getxattr(a.ino, XATTR_MULTIWRITE) == b"0"
+    run(go)
+
+
+def test_refresh_xattr_reloads_what_another_node_wrote(fs, tmp_path):
+    async def go():
+        a = await make(fs, ROOT_INODE, b"f", b"a" * 10000)
+        fh = await fs.open(a.ino, os.O_RDONLY, Ctx())
+        assert await fs.read(fh, 0, 10000) == b"a" * 10000       # now cached
+        with open(tmp_path / "b" / "f", "r+b") as f:             # another node's write
+            f.seek(4096)
+            f.write(b"B" * 4096)
+            f.write(b"tail" * 1000)
+        await fs.setxattr(a.ino, XATTR_REFRESH, b"4096 4096")
+        # The size follows the backing file, and the page that held the old
+        # end of file shows the backing bytes, not the zeros past that end.
+        assert fs.getattr(a.ino).size == 12192
+        assert await fs.read(fh, 0, 12288) == b"a" * 4096 + b"B" * 4096 + b"tail" * 1000
+        with open(tmp_path / "b" / "f", "r+b") as f:
+            f.write(b"C" * 10)
+        await fs.setxattr(a.ino, XATTR_REFRESH, b"8192")         # the rest only
+        assert await fs.read(fh, 0, 10) == b"a" * 10
+        await fs.setxattr(a.ino, XATTR_REFRESH, b"")             # the whole file
+        assert await fs.read(fh, 0, 12288) == b"C" * 10 + b"a" * 4086 + b"B" * 4096 \
+            + b"tail" * 1000
+        await fs.release(fh)
+    run(go)
+
+
+@pytest.mark.parametrize("value, parsed", [(b"", (0, None)), (b"7", (7, None)),
+                                           (b" 4096  100 ", (4096, 100))])
+def test_parse_range(value, parsed):
+    assert parse_range(value) == parsed
