@@ -165,21 +165,21 @@ cdef class PageCache:
     cdef int pf_max, pf_threads, pf_idle
     cdef uint64_t pf_done, pf_errors, pf_refused
 
-    cdef int64_t _find(self, int64_t f, int64_t p) noexcept nogil
-    cdef void _insert(self, int64_t s) noexcept nogil
+    cdef inline int64_t _find(self, int64_t f, int64_t p) noexcept nogil
+    cdef inline void _insert(self, int64_t s) noexcept nogil
     cdef void _remove(self, int64_t s) noexcept nogil
     cdef void _release_slot(self, int64_t s) noexcept nogil
     cdef void _drop(self, int64_t s) noexcept nogil
-    cdef void _unpin(self, int64_t s) noexcept nogil
+    cdef inline void _unpin(self, int64_t s) noexcept nogil
     cdef int64_t _alloc(self, int64_t f, int64_t p) noexcept nogil
-    cdef void _spend(self, int64_t s) noexcept nogil
+    cdef inline void _spend(self, int64_t s) noexcept nogil
     cdef int64_t _clock(self) noexcept nogil
     cdef int64_t _take_spent(self) noexcept nogil
     cdef void _note_twin_lost(self, int64_t f, int64_t p) noexcept nogil
     cdef int64_t _any_dirty_file(self) noexcept nogil
     cdef int _bitmap_fit(self, FileRec *fr, int64_t page) noexcept nogil
-    cdef void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil
-    cdef void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil
+    cdef inline void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil
+    cdef inline void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil
     cdef int64_t _next_dirty(self, FileRec *fr, int64_t p) noexcept nogil
     cdef FileRec *record(self, int64_t fid) except NULL
     cdef void _drop_pages(self, int64_t fid) noexcept nogil

@@ -1,4 +1,5 @@
-"""Typed signatures of the compiled page cache (see _engine.pyx for the design)."""
+"""Typed signatures of the compiled page cache (see _engine.pyx for the design;
+the C-level API for other compiled modules is in _engine.pxd)."""
 from typing import Any, Dict, List, Optional, Tuple
 
 PAGE_SIZE: int
@@ -36,8 +37,12 @@ class PageCache:
         """Queue a prefetch for the engine's threads (no GIL); False if refused. Errors only counted."""
     def prefetch(self, fid: int, offset: int, size: int) -> int:
         """Load the pages of the range into the cache; return the bytes read from the backing file."""
-    def push(self, fid: int, offset: int, size: int, fuse_fd: int, nodeid: int) -> int:
-        """NOTIFY_STORE the cached prefix of the range into the kernel's cache; return its bytes."""
+    def cached_prefix(self, fid: int, offset: int, size: int) -> bytes:
+        """A copy of the cached prefix of the range (page-aligned offset, at most 4 MiB,
+        clipped to the size); b"" if its first page is not cached. Never does I/O."""
+    def delivered(self, fid: int, offset: int, length: int) -> None:
+        """The range's cached bytes went into the kernel's page cache (a push): whole
+        pages are spent (evicted first) and the bytes count as pushed."""
     def write(self, fid: int, offset: int, data: Any) -> int:
         """Copy a buffer into the cache, mark it dirty, extend the size; return its length."""
     def write_cached(self, fid: int, offset: int, data: Any) -> Optional[int]:

@@ -167,7 +167,7 @@ cdef class PageCache:
 
     # ------------------------------------------------------------------
     # table (caller holds mu)
-    cdef int64_t _find(self, int64_t f, int64_t p) noexcept nogil:
+    cdef inline int64_t _find(self, int64_t f, int64_t p) noexcept nogil:
         cdef int64_t i = _hash(f, p) & self.tmask
         cdef int32_t s
         while True:
@@ -178,7 +178,7 @@ cdef class PageCache:
                 return s
             i = (i + 1) & self.tmask
 
-    cdef void _insert(self, int64_t s) noexcept nogil:
+    cdef inline void _insert(self, int64_t s) noexcept nogil:
         cdef int64_t i = _hash(self.slots[s].file, self.slots[s].page) & self.tmask
         while self.table[i] >= 0:
             i = (i + 1) & self.tmask
@@ -227,7 +227,7 @@ cdef class PageCache:
         else:
             self._release_slot(s)
 
-    cdef void _unpin(self, int64_t s) noexcept nogil:
+    cdef inline void _unpin(self, int64_t s) noexcept nogil:
         self.slots[s].pins -= 1
         if self.slots[s].pins == 0 and self.slots[s].orphan:
             self._release_slot(s)
@@ -260,7 +260,7 @@ cdef class PageCache:
         self.files[f].cached += 1
         return s
 
-    cdef void _spend(self, int64_t s) noexcept nogil:
+    cdef inline void _spend(self, int64_t s) noexcept nogil:
         """Slot s has gone to the kernel, or came from it and is written back.
 
         Then the kernel's own page cache holds the same bytes, and it asks
@@ -269,8 +269,8 @@ cdef class PageCache:
         read.  CLOCK alone does not tell them apart; with few clean pages (a
         mapped write keeps most of the cache dirty) its hand goes round
         faster than the reader advances and evicted a fifth of the
-        prefetched pages before their READ came (docs/performance.md, step
-        15).  So spent slots queue up here, oldest first, and _alloc takes
+        prefetched pages before their READ came (measured 2026-11-23).  So
+        spent slots queue up here, oldest first, and _alloc takes
         them before asking CLOCK.  A slot is queued once per use; an entry
         whose slot was reused, dirtied or pinned since is skipped.
         """
@@ -360,7 +360,7 @@ cdef class PageCache:
         fr.nwords = n
         return 0
 
-    cdef void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil:
+    cdef inline void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil:
         cdef int64_t p = self.slots[s].page
         cdef uint64_t bit = 1ULL << (p & 63)
         if not self.slots[s].dirty:
@@ -370,7 +370,7 @@ cdef class PageCache:
             fr.ndirty += 1
             self.ndirty += 1
 
-    cdef void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
+    cdef inline void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
         cdef uint64_t bit = 1ULL << (p & 63)
         if p >> 6 < fr.nwords and fr.dirty[p >> 6] & bit:
             fr.dirty[p >> 6] &= ~bit

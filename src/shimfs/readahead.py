@@ -31,7 +31,7 @@ evicted before they are read.  Nor more than half of what dirty pages leave
 of the cache: a mapped write dirties pages faster than they can be written
 back, and with the whole budget in flight the cache then evicted prefetched
 pages before the kernel asked for them (a 1 GiB mapped write fetched 1.3-1.45
-GiB from the backing file, docs/performance.md step 15).
+GiB from the backing file, measured 2026-11-23).
 """
 from __future__ import annotations
 
