@@ -127,12 +127,12 @@ class CpuMeter:
         if daemon_pid:
             self.procs["daemon"] = psutil.Process(daemon_pid)
         from shimfs import standin
-        client = standin.client_dir(0)
-        for p in psutil.process_iter(["name", "cmdline"]):
-            if p.info["name"] == "glusterfsd":
-                self.procs["brick"] = p
-            elif p.info["name"] == "glusterfs" and client in (p.info["cmdline"] or []):
-                self.procs["gluster client"] = p
+        # The stand-in's own brick and client, by pid: the machine may run
+        # other GlusterFS volumes.
+        for name, pid in (("brick", standin.brick_pid()),
+                          ("gluster client", standin.client_pid(0))):
+            if pid:
+                self.procs[name] = psutil.Process(pid)
         self.start()
 
     def _read(self) -> dict[str, float]:

@@ -16,7 +16,9 @@ import pytest
 from mounting import make_file, read_file
 from shimfs.names import XATTR_BACKING
 
-SIZES = [0, 1, 4095, 4097, (1 << 20) + 1]
+# Awkward sizes: empty, within one page, around page and 1 MiB (one READ)
+# boundaries, and several READs whose last is short.
+SIZES = [0, 1, 4095, 4097, (1 << 20) + 1, (3 << 20) - 1, (4 << 20) + 4095, (9 << 20) + 12345]
 
 
 def test_standin_refuses_shared_mmap(gluster):
@@ -43,6 +45,13 @@ def test_shadow_is_regular_file_with_backing_bytes(mnt, data_dir, size):
     assert st.st_size == size
     assert st.st_mtime_ns == os.stat(src).st_mtime_ns
     assert read_file(shadow) == data
+    if size:
+        fd = os.open(shadow, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                assert m[:] == data                       # every page, the short last one too
+        finally:
+            os.close(fd)
     assert os.getxattr(shadow, XATTR_BACKING) == os.fsencode(src)
 
 
@@ -59,7 +68,7 @@ def test_ln_into_mountpoint_uses_basename_and_relative_targets(mnt, data_dir):
     assert read_file(os.path.join(mnt, "rel")) == data
 
 
-@pytest.mark.parametrize("size", [1, 4095, 4097, (1 << 20) + 1])
+@pytest.mark.parametrize("size", [1, 4095, 4097, (1 << 20) + 1, (3 << 20) - 1, (4 << 20) + 4095])
 def test_mapped_write_msync_reaches_backing(mnt, data_dir, size):
     src = os.path.join(data_dir, "m%d" % size)
     data = bytearray(make_file(src, size))
@@ -285,8 +294,12 @@ def test_errors_inside_the_mount(mnt, data_dir):
         with pytest.raises(OSError) as info:
             os.symlink(fifo, os.path.join(mnt, "x"))
         assert info.value.errno == errno.EINVAL
+    with open(os.path.join(mnt, "f"), "wb"):
+        pass
     with pytest.raises(OSError) as info:
-        os.link(os.path.join(mnt, "nope2"), os.path.join(mnt, "y"))
+        os.link(os.path.join(mnt, "f"), os.path.join(mnt, "y"))   # reaches the daemon
+    assert info.value.errno == errno.EPERM
+    os.unlink(os.path.join(mnt, "f"))
     os.mkdir(os.path.join(mnt, "d"))
     with pytest.raises(IsADirectoryError):
         os.unlink(os.path.join(mnt, "d"))
@@ -299,23 +312,43 @@ def test_statfs_reports_backing_space(mnt, backing):
 
 
 def test_stats_and_sync_interfaces(mnt, data_dir):
+    import json
+
     import shimfs
     from mounting import shimfs_cmd
     src = os.path.join(data_dir, "s")
-    make_file(src, 1 << 20)
+    data = bytearray(make_file(src, 1 << 20))
     os.symlink(src, os.path.join(mnt, "s"))
     path = os.path.join(mnt, "s")
-    with open(path, "r+b") as f:
-        f.read()
-        f.write(b"x")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert os.pread(fd, 1 << 20, 0) == data
+        orig = bytes(data)
+        os.pwrite(fd, b"x", 5)
+        data[5:6] = b"x"
         st = shimfs.stats(path)
-        assert st["file"]["backing"] == src
+        assert st["file"]["backing"] == src and st["file"]["shadow"] is True
+        assert st["file"]["size"] == 1 << 20
         assert st["file"]["bytes_fetched"] >= 1 << 20
+        assert st["file"]["dirty_bytes"] == 4096          # one page written, not yet back
+        assert st["mount"]["files"] == 1 and st["mount"]["write_requests"] >= 1
+        assert read_file(src) == orig                      # in the daemon only, until a sync
         shimfs.sync(path)
         assert shimfs.stats(path)["file"]["dirty_bytes"] == 0
-    out = shimfs_cmd("stat", "--json", path).stdout
-    assert '"backing"' in out
-    shimfs_cmd("sync", path)
+        assert read_file(src) == data
+        out = json.loads(shimfs_cmd("stat", "--json", path).stdout)
+        assert out["file"]["backing"] == src and out["file"]["dirty_bytes"] == 0
+        assert out["mount"]["files"] == 1
+        text = shimfs_cmd("stat", path).stdout.splitlines()
+        assert "file:" in text and "mount:" in text
+        assert any(line.split() == ["backing", src] for line in text)
+        os.pwrite(fd, b"yz", 1000)
+        data[1000:1002] = b"yz"
+        shimfs_cmd("sync", path)
+        assert read_file(src) == data
+        assert shimfs.stats(path)["file"]["dirty_bytes"] == 0
+    finally:
+        os.close(fd)
 
 
 def test_background_writeback_without_fsync(tmp_path, backing):

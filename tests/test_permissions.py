@@ -54,7 +54,7 @@ def try_errno(user, code: str) -> int:
 @pytest.fixture
 def world():
     """A world-traversable tree: private and shared areas per user."""
-    top = tempfile.mkdtemp(prefix="shimfs-perm-", dir="/tmp")
+    top = tempfile.mkdtemp(prefix="shimfs-perm-")   # under the run's TMPDIR
     os.chmod(top, 0o755)
     yield top
     shutil.rmtree(top, ignore_errors=True)
@@ -138,6 +138,16 @@ def test_allowed_roots_restricts_link_targets(users, root_mount, world):
         os.chmod(inside, 0o644)
         assert try_errno(u1, "os.symlink(%r, %r)" % (inside, mnt + "/i")) == 0
         assert run_as(u1, "print(open(%r).read())" % (mnt + "/i"))[1] == "fine"
+        # Inside an allowed root is not enough: the root daemon resolves and
+        # opens the target as the user, who cannot enter this directory.
+        locked = os.path.join(world, "allowed", "locked")
+        os.mkdir(locked, 0o700)
+        with open(os.path.join(locked, "t"), "w") as f:
+            f.write("root only")
+        os.chmod(os.path.join(locked, "t"), 0o644)
+        assert try_errno(u1, "os.symlink(%r, %r)" % (os.path.join(locked, "t"), mnt + "/l")) \
+            == errno.EACCES
+        assert not os.path.exists(os.path.join(mnt, "l"))
     finally:
         os.unlink(outside)
 

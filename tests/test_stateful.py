@@ -27,15 +27,23 @@ SIZES = st.sampled_from([0, 1, 4095, 4097, 65536 + 1])
 _state = {}
 
 
-@pytest.fixture(scope="module")
-def stateful_mount(tmp_path_factory):
+@pytest.fixture(scope="module", params=["local", "gluster"])
+def stateful_mount(request, tmp_path_factory):
+    """A mount whose backing directory is local, or on the stand-in."""
     top = tmp_path_factory.mktemp("stateful")
-    backing = top / "backing"
-    backing.mkdir()
-    with shim_mount(str(top / "mnt"), str(backing), "cache_size=16M") as mnt:
-        _state.update(mnt=mnt, backing=str(backing))
-        yield mnt
-    _state.clear()
+    if request.param == "local":
+        backing = str(top / "backing")
+    else:
+        backing = os.path.join(request.getfixturevalue("gluster"), "st-" + uuid.uuid4().hex[:10])
+    os.mkdir(backing)
+    try:
+        with shim_mount(str(top / "mnt"), backing, "cache_size=16M") as mnt:
+            _state.update(mnt=mnt, backing=backing)
+            yield mnt
+    finally:
+        _state.clear()
+        if request.param == "gluster":
+            shutil.rmtree(backing, ignore_errors=True)
 
 
 def outcome(fn, *args):

@@ -40,7 +40,7 @@ def as_user(user, *cmd, check=True):
 
 
 def test_unprivileged_mount_create_link_umount(user):
-    top = tempfile.mkdtemp(prefix="shimfs-user-", dir="/tmp")
+    top = tempfile.mkdtemp(prefix="shimfs-user-")   # under the run's TMPDIR
     os.chmod(top, 0o755)
     mnt, backing, data = (os.path.join(top, n) for n in ("mnt", "backing", "data"))
     for d in (mnt, backing, data):
@@ -78,7 +78,7 @@ def test_unprivileged_mount_create_link_umount(user):
 
 
 def test_unwritable_backing_directory_is_refused(user, tmp_path):
-    top = tempfile.mkdtemp(prefix="shimfs-user-", dir="/tmp")
+    top = tempfile.mkdtemp(prefix="shimfs-user-")   # under the run's TMPDIR
     os.chmod(top, 0o755)
     try:
         mnt = os.path.join(top, "mnt")

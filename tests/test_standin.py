@@ -1,0 +1,93 @@
+"""The stand-in stops only what it started: a GlusterFS volume and client
+mount that it does not know survive its ``up``, ``down`` and brick kill,
+with their data readable."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from mounting import is_mounted, read_file, wait_until
+from shimfs import standin
+
+
+def _gluster(*args, check=True):
+    res = subprocess.run(["gluster", "--mode=script", *args], capture_output=True, text=True,
+                         timeout=120)
+    if check and res.returncode:
+        raise AssertionError("gluster %s: %s%s" % (" ".join(args), res.stdout, res.stderr))
+    return res
+
+
+def _foreign_brick_pid(volume: str) -> int:
+    out = _gluster("volume", "status", volume, "detail").stdout
+    for line in out.splitlines():
+        if line.strip().startswith("Pid"):
+            return int(line.split(":")[1])
+    raise AssertionError("no brick pid for %s: %s" % (volume, out))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def foreign(gluster, tmp_path):
+    """A second volume, made here behind the stand-in's back, and a client
+    mount of it holding a file."""
+    name = "foreign-" + uuid.uuid4().hex[:8]
+    brick = "/var/lib/shimfs-test-" + name
+    mnt = str(tmp_path / "foreign")
+    os.makedirs(brick)
+    os.makedirs(mnt)
+    _gluster("volume", "create", name, "%s:%s" % (standin.HOST, brick), "force")
+    _gluster("volume", "start", name)
+    try:
+        subprocess.run(["mount", "-t", "glusterfs", "%s:/%s" % (standin.HOST, name), mnt],
+                       check=True, capture_output=True, timeout=120)
+        data = os.urandom(100_000)
+        with open(os.path.join(mnt, "precious"), "wb") as f:
+            f.write(data)
+        yield name, mnt, data
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["umount", mnt], check=False)
+        _gluster("volume", "stop", name, "force", check=False)
+        _gluster("volume", "delete", name, check=False)
+        shutil.rmtree(brick, ignore_errors=True)
+
+
+def test_foreign_volume_survives_up_down_and_brick_kill(foreign):
+    name, mnt, data = foreign
+    brick = _foreign_brick_pid(name)
+    ours = standin.brick_pid()
+    assert ours and ours != brick
+
+    def still_fine():
+        assert _alive(brick), "the foreign brick was stopped"
+        assert is_mounted(mnt), "the foreign client mount is gone"
+        assert read_file(os.path.join(mnt, "precious")) == data
+
+    try:
+        standin.kill_brick()                     # what the fault tests do
+        assert not _alive(ours)
+        still_fine()
+        standin.start_brick()
+        still_fine()
+        standin.down()
+        assert not is_mounted(standin.client_dir(0))
+        assert standin.brick_pid() is None
+        still_fine()
+        standin.up(clients=2)
+        still_fine()
+    finally:
+        # The rest of the session needs the stand-in as the fixture left it.
+        standin.up(clients=2)
+        wait_until(lambda: standin.brick_pid(), 30, "the stand-in's brick")
