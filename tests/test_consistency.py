@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 import shimfs
-from mounting import shim_mount, shimfs_cmd
+from mounting import shim_mount, shimfs_cmd, wait_until
 from shimfs import standin
 from shimfs.names import XATTR_MULTIWRITE, XATTR_REFRESH
 
@@ -199,7 +199,6 @@ def test_multiwrite_survives_eviction_of_twins(gluster, tmp_path):
     """Node A's daemon cache is smaller than the file: scanning it evicts the
     early pages and their twins.  The kernel's copies must go too, or A's
     next write-back of such a page would undo B's bytes in it."""
-    import time
     rel = "t-" + uuid.uuid4().hex[:12]
     d0 = os.path.join(standin.client_dir(0), rel)
     os.mkdir(d0)
@@ -216,13 +215,10 @@ def test_multiwrite_survives_eviction_of_twins(gluster, tmp_path):
             try:
                 assert a.map[0] == 0 and b.map[1] == 0
                 bytes(memoryview(a.map)[::4096])              # A touches every page
-                deadline = time.monotonic() + 60
-                while True:                                   # until every drop is done
+                def drops_done():                             # until every drop is done
                     st = shimfs.stats(a.path)["mount"]
-                    if st["kernel_drops"] > 0 and st["kernel_drops_pending"] == 0:
-                        break
-                    assert time.monotonic() < deadline, st
-                    time.sleep(0.05)
+                    return st["kernel_drops"] > 0 and st["kernel_drops_pending"] == 0
+                wait_until(drops_done, 60, "the kernel's drops of lost twins")
                 b.map[1] = 0xBB
                 b.map.flush()
                 a.map[0] = 0xAA

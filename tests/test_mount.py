@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from mounting import make_file, read_file
+from mounting import make_file, read_file, wait_until
 from shimfs.names import XATTR_BACKING
 
 # Awkward sizes: empty, within one page, around page and 1 MiB (one READ)
@@ -353,7 +353,6 @@ def test_stats_and_sync_interfaces(mnt, data_dir):
 
 def test_background_writeback_without_fsync(tmp_path, backing):
     """Dirty data reaches the backing file by itself within writeback_interval."""
-    import time
     from mounting import shim_mount
     src = tmp_path / "bg"
     src.write_bytes(bytes(8192))
@@ -362,9 +361,7 @@ def test_background_writeback_without_fsync(tmp_path, backing):
         fd = os.open(os.path.join(m, "bg"), os.O_RDWR)
         try:
             os.pwrite(fd, b"later", 10)           # no fsync, file stays open
-            deadline = time.monotonic() + 30
-            while read_file(str(src))[10:15] != b"later":
-                assert time.monotonic() < deadline, "never written back"
-                time.sleep(0.1)
+            wait_until(lambda: read_file(str(src))[10:15] == b"later", 30,
+                       "the background write-back", interval=0.1)
         finally:
             os.close(fd)

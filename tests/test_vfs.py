@@ -34,7 +34,7 @@ def test_symlink_answers_link_then_lookup_finds_regular_file(vfs, tmp_path):
         link = await vfs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
         assert stat.S_ISLNK(link.mode) and link.timeout == 0
         assert vfs.readlink(link.ino) == os.fsencode(target)
-        attr = vfs.lookup(ROOT_INODE, b"s")
+        attr = await vfs.lookup(ROOT_INODE, b"s")
         assert stat.S_ISREG(attr.mode) and attr.ino != link.ino and attr.size == 11
         fh = await vfs.open(attr.ino, os.O_RDWR, Ctx())
         assert await vfs.read(fh, 6, 100) == b"world"
@@ -52,10 +52,10 @@ def test_symlink_answers_link_then_lookup_finds_regular_file(vfs, tmp_path):
 def test_namespace_errors(vfs, tmp_path):
     async def go():
         with pytest.raises(FsError) as e:
-            vfs.lookup(ROOT_INODE, b"x")
+            await vfs.lookup(ROOT_INODE, b"x")
         assert e.value.errno == errno.ENOENT
         await vfs.mkdir(ROOT_INODE, b"d", 0o755, Ctx())
-        d = vfs.lookup(ROOT_INODE, b"d").ino
+        d = (await vfs.lookup(ROOT_INODE, b"d")).ino
         fh, _ = await vfs.create(d, b"f", stat.S_IFREG | 0o644, os.O_RDWR, Ctx())
         await vfs.release(fh)
         for call, err in [
@@ -110,7 +110,7 @@ def test_files_in_memory_are_read_inline_without_read_ahead(tmp_path):
 
     async def scan(name):
         await vfs.symlink(ROOT_INODE, name, os.fsencode(targets[name]), Ctx())
-        attr = vfs.lookup(ROOT_INODE, name)
+        attr = await vfs.lookup(ROOT_INODE, name)
         fh = await vfs.open(attr.ino, os.O_RDONLY, Ctx())
         for off in range(0, len(data), 1 << 20):
             assert bytes(await vfs.read(fh, off, 1 << 20)) == data[off:off + (1 << 20)]
@@ -156,7 +156,7 @@ def test_sequential_handles_share_the_read_ahead_budget(tmp_path):
             for name in (b"x", b"y"):
                 await vfs.symlink(ROOT_INODE, name, os.fsencode(str(tmp_path / name.decode())),
                                   Ctx())
-                fhs.append(await vfs.open(vfs.lookup(ROOT_INODE, name).ino, os.O_RDONLY, Ctx()))
+                fhs.append(await vfs.open((await vfs.lookup(ROOT_INODE, name)).ino, os.O_RDONLY, Ctx()))
             node = vfs.handles[fhs[0]].node
             if node.in_memory:
                 pytest.skip("tmp_path is in memory: no read-ahead there")
@@ -214,7 +214,7 @@ def test_removed_file_is_forgotten_only_after_its_prefetches(tmp_path):
         async with trio.open_nursery() as nursery:
             vfs.cache.nursery = nursery
             await vfs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
-            attr = vfs.lookup(ROOT_INODE, b"s")
+            attr = await vfs.lookup(ROOT_INODE, b"s")
             fh = await vfs.open(attr.ino, os.O_RDONLY, Ctx())
             for off in range(0, 512 << 10, 64 << 10):       # a sequential run
                 assert await vfs.read(fh, off, 64 << 10) == data[off:off + (64 << 10)]
@@ -276,7 +276,7 @@ def test_mtime_moves_when_the_last_writer_is_released(vfs, tmp_path):
 
     async def go():
         await vfs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
-        ino = vfs.lookup(ROOT_INODE, b"s").ino
+        ino = (await vfs.lookup(ROOT_INODE, b"s")).ino
         before = vfs.getattr(ino)
         w1 = await vfs.open(ino, os.O_RDWR, Ctx())
         w2 = await vfs.open(ino, os.O_WRONLY, Ctx())

@@ -54,6 +54,15 @@ def errno_of(call) -> int:
     return trio.run(fails, call)
 
 
+async def listdir(fs, ino) -> list[bytes]:
+    """The names readdir shows in directory ``ino``, as ls would get them."""
+    fh = fs.opendir(ino)
+    try:
+        return [name for name, _, _ in await fs.readdir(fh, 0)]
+    finally:
+        fs.releasedir(fh)
+
+
 async def make(fs, parent, name, data=b""):
     fh, attr = await fs.create(parent, name, REG, os.O_RDWR, Ctx())
     if data:
@@ -124,7 +133,7 @@ def test_shadows_keep_their_target_and_follow_the_caller_cwd(fs, tmp_path, monke
 
     async def go():
         await fs.symlink(ROOT_INODE, b"s", b"t", Ctx(pid=os.getpid()))    # relative to cwd
-        a = fs.lookup(ROOT_INODE, b"s")
+        a = await fs.lookup(ROOT_INODE, b"s")
         assert fs.getxattr(a.ino, XATTR_BACKING) == os.fsencode(target)
         assert await fails(fs.symlink(ROOT_INODE, b"s", b"t", Ctx(pid=os.getpid()))) == errno.EEXIST
         await fs.rename(ROOT_INODE, b"s", ROOT_INODE, b"moved")
@@ -153,7 +162,7 @@ def test_read_only_target_makes_a_read_only_shadow(fs, tmp_path):
 
     async def go():
         await fs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
-        ino = fs.lookup(ROOT_INODE, b"s").ino
+        ino = (await fs.lookup(ROOT_INODE, b"s")).ino
         assert await fails(fs.open(ino, os.O_RDWR, Ctx())) == errno.EACCES
         fh = await fs.open(ino, os.O_RDONLY, Ctx())
         assert await fs.read(fh, 0, 2) == b"ro"
@@ -186,7 +195,7 @@ def test_rename_rules(fs, tmp_path):
         # a directory moves with its files, whose later writes land in the new place
         await fs.rename(ROOT_INODE, b"d", e.ino, b"d2")
         assert (b / "e" / "d2" / "f").read_bytes() == b"top"
-        f = fs.lookup(fs.lookup(e.ino, b"d2").ino, b"f")
+        f = await fs.lookup((await fs.lookup(e.ino, b"d2")).ino, b"f")
         fh = await fs.open(f.ino, os.O_RDWR, Ctx())
         await fs.write(fh, 0, b"TOP")
         await fs.fsync(fh)
@@ -197,7 +206,7 @@ def test_rename_rules(fs, tmp_path):
         await fs.rename(ROOT_INODE, b"s", e.ino, b"g")
         assert not (b / "e" / "g").exists()
         assert (tmp_path / "t").read_bytes() == b"shadowed"
-        g = fs.lookup(e.ino, b"g")
+        g = await fs.lookup(e.ino, b"g")
         assert fs.getxattr(g.ino, XATTR_BACKING) == os.fsencode(tmp_path / "t")
     run(go)
 
@@ -208,7 +217,7 @@ def test_unlinked_open_file_keeps_serving_its_handle(fs, tmp_path):
         await fs.write(fh, 0, b"still here")
         await fs.unlink(ROOT_INODE, b"f")
         assert fs.getattr(attr.ino).nlink == 0
-        assert await fails(lambda: fs.lookup(ROOT_INODE, b"f")) == errno.ENOENT
+        assert await fails(fs.lookup(ROOT_INODE, b"f")) == errno.ENOENT
         assert await fs.read(fh, 0, 100) == b"still here"
         await fs.release(fh)
         assert attr.ino in fs.inodes            # the kernel still holds a reference
@@ -223,12 +232,16 @@ def test_readdir_lists_sorted_entries_from_an_offset(fs):
         for name in (b"c", b"a", b"b"):
             await make(fs, ROOT_INODE, name)
         await fs.mkdir(ROOT_INODE, b"dir", 0o755, Ctx())
-        names = [(n, nxt) for n, _, nxt in fs.readdir(ROOT_INODE, 0)]
+        dh = fs.opendir(ROOT_INODE)
+        names = [(n, nxt) for n, _, nxt in await fs.readdir(dh, 0)]
         assert names == [(b"a", 1), (b"b", 2), (b"c", 3), (b"dir", 4)]
-        assert [n for n, _, _ in fs.readdir(ROOT_INODE, 2)] == [b"c", b"dir"]
-        assert fs.readdir(ROOT_INODE, 4) == []
-        f = fs.lookup(ROOT_INODE, b"a").ino
-        assert await fails(lambda: fs.readdir(f, 0)) == errno.ENOTDIR
+        await make(fs, ROOT_INODE, b"aa")            # the listing of this opendir stays
+        assert [n for n, _, _ in await fs.readdir(dh, 2)] == [b"c", b"dir"]
+        assert await fs.readdir(dh, 4) == []
+        fs.releasedir(dh)
+        assert await fails(fs.readdir(dh, 0)) == errno.EBADF
+        assert [n for n in await listdir(fs, ROOT_INODE)] == [b"a", b"aa", b"b", b"c", b"dir"]
+        f = (await fs.lookup(ROOT_INODE, b"a")).ino
         assert await fails(lambda: fs.opendir(f)) == errno.ENOTDIR
         assert await fails(fs.rmdir(ROOT_INODE, b"a")) == errno.ENOTDIR
     run(go)
@@ -328,3 +341,185 @@ def test_refresh_xattr_reloads_what_another_node_wrote(fs, tmp_path):
                                            (b" 4096  100 ", (4096, 100))])
 def test_parse_range(value, parsed):
     assert parse_range(value) == parsed
+
+
+# -- names shared with other nodes ---------------------------------------------
+
+def test_a_file_removed_behind_the_mount_loses_its_name(fs, tmp_path):
+    """The data-loss sequence: a write after another node removed the backing
+    file must land in a new backing file, never in the removed one."""
+    b = tmp_path / "b"
+
+    async def go():
+        a = await make(fs, ROOT_INODE, b"a.txt", b"one\n")
+        (b / "a.txt").unlink()                           # rm BACKING/a.txt
+        assert await fails(fs.open(a.ino, os.O_WRONLY | os.O_TRUNC, Ctx())) == errno.ESTALE
+        assert await fails(fs.lookup(ROOT_INODE, b"a.txt")) == errno.ENOENT
+        assert await listdir(fs, ROOT_INODE) == []
+        fh, attr = await fs.create(ROOT_INODE, b"a.txt", REG, os.O_WRONLY | os.O_TRUNC, Ctx())
+        assert attr.ino != a.ino
+        await fs.write(fh, 0, b"two\n")
+        await fs.release(fh)
+    run(go)
+    assert (b / "a.txt").read_bytes() == b"two\n"
+
+
+def test_handles_open_on_a_removed_file_keep_it_and_cannot_claim_durability(fs, tmp_path):
+    async def go():
+        fh, a = await fs.create(ROOT_INODE, b"f", REG, os.O_RDWR, Ctx())
+        await fs.write(fh, 0, b"first")
+        await fs.fsync(fh)
+        (tmp_path / "b" / "f").unlink()
+        assert await fails(fs.open(a.ino, os.O_RDONLY, Ctx())) == errno.ESTALE
+        assert await fs.read(fh, 0, 10) == b"first"      # the open handle still reads
+        await fs.write(fh, 0, b"later")
+        assert await fails(fs.fsync(fh)) == errno.ESTALE   # no home for the data: say so
+        st = json.loads(fs.getxattr(a.ino, XATTR_STATS))["file"]
+        assert st["backing_lost"] is True and st["dirty_bytes"] == 4096
+        assert await fails(fs.setxattr(ROOT_INODE, XATTR_SYNC, b"")) == errno.ESTALE
+        assert await fails(fs.release(fh)) == errno.ESTALE  # close: written nowhere, kept
+        fs.forget(a.ino, 1)
+        assert a.ino in fs.inodes                           # its unwritten data is kept
+        assert json.loads(fs.getxattr(ROOT_INODE, XATTR_STATS))["mount"]["files"] == 1
+        failed = await fs.sync_all()                        # what unmount reports
+        assert [(p, e.errno) for p, e in failed] == [(str(tmp_path / "b" / "f"), errno.ESTALE)]
+    run(go)
+
+
+def test_a_replaced_backing_file_rebinds_the_name(fs, tmp_path):
+    target = tmp_path / "t"
+    target.write_bytes(b"old target")
+
+    async def go():
+        await fs.symlink(ROOT_INODE, b"s", os.fsencode(target), Ctx())
+        old = await fs.lookup(ROOT_INODE, b"s")
+        fh = await fs.open(old.ino, os.O_RDONLY, Ctx())
+        await make(fs, ROOT_INODE, b"c", b"old created")
+        for path, data in ((target, b"new target"), (tmp_path / "b" / "c", b"new created")):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.rename(tmp, path)                             # replaced by another node
+        new = await fs.lookup(ROOT_INODE, b"s")
+        assert new.ino != old.ino and new.size == len(b"new target")
+        fh2 = await fs.open(new.ino, os.O_RDONLY, Ctx())
+        assert await fs.read(fh2, 0, 100) == b"new target"
+        assert await fs.read(fh, 0, 100) == b"old target"  # the old handle: the old file
+        c = await fs.lookup(ROOT_INODE, b"c")
+        fh3 = await fs.open(c.ino, os.O_RDONLY, Ctx())
+        assert await fs.read(fh3, 0, 100) == b"new created"
+        for h in (fh, fh2, fh3):
+            await fs.release(h)
+    run(go)
+
+
+def test_exclusive_create_meets_a_file_another_node_made(fs, tmp_path):
+    """ls, stat and O_EXCL agree: once a create meets the name, it exists."""
+    (tmp_path / "b" / "b.txt").write_bytes(b"made elsewhere")
+
+    async def go():
+        assert await fails(fs.lookup(ROOT_INODE, b"b.txt")) == errno.ENOENT   # starts empty
+        assert await fails(fs.create(ROOT_INODE, b"b.txt", REG, os.O_RDWR | os.O_EXCL,
+                                     Ctx())) == errno.EEXIST
+        a = await fs.lookup(ROOT_INODE, b"b.txt")
+        assert a.size == len(b"made elsewhere")
+        assert await listdir(fs, ROOT_INODE) == [b"b.txt"]
+        fh, _ = await fs.create(ROOT_INODE, b"b.txt", REG, os.O_RDWR, Ctx())
+        assert await fs.read(fh, 0, 100) == b"made elsewhere"
+        await fs.release(fh)
+    run(go)
+
+
+def test_a_backing_file_renamed_away_keeps_its_open_handles(fs, tmp_path):
+    b = tmp_path / "b"
+
+    async def go():
+        fh, a = await fs.create(ROOT_INODE, b"f", REG, os.O_RDWR, Ctx())
+        os.rename(b / "f", b / "g")                      # another node renames it
+        assert await fails(fs.lookup(ROOT_INODE, b"f")) == errno.ENOENT
+        await fs.write(fh, 0, b"still lands")
+        await fs.fsync(fh)                               # the file exists: durable
+        await fs.release(fh)
+    run(go)
+    assert (b / "g").read_bytes() == b"still lands" and not (b / "f").exists()
+
+
+# -- -o mirror ------------------------------------------------------------------
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A mirror over a backing tree that exists before the mount."""
+    b = tmp_path / "b"
+    (b / "sub" / "deeper").mkdir(parents=True)
+    (b / "top.bin").write_bytes(b"top bytes")
+    (b / "sub" / "inner").write_bytes(b"x" * 10000)
+    (b / "sub" / "deeper" / "leaf").write_bytes(b"leaf")
+    os.symlink("top.bin", b / "link")                 # not shown: not a regular file
+    os.mkfifo(b / "fifo")
+    return Vfs(Config(backing=str(b), cache_size=16 << 20, mirror=True))
+
+
+def test_mirror_shows_the_backing_tree_lazily(mirror, tmp_path):
+    fs = mirror
+
+    async def go():
+        assert await listdir(fs, ROOT_INODE) == [b"sub", b"top.bin"]
+        sub = await fs.lookup(ROOT_INODE, b"sub")
+        assert stat.S_ISDIR(sub.mode)
+        assert await listdir(fs, sub.ino) == [b"deeper", b"inner"]
+        inner = await fs.lookup(sub.ino, b"inner")
+        assert stat.S_ISREG(inner.mode) and inner.size == 10000
+        assert fs.namespace.by_fid == {}                 # listing and lookups open nothing
+        st = json.loads(fs.getxattr(inner.ino, XATTR_STATS))["file"]
+        assert st["opened"] is False and st["size"] == 10000
+        deeper = await fs.lookup(sub.ino, b"deeper")
+        leaf = await fs.lookup(deeper.ino, b"leaf")      # a lookup without a readdir first
+        fh = await fs.open(leaf.ino, os.O_RDWR, Ctx())
+        assert len(fs.namespace.by_fid) == 1
+        assert await fs.read(fh, 0, 100) == b"leaf"
+        await fs.write(fh, 4, b" grown")
+        await fs.fsync(fh)
+        await fs.release(fh)
+        assert await fails(fs.lookup(ROOT_INODE, b"link")) == errno.ENOENT
+        assert await fails(fs.lookup(ROOT_INODE, b"missing")) == errno.ENOENT
+    run(go)
+    assert (tmp_path / "b" / "sub" / "deeper" / "leaf").read_bytes() == b"leaf grown"
+
+
+def test_mirror_follows_what_other_nodes_do(mirror, tmp_path):
+    fs = mirror
+    b = tmp_path / "b"
+
+    async def go():
+        assert await listdir(fs, ROOT_INODE) == [b"sub", b"top.bin"]
+        (b / "new").write_bytes(b"made elsewhere")          # created by another node
+        (b / "top.bin").unlink()                            # removed by another node
+        assert await listdir(fs, ROOT_INODE) == [b"new", b"sub"]
+        new = await fs.lookup(ROOT_INODE, b"new")
+        fh = await fs.open(new.ino, os.O_RDONLY, Ctx())
+        assert await fs.read(fh, 0, 100) == b"made elsewhere"
+        await fs.release(fh)
+        os.rename(b / "sub", b / "moved")                  # a directory renamed elsewhere
+        assert await fails(fs.lookup(ROOT_INODE, b"sub")) == errno.ENOENT
+        assert (await fs.lookup(ROOT_INODE, b"moved")).ino
+        # and things made through the mount land in the backing tree
+        fh, _ = await fs.create(ROOT_INODE, b"mine", REG, os.O_RDWR, Ctx())
+        await fs.write(fh, 0, b"through the mount")
+        await fs.release(fh)
+        await fs.unlink(ROOT_INODE, b"new")
+    run(go)
+    assert (b / "mine").read_bytes() == b"through the mount"
+    assert not (b / "new").exists()
+
+
+def test_mirror_keeps_shadows_beside_the_tree(mirror, tmp_path):
+    fs = mirror
+    (tmp_path / "elsewhere").write_bytes(b"linked in")
+
+    async def go():
+        await fs.symlink(ROOT_INODE, b"s", os.fsencode(tmp_path / "elsewhere"), Ctx())
+        assert await listdir(fs, ROOT_INODE) == [b"s", b"sub", b"top.bin"]
+        s = await fs.lookup(ROOT_INODE, b"s")
+        fh = await fs.open(s.ino, os.O_RDONLY, Ctx())
+        assert await fs.read(fh, 0, 100) == b"linked in"
+        await fs.release(fh)
+    run(go)

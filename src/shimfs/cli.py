@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                               "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
                               "1024), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
                               "verbose, allow_other, multiwrite, push (also push prefetched pages into the "
-                              "kernel's cache), allowed_roots=DIR[:DIR...] (where link "
+                              "kernel's cache), mirror (show the backing directory's whole "
+                              "tree), allowed_roots=DIR[:DIR...] (where link "
                               "targets may point), writeback_interval=SECONDS (default 30), "
                               "log=FILE")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",

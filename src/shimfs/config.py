@@ -46,6 +46,12 @@ class Config:
     #: stand-in, where the daemon shares 2 cores with the GlusterFS client,
     #: it cost 10-15% (docs/performance.md), hence off by default.
     push: bool = False
+    #: Show the backing directory's whole tree in the mount (built lazily:
+    #: a lookup stats the backing path, a readdir lists the backing
+    #: directory, a file is opened at its first open).  Off: the namespace
+    #: starts empty, as the original module's, and holds what is linked or
+    #: created through the mount.
+    mirror: bool = False
     #: Seconds between background write-backs of dirty files (0: only on
     #: msync, fsync, close and unmount).
     writeback_interval: int = 30
@@ -75,7 +81,7 @@ def _parse_int(text: str, what: str) -> int:
     return int(text)
 
 
-_FLAGS = {"verbose", "allow_other", "multiwrite", "push"}
+_FLAGS = {"verbose", "allow_other", "multiwrite", "push", "mirror"}
 _VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots", "writeback_interval"}
 
 

@@ -19,7 +19,7 @@ from .files import OpenFiles
 from .names import (XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFIX, XATTR_REFRESH,
                     XATTR_STATS, XATTR_SYNC)
 from .namespace import Namespace
-from .nodes import File, Node
+from .nodes import Ctx, File, Node
 from .writeback import WriteBack
 
 
@@ -48,6 +48,8 @@ class Control:
         if name == XATTR_BACKING and isinstance(node, File):
             return os.fsencode(node.path)
         if name == XATTR_MULTIWRITE and isinstance(node, File):
+            if not node.opened:
+                return b"1" if self.ns.config.multiwrite else b"0"
             return b"1" if self.cache.file_stats(node.fid)["multiwrite"] else b"0"
         if name == XATTR_PID and node is self.ns.root:
             return str(os.getpid()).encode()
@@ -55,11 +57,12 @@ class Control:
             return json.dumps(self.stats(node), sort_keys=True).encode()
         raise FsError(errno.ENODATA)
 
-    async def setxattr(self, ino: int, name: str, value: bytes) -> None:
+    async def setxattr(self, ino: int, name: str, value: bytes, ctx: Ctx = Ctx()) -> None:
         node = self.ns.node(ino)
         if name == XATTR_SYNC:
             if isinstance(node, File):
-                await self.wb.writeback(node, durable=True)
+                if node.opened:             # an unopened file has nothing to write
+                    await self.wb.writeback(node, durable=True)
                 return
             failed = await self.wb.sync_all()
             if failed:
@@ -67,11 +70,13 @@ class Control:
             return
         if name == XATTR_REFRESH and isinstance(node, File):
             offset, length = parse_range(value)
+            await self.ns.ensure_open(node, ctx)
             await self.coherence.refresh(node, offset, length)
             return
         if name == XATTR_MULTIWRITE and isinstance(node, File):
             if value.strip() not in (b"0", b"1"):
                 raise FsError(errno.EINVAL, "multiwrite takes 0 or 1")
+            await self.ns.ensure_open(node, ctx)
             await self.coherence.set_multiwrite(node, value.strip() == b"1")
             return
         if name.startswith(XATTR_PREFIX):
@@ -87,9 +92,14 @@ class Control:
                              kernel_drops=coh.kernel_drops,
                              kernel_drops_pending=coh.kernel_drops_pending,
                              files=len(self.ns.by_fid))}
-        if isinstance(node, File):
+        if isinstance(node, File) and not node.opened:
+            out["file"] = dict(backing=node.path, shadow=False, backing_lost=node.lost,
+                               opened=False, size=node.seen[0], dirty_bytes=0)
+        elif isinstance(node, File):
             streams = self.files.streams(node)
             out["file"] = dict(cache.file_stats(node.fid), backing=node.path, shadow=node.shadow,
+                               opened=True,
+                               backing_lost=node.lost,
                                backing_in_memory=node.in_memory,
                                read_ahead_window=max((s.window for s in streams), default=0),
                                sequential_reads=sum(s.sequential for s in streams),

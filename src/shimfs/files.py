@@ -63,6 +63,12 @@ class OpenFiles:
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
         """Open a file; returns the handle.  See also ``Coherence.revalidate``."""
         node = self.ns.file(ino)
+        if node.parent is not None and await self.ns.still_bound(node, ctx) is not node:
+            # The kernel retries a path open that fails with ESTALE once, after
+            # a fresh LOOKUP (LOOKUP_REVAL): that finds the file now at the
+            # name, or none, and O_CREAT then creates a new backing file.
+            raise FsError(errno.ESTALE, "backing file %s was removed or replaced" % node.path)
+        await self.ns.ensure_open(node, ctx)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and not node.writable:
             raise FsError(errno.EACCES, "backing file %s is read-only" % node.path)
@@ -128,6 +134,7 @@ class OpenFiles:
                       atime_ns=None, mtime_ns=None) -> Attr:
         node = self.ns.node(ino)
         if isinstance(node, File):
+            await self.ns.ensure_open(node, ctx)
             if size is not None:
                 await self.creds.check_reachable(node, ctx, os.W_OK)
                 await self.truncate(node, size)

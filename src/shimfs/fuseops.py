@@ -56,6 +56,8 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
 
 
 def _ctx(ctx) -> Ctx:
+    if ctx is None:
+        return Ctx()
     return Ctx(ctx.uid, ctx.gid, ctx.pid, ctx.umask)
 
 
@@ -73,7 +75,7 @@ class ShimOperations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return _entry(self.vfs.lookup(parent_inode, name))
+        return _entry(await self.vfs.lookup(parent_inode, name, _ctx(ctx)))
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -129,17 +131,17 @@ class ShimOperations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
-        return self.vfs.opendir(inode)
+        return self.vfs.opendir(inode, _ctx(ctx))
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        for name, attr, nxt in self.vfs.readdir(fh, start_id):
+        for name, attr, nxt in await self.vfs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, _entry(attr), nxt):
                 break
             self.vfs.note_lookup(attr.ino)
 
     async def releasedir(self, fh):
-        pass
+        self.vfs.releasedir(fh)
 
     @_errors
     async def statfs(self, ctx):
@@ -204,7 +206,7 @@ class ShimOperations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
-        await self.vfs.setxattr(inode, os.fsdecode(name), value)
+        await self.vfs.setxattr(inode, os.fsdecode(name), value, _ctx(ctx))
 
     @_errors
     async def removexattr(self, inode, name, ctx):

@@ -42,6 +42,16 @@ def _limit_malloc_arenas() -> None:
         pass
 
 
+def _raise_fd_limit() -> None:
+    """Every file the daemon holds open costs a descriptor (a mirror of a
+    large tree opens each file at its first open, and keeps it until the
+    kernel forgets the inode): allow as many as the hard limit does."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def find_session_fd() -> int | None:
     """The daemon's open /dev/fuse descriptor (there is one per session)."""
     for name in os.listdir("/proc/self/fd"):
@@ -69,6 +79,7 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
     # doubled a tmpfs scan (201 -> 415 MB/s, docs/performance.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     _limit_malloc_arenas()
+    _raise_fd_limit()
     vfs = Vfs(config)
     ops = ShimOperations(vfs)
     try:

@@ -29,7 +29,7 @@ from .config import Config
 from .credentials import Credentials
 from .errors import FsError
 from .names import ROOT_INODE
-from .nodes import Attr, Ctx, Dir, File, Node
+from .nodes import Attr, Ctx, Dir, DirHandle, File, Node
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ class Namespace:
         self.creds = creds
         self.inodes: dict[int, Node] = {}
         self.links: dict[int, tuple[bytes, Attr]] = {}     # transient S_IFLNK replies
-        self.by_fid: dict[int, File] = {}
+        self.by_fid: dict[int, File] = {}           # opened files
+        self.dirhandles: dict[int, DirHandle] = {}
         self._ino = itertools.count(ROOT_INODE + 1)
+        self._dh = itertools.count(1)
         st = os.stat(config.backing)
         self.root = Dir(ROOT_INODE, None, b"", st, root_path=config.backing)
         self.root.mode = stat.S_IFDIR | 0o755 | (0o1000 if config.allow_other else 0)
@@ -81,7 +83,7 @@ class Namespace:
 
     def attr(self, node: Node) -> Attr:
         if isinstance(node, File):
-            size = self.cache.size(node.fid)
+            size = self.cache.size(node.fid) if node.opened else node.seen[0]
             nlink = 1 if node.parent is not None else 0
         else:
             size = 4096
@@ -109,17 +111,51 @@ class Namespace:
         parent.touch()
         return node
 
+    def _add_found(self, parent: Dir, name: bytes, st: os.stat_result) -> Node:
+        """A name found in the backing tree (``-o mirror``): a directory, or
+        an unopened file; nothing is opened, and the parent's times stay."""
+        path = os.path.join(parent.backing_path(), os.fsdecode(name))
+        if stat.S_ISDIR(st.st_mode):
+            node: Node = Dir(next(self._ino), parent, name, st)
+        else:
+            node = File(next(self._ino), parent, name, st, -1, -1, path, shadow=False,
+                        writable=False)
+        self.inodes[node.ino] = node
+        parent.children[name] = node
+        return node
+
+    async def ensure_open(self, node: File, ctx: Ctx) -> None:
+        """Open an unopened file (found by ``-o mirror``) as the user, and hand
+        it to the engine; a no-op for every other file."""
+        if node.opened:
+            return
+        fd, writable = await self.creds.as_user(ctx, _open_backing, node.path)
+        if node.opened:                     # another open won the race
+            os.close(fd)
+            return
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.ident:
+            os.close(fd)
+            raise FsError(errno.ESTALE, "backing file %s was replaced" % node.path)
+        node.fd, node.writable = fd, writable
+        node.fid = self.cache.register(fd, st.st_size, multiwrite=self.config.multiwrite)
+        node.in_memory = self.cache.in_memory(fd)
+        node.seen = (st.st_size, st.st_mtime_ns)
+        self.by_fid[node.fid] = node
+
     def maybe_free(self, node: Node) -> None:
         """Close an unlinked file once nothing refers to it any more."""
         if node.parent is not None or node.nlookup > 0:
             return
-        if isinstance(node, File):
+        if isinstance(node, File) and node.opened:
             if node.opens or node.background or self.by_fid.get(node.fid) is not node:
                 return      # in use (the background write-back frees it after), or freed
-            if node.shadow and self.cache.dirty_bytes(node.fid):
-                # Nothing lost: an unlinked shadow's dirty pages still belong
-                # to its backing file, which release() failed to write.  Keep
-                # the file; the flusher and unmount retry, and free it after.
+            if (node.shadow or node.lost) and self.cache.dirty_bytes(node.fid):
+                # Nothing dropped silently: an unlinked shadow's dirty pages
+                # still belong to its backing file, which release() failed to
+                # write; a lost file's cannot reach any file.  Keep them: the
+                # flusher and unmount retry, and unmount refuses while they
+                # fail (``shimfs umount --force`` drops them, with an error).
                 log.warning("keeping %s: its unwritten data is retried", node.path)
                 return
             if self.cache.when_idle(node.fid, lambda: self.maybe_free(node)):
@@ -131,10 +167,9 @@ class Namespace:
 
     def close_all(self) -> None:
         """Unmount: forget every file and close its backing descriptor."""
-        for node in list(self.inodes.values()):
-            if isinstance(node, File):
-                self.cache.unregister(node.fid)
-                os.close(node.fd)
+        for node in list(self.by_fid.values()):
+            self.cache.unregister(node.fid)
+            os.close(node.fd)
         self.inodes.clear()
         self.by_fid.clear()
 
@@ -147,10 +182,75 @@ class Namespace:
         node.ctime_ns = time.time_ns()
         self.maybe_free(node)
 
-    # -- the kernel's references ---------------------------------------------
-    def lookup(self, parent_ino: int, name: bytes) -> Attr:
-        parent = self.dir(parent_ino)
+    # -- names shared with other nodes ----------------------------------------
+    async def still_bound(self, node: File, ctx: Ctx = Ctx()) -> File | None:
+        """The file that ``node``'s name stands for now.
+
+        Other nodes and scripts remove and replace files in a shared backing
+        directory.  While the backing path still leads to the file ``node``
+        opened, that is ``node``.  Otherwise the name is taken from ``node``
+        (``File.lost``): its open handles keep it, as a local file system
+        keeps an unlinked file, but nothing new reaches it.  If the path now
+        holds another regular file that the user can open, the name is bound
+        to that one (a shadow follows its target's path, as a symlink does);
+        else the name is gone (None).  Runs on every lookup and open of a
+        file, so a name the kernel caches is checked again at least every
+        ``TIMEOUT`` seconds (its entry and attr timeouts).
+        """
+        st = await self.cache.run(_stat_or_none, node.path)
+        if st is not None and (st.st_dev, st.st_ino) == node.ident:
+            return node
+        parent, name = node.parent, node.name
+        if parent is None or parent.children.get(name) is not node:
+            return parent.children.get(name) if parent is not None else None
+        log.info("%s was %s behind the mount's back", node.path,
+                 "removed" if st is None else "replaced")
+        node.lost = True
+        self._detach(node)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None
+        if not node.opened:                 # found by -o mirror: found again, unopened
+            return self._add_found(parent, name, st) if name not in parent.children \
+                else parent.children[name]
+        try:
+            fd, writable = await self.creds.as_user(ctx, _open_backing, node.path)
+        except (OSError, FsError):
+            return None                     # not the user's to see: the name is gone
+        if name in parent.children:         # raced with another lookup
+            os.close(fd)
+            return parent.children[name]
+        return self._add_file(parent, name, fd, node.path, shadow=node.shadow,
+                              writable=writable)
+
+    async def _child(self, parent: Dir, name: bytes, ctx: Ctx) -> Node | None:
+        """The node called ``name`` in ``parent`` now: files are checked
+        against their backing path; with ``-o mirror`` a name the namespace
+        does not hold is looked for in the backing directory, and a
+        directory that is gone there (and holds nothing of the namespace's)
+        goes here too."""
         node = parent.children.get(name)
+        if isinstance(node, File):
+            node = await self.still_bound(node, ctx)
+        if not self.config.mirror:
+            return node
+        if isinstance(node, Dir) and not node.children:
+            st = await self.creds.as_user(ctx, _lstat_or_none, node.backing_path())
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                if parent.children.get(name) is node:
+                    self._detach(node)
+                node = None
+        if node is None:
+            self._check_name(name)
+            path = os.path.join(parent.backing_path(), os.fsdecode(name))
+            st = await self.creds.as_user(ctx, _lstat_or_none, path)
+            if st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                node = parent.children.get(name) or self._add_found(parent, name, st)
+        return node
+
+    # -- the kernel's references ---------------------------------------------
+    async def lookup(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> Attr:
+        parent = self.dir(parent_ino)
+        node = await self._child(parent, name, ctx)
         if node is None:
             raise FsError(errno.ENOENT)
         node.nlookup += 1
@@ -182,15 +282,44 @@ class Namespace:
             return self.links[ino][0]
         raise FsError(errno.EINVAL)
 
-    def opendir(self, ino: int) -> int:
-        return self.dir(ino).ino
+    def opendir(self, ino: int, ctx: Ctx = Ctx()) -> int:
+        fh = next(self._dh)
+        self.dirhandles[fh] = DirHandle(self.dir(ino), ctx)
+        return fh
 
-    def readdir(self, ino: int, start: int) -> list[tuple[bytes, Attr, int]]:
-        """Entries after index ``start``, as (name, attr, next index)."""
-        node = self.dir(ino)
-        items = sorted(node.children.items())
-        return [(name, self.attr(child), i + 1) for i, (name, child) in enumerate(items)
+    def releasedir(self, fh: int) -> None:
+        self.dirhandles.pop(fh, None)
+
+    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, Attr, int]]:
+        """Entries after index ``start``, as (name, attr, next index).
+
+        The listing is taken when reading starts (``start`` 0) and kept in
+        the handle, so its later pages do not shift.  With ``-o mirror`` it
+        is the backing directory's, listed as the user, merged with the
+        names the namespace holds (shadows)."""
+        h = self.dirhandles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        node = h.node
+        if h.entries is None or start == 0:
+            if self.config.mirror and (node.parent is not None or node is self.root):
+                found = await self.creds.as_user(h.ctx, _scan, node.backing_path())
+                for name, st in found:
+                    if name not in node.children and self._name_ok(name):
+                        self._add_found(node, name, st)
+                present = {name for name, _ in found}
+                for name, child in list(node.children.items()):
+                    # gone from the backing directory: a file is checked (and
+                    # its name taken) as on lookup; shadows stay
+                    if name not in present and isinstance(child, File) and not child.shadow:
+                        await self.still_bound(child, h.ctx)
+            h.entries = sorted(node.children.items())
+        return [(name, self.attr(child), i + 1) for i, (name, child) in enumerate(h.entries)
                 if i >= start]
+
+    @staticmethod
+    def _name_ok(name: bytes) -> bool:
+        return b"/" not in name and name not in (b"", b".", b"..") and len(name) <= 255
 
     async def statfs(self) -> os.statvfs_result:
         return await self.cache.run(os.statvfs, self.config.backing)
@@ -230,10 +359,10 @@ class Namespace:
         reference to it either way."""
         parent = self.dir(parent_ino)
         self._check_name(name)
-        if name in parent.children:
+        node = await self._child(parent, name, ctx)
+        if node is not None:
             if flags & os.O_EXCL:
                 raise FsError(errno.EEXIST)
-            node = parent.children[name]
             if isinstance(node, Dir):
                 raise FsError(errno.EISDIR)
             node.nlookup += 1
@@ -245,13 +374,24 @@ class Namespace:
 
         def work():
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm)
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm)
             except FileExistsError:
                 if flags & os.O_EXCL:
-                    raise
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (flags & os.O_TRUNC))
-            return fd
+                    return None
+                return os.open(path, os.O_RDWR | os.O_CLOEXEC | (flags & os.O_TRUNC))
         fd = await self.creds.as_user(ctx, work)
+        if fd is None:
+            # Another node made it first.  Show it, so that ls, stat and
+            # O_EXCL agree that the name exists, and refuse.
+            await self._adopt(parent, name, path, ctx)
+            raise FsError(errno.EEXIST, "%s exists in the backing directory" % path)
+        if name in parent.children:          # raced with another create
+            os.close(fd)
+            node = parent.children[name]
+            if flags & os.O_EXCL or isinstance(node, Dir):
+                raise FsError(errno.EEXIST)
+            node.nlookup += 1
+            return node, False
         try:
             node = self._add_file(parent, name, fd, path, shadow=False, writable=True)
         except BaseException:
@@ -259,6 +399,18 @@ class Namespace:
             raise
         node.nlookup += 1
         return node, True
+
+    async def _adopt(self, parent: Dir, name: bytes, path: str, ctx: Ctx) -> None:
+        """Add the backing file ``path``, which another node made, as ``name``
+        (if it is a regular file the user can open)."""
+        try:
+            fd, writable = await self.creds.as_user(ctx, _open_backing, path)
+        except (OSError, FsError):
+            return
+        if name in parent.children:
+            os.close(fd)
+            return
+        self._add_file(parent, name, fd, path, shadow=False, writable=writable)
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
         parent = self.dir(parent_ino)
@@ -396,6 +548,35 @@ def _resolve_target(target: str, ctx: Ctx) -> str:
             raise FsError(errno.EINVAL, "relative link target and unknown cwd") from None
         target = os.path.join(cwd, target)
     return os.path.normpath(target)
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _scan(path: str) -> list[tuple[bytes, os.stat_result]]:
+    """The regular files and directories in backing directory ``path``
+    (symlinks, devices and FIFOs are not shown)."""
+    out = []
+    with os.scandir(os.fsencode(path)) as it:
+        for entry in it:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                out.append((entry.name, st))
+    return out
 
 
 def _walk_files(d: Dir):

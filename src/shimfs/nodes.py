@@ -75,7 +75,13 @@ class Dir(Node):
 
 
 class File(Node):
-    """A regular file: a shadow of some backing file, or one created here."""
+    """A regular file: a shadow of some backing file, one created here, or
+    (``-o mirror``) one found in the backing tree.
+
+    A file found in the backing tree is *unopened* until its first open
+    (``fd`` and ``fid`` are -1, its attributes come from the backing
+    file's stat): listing a large tree opens nothing.
+    """
 
     def __init__(self, ino, parent, name, st, fd: int, fid: int, path: str,
                  shadow: bool, writable: bool, in_memory: bool = False):
@@ -91,6 +97,10 @@ class File(Node):
         self.written_ns = 0         # when the last WRITE came
         self.io_lock = trio.Lock()  # serializes write-back, fsync and truncate
         self.background = False     # a background write-back is running
+        # The backing file was removed or replaced behind the daemon's back:
+        # the name was taken from this node (Namespace.still_bound), its open
+        # handles keep it, and its write-backs answer ESTALE (WriteBack).
+        self.lost = False
         self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
         self.ident = (st.st_dev, st.st_ino)        # to reopen the very same file
         # tmpfs or ramfs: no read-ahead, misses read inline (cache.AsyncCache.read)
@@ -98,6 +108,10 @@ class File(Node):
 
     def backing_path(self) -> str:
         return self.path
+
+    @property
+    def opened(self) -> bool:
+        return self.fid >= 0
 
     def wrote(self) -> None:
         """Data changed through the mount: ctime now, mtime a little later.
@@ -125,6 +139,17 @@ class File(Node):
         if self.mtime_due:
             self.mtime_due = False
             self.mtime_ns = self.written_ns
+
+
+class DirHandle:
+    """One opendir: whose it is, and (``-o mirror``) the listing taken when
+    reading starts, so that later pages of one readdir do not shift."""
+    __slots__ = ("node", "ctx", "entries")
+
+    def __init__(self, node, ctx):
+        self.node = node
+        self.ctx = ctx
+        self.entries = None
 
 
 class Handle:

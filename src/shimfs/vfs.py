@@ -55,6 +55,7 @@ class Vfs:
         self.readlink, self.symlink, self.mkdir = ns.readlink, ns.symlink, ns.mkdir
         self.unlink, self.rmdir, self.rename, self.link = ns.unlink, ns.rmdir, ns.rename, ns.link
         self.opendir, self.readdir, self.note_lookup = ns.opendir, ns.readdir, ns.note_lookup
+        self.releasedir = ns.releasedir
         self.statfs = ns.statfs
         self.open, self.read, self.write = files.open, files.read, files.write
         self.flush, self.fsync, self.release = files.flush, files.fsync, files.release

@@ -45,11 +45,13 @@ class WriteBack:
         log.debug("write-back of %s (durable=%s), %d dirty bytes", node.path, durable,
                   self.cache.dirty_bytes(node.fid))
         async with node.io_lock:
-            if durable and node.parent is not None:
+            if node.parent is not None or node.lost:
                 st = await self.cache.run(os.fstat, node.fd)
                 if st.st_nlink == 0:
-                    # Removed behind our back: data written now would vanish with
-                    # the inode.  Say so, and keep it (dirty) in the cache.
+                    # Removed behind our back (not unlinked through the mount):
+                    # data written now would vanish with the inode.  Say so,
+                    # and keep it (dirty) in the cache.
+                    node.lost = True
                     raise FsError(errno.ESTALE, "backing file %s was removed" % node.path)
             await self.with_reopen(node, self.cache.writeback, node.fid,
                                    node.fd if durable else None)
@@ -124,14 +126,14 @@ class WriteBack:
         for node in self.ns.files():
             node.publish_mtime()
 
-    async def sync_all(self) -> list[tuple[str, OSError]]:
+    async def sync_all(self) -> list[tuple[str, Exception]]:
         """Write back and fsync every file; return the failures."""
         failed = []
         for node in self.ns.files():
             if node.writable and self.cache.dirty_bytes(node.fid):
                 try:
                     await self.writeback(node, durable=True)
-                except OSError as exc:
+                except (OSError, FsError) as exc:
                     failed.append((node.path, exc))
         return failed
 
