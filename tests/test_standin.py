@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from mounting import is_mounted, read_file, wait_until
+from mounting import is_mounted, process_gone, read_file, wait_until
 from shimfs import standin
 
 
@@ -28,14 +28,6 @@ def _foreign_brick_pid(volume: str) -> int:
         if line.strip().startswith("Pid"):
             return int(line.split(":")[1])
     raise AssertionError("no brick pid for %s: %s" % (volume, out))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -71,13 +63,13 @@ def test_foreign_volume_survives_up_down_and_brick_kill(foreign):
     assert ours and ours != brick
 
     def still_fine():
-        assert _alive(brick), "the foreign brick was stopped"
+        assert not process_gone(brick), "the foreign brick was stopped"
         assert is_mounted(mnt), "the foreign client mount is gone"
         assert read_file(os.path.join(mnt, "precious")) == data
 
     try:
         standin.kill_brick()                     # what the fault tests do
-        assert not _alive(ours)
+        wait_until(lambda: process_gone(ours), 10, "our brick to be gone")
         still_fine()
         standin.start_brick()
         still_fine()

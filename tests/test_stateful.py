@@ -3,7 +3,10 @@
 Hypothesis drives the same operations on a directory inside a shimfs mount
 and on an ordinary directory (the oracle); every result -- bytes read, sizes,
 listings and errnos -- must match, and after each example the backing tree
-must hold exactly the oracle's files.
+must hold exactly the oracle's files.  Over ``-o mirror`` a second actor,
+another node, also creates, replaces, appends to and removes files in the
+backing directory directly (and in the oracle); the mount must show its
+changes within the entry and attr timeout.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -18,6 +22,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from mounting import shim_mount
+from shimfs.names import TIMEOUT
 
 NAMES = st.sampled_from(["a", "b", "c", "d/x", "d/y", "e/z"])
 DIRS = st.sampled_from(["d", "e"])
@@ -27,22 +32,25 @@ SIZES = st.sampled_from([0, 1, 4095, 4097, 65536 + 1])
 _state = {}
 
 
-@pytest.fixture(scope="module", params=["local", "gluster"])
+@pytest.fixture(scope="module", params=["local", "gluster", "local-mirror", "gluster-mirror"])
 def stateful_mount(request, tmp_path_factory):
-    """A mount whose backing directory is local, or on the stand-in."""
+    """A mount whose backing directory is local, or on the stand-in; plain
+    or ``-o mirror``."""
+    where, _, mirror = request.param.partition("-")
     top = tmp_path_factory.mktemp("stateful")
-    if request.param == "local":
+    if where == "local":
         backing = str(top / "backing")
     else:
         backing = os.path.join(request.getfixturevalue("gluster"), "st-" + uuid.uuid4().hex[:10])
     os.mkdir(backing)
+    opts = ["cache_size=16M"] + (["mirror"] if mirror else [])
     try:
-        with shim_mount(str(top / "mnt"), backing, "cache_size=16M") as mnt:
-            _state.update(mnt=mnt, backing=backing)
+        with shim_mount(str(top / "mnt"), backing, *opts) as mnt:
+            _state.update(mnt=mnt, backing=backing, mirror=bool(mirror))
             yield mnt
     finally:
         _state.clear()
-        if request.param == "gluster":
+        if where == "gluster":
             shutil.rmtree(backing, ignore_errors=True)
 
 
@@ -157,10 +165,51 @@ class MountVsOracle(RuleBasedStateMachine):
             shutil.rmtree(self.oracle, ignore_errors=True)
 
 
+class MirrorWithAnotherNode(MountVsOracle):
+    """The same, over ``-o mirror``, with another node working directly in
+    the backing directory.  Each of its changes waits out the kernel's entry
+    and attr timeout before the views are compared."""
+
+    def other(self, fn, *args):
+        a = outcome(fn, self.back, *args)
+        b = outcome(fn, self.oracle, *args)
+        assert a == b, (fn.__name__, args, a, b)
+        time.sleep(TIMEOUT + 0.2)
+
+    @rule(name=NAMES, size=SIZES)
+    def other_node_replaces(self, name, size):
+        data = bytes((i * 11 + size) & 0xFF for i in range(size))
+
+        def op(root, name):
+            tmp = os.path.join(root, name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.rename(tmp, os.path.join(root, name))      # as rsync and editors do
+        self.other(op, name)
+
+    @rule(name=NAMES, size=SIZES)
+    def other_node_appends(self, name, size):
+        def op(root, name):
+            with open(os.path.join(root, name), "r+b") as f:
+                f.seek(0, 2)
+                f.write(b"A" * size)
+        self.other(op, name)
+
+    @rule(name=NAMES)
+    def other_node_removes(self, name):
+        self.other(lambda root, name: os.unlink(os.path.join(root, name)), name)
+
+
 MountVsOracle.TestCase.settings = settings(
     max_examples=25, stateful_step_count=25, deadline=None,
+    suppress_health_check=list(HealthCheck))
+MirrorWithAnotherNode.TestCase.settings = settings(
+    max_examples=8, stateful_step_count=20, deadline=None,
     suppress_health_check=list(HealthCheck))
 
 
 def test_mount_matches_plain_directory(stateful_mount):
-    MountVsOracle.TestCase().runTest()
+    if _state["mirror"]:
+        MirrorWithAnotherNode.TestCase().runTest()
+    else:
+        MountVsOracle.TestCase().runTest()

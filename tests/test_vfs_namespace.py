@@ -237,7 +237,7 @@ def test_readdir_lists_sorted_entries_from_an_offset(fs):
         assert names == [(b"a", 1), (b"b", 2), (b"c", 3), (b"dir", 4)]
         await make(fs, ROOT_INODE, b"aa")            # the listing of this opendir stays
         assert [n for n, _, _ in await fs.readdir(dh, 2)] == [b"c", b"dir"]
-        assert await fs.readdir(dh, 4) == []
+        assert list(await fs.readdir(dh, 4)) == []
         fs.releasedir(dh)
         assert await fails(fs.readdir(dh, 0)) == errno.EBADF
         assert [n for n in await listdir(fs, ROOT_INODE)] == [b"a", b"aa", b"b", b"c", b"dir"]
@@ -521,5 +521,48 @@ def test_mirror_keeps_shadows_beside_the_tree(mirror, tmp_path):
         s = await fs.lookup(ROOT_INODE, b"s")
         fh = await fs.open(s.ino, os.O_RDONLY, Ctx())
         assert await fs.read(fh, 0, 100) == b"linked in"
+        await fs.release(fh)
+    run(go)
+
+
+def test_mirror_readdir_shows_a_replaced_file_as_the_new_one(mirror, tmp_path):
+    """Found by the stateful test: a file replaced by another node must not
+    keep its old attributes in the next listing."""
+    fs = mirror
+    b = tmp_path / "b"
+
+    async def go():
+        fh, _ = await fs.create(ROOT_INODE, b"z", REG, os.O_RDWR, Ctx())
+        await fs.write(fh, 0, b"1")
+        await fs.release(fh)
+        (b / "z.tmp").write_bytes(b"")
+        os.rename(b / "z.tmp", b / "z")                      # replaced, now empty
+        dh = fs.opendir(ROOT_INODE)
+        sizes = {n: a.size for n, a, _ in await fs.readdir(dh, 0)}
+        fs.releasedir(dh)
+        assert sizes[b"z"] == 0
+    run(go)
+
+
+def test_attributes_follow_a_file_another_node_wrote_in_place(mirror, tmp_path):
+    """Found by the stateful test: an append by another node shows in the next
+    listing and lookup while nobody here has the file open."""
+    fs = mirror
+    b = tmp_path / "b"
+
+    async def go():
+        fh, a = await fs.create(ROOT_INODE, b"a", REG, os.O_RDWR, Ctx())
+        await fs.write(fh, 0, b"12")
+        await fs.release(fh)
+        with open(b / "a", "ab") as f:
+            f.write(b"345")                                 # another node appends
+        dh = fs.opendir(ROOT_INODE)
+        sizes = {n: at.size for n, at, _ in await fs.readdir(dh, 0)}
+        fs.releasedir(dh)
+        assert sizes[b"a"] == 5
+        assert (await fs.lookup(ROOT_INODE, b"a")).size == 5
+        fh = await fs.open(a.ino, os.O_RDONLY, Ctx())
+        assert await fs.read(fh, 0, 100) == b"12345"
+        assert await fs.revalidate(a.ino) is False          # the kernel drops its pages
         await fs.release(fh)
     run(go)

@@ -48,6 +48,9 @@ class Coherence:
         """
         node = self.ns.file(ino)
         cache = self.cache
+        if node.fresh:                      # opened from the backing file just now
+            node.fresh = False
+            return True
         if node.opens > 1 or cache.dirty_bytes(node.fid):
             return True
         st = await cache.run(os.fstat, node.fd)

@@ -63,7 +63,10 @@ class OpenFiles:
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
         """Open a file; returns the handle.  See also ``Coherence.revalidate``."""
         node = self.ns.file(ino)
-        if node.parent is not None and await self.ns.still_bound(node, ctx) is not node:
+        # An unopened file (-o mirror) is checked by ensure_open, which opens
+        # it and compares the inode: one backing round trip instead of two.
+        if node.opened and node.parent is not None \
+                and await self.ns.still_bound(node, ctx) is not node:
             # The kernel retries a path open that fails with ESTALE once, after
             # a fresh LOOKUP (LOOKUP_REVAL): that finds the file now at the
             # name, or none, and O_CREAT then creates a new backing file.

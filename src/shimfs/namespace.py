@@ -129,18 +129,28 @@ class Namespace:
         it to the engine; a no-op for every other file."""
         if node.opened:
             return
-        fd, writable = await self.creds.as_user(ctx, _open_backing, node.path)
+        try:
+            fd, writable = await self.creds.as_user(ctx, _open_backing, node.path)
+        except FileNotFoundError:
+            fd = None
         if node.opened:                     # another open won the race
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             return
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != node.ident:
-            os.close(fd)
-            raise FsError(errno.ESTALE, "backing file %s was replaced" % node.path)
+        st = os.fstat(fd) if fd is not None else None
+        if st is None or (st.st_dev, st.st_ino) != node.ident:
+            # Removed or replaced since it was found: take the name from it
+            # (the open answers ESTALE, and the kernel looks the name up again).
+            if fd is not None:
+                os.close(fd)
+            if node.parent is not None:
+                await self.still_bound(node, ctx)
+            raise FsError(errno.ESTALE, "backing file %s was removed or replaced" % node.path)
         node.fd, node.writable = fd, writable
         node.fid = self.cache.register(fd, st.st_size, multiwrite=self.config.multiwrite)
         node.in_memory = self.cache.in_memory(fd)
         node.seen = (st.st_size, st.st_mtime_ns)
+        node.fresh = True                   # just read from the backing file: see revalidate
         self.by_fid[node.fid] = node
 
     def maybe_free(self, node: Node) -> None:
@@ -199,6 +209,7 @@ class Namespace:
         """
         st = await self.cache.run(_stat_or_none, node.path)
         if st is not None and (st.st_dev, st.st_ino) == node.ident:
+            await self._follow(node, st)
             return node
         parent, name = node.parent, node.name
         if parent is None or parent.children.get(name) is not node:
@@ -221,6 +232,29 @@ class Namespace:
             return parent.children[name]
         return self._add_file(parent, name, fd, node.path, shadow=node.shadow,
                               writable=writable)
+
+    async def _follow(self, node: File, st: os.stat_result) -> None:
+        """The backing file changed in place (another node wrote it): while
+        nobody here has it open and nothing is dirty, the attributes, and
+        the daemon's cached pages, follow it.  The kernel drops its own
+        pages when a reply shows it the new mtime (auto_inval_data); an open
+        still compares with ``seen`` (Coherence.revalidate), which is left
+        as it was for that."""
+        if (st.st_size, st.st_mtime_ns) == node.seen:
+            return
+        if not node.opened:
+            node.seen = (st.st_size, st.st_mtime_ns)
+            node.mtime_ns, node.ctime_ns = st.st_mtime_ns, st.st_ctime_ns
+            return
+        if node.opens or self.cache.dirty_bytes(node.fid) or \
+                node.mtime_ns == st.st_mtime_ns and self.cache.size(node.fid) == st.st_size:
+            return
+        async with self.cache.pushes_paused(node.fid):
+            if node.opens or self.cache.dirty_bytes(node.fid):
+                return
+            self.cache.invalidate(node.fid, 0, max(st.st_size, self.cache.size(node.fid)))
+            self.cache.truncate(node.fid, st.st_size)
+            node.mtime_ns, node.ctime_ns = st.st_mtime_ns, st.st_ctime_ns
 
     async def _child(self, parent: Dir, name: bytes, ctx: Ctx) -> Node | None:
         """The node called ``name`` in ``parent`` now: files are checked
@@ -290,8 +324,11 @@ class Namespace:
     def releasedir(self, fh: int) -> None:
         self.dirhandles.pop(fh, None)
 
-    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, Attr, int]]:
-        """Entries after index ``start``, as (name, attr, next index).
+    async def readdir(self, fh: int, start: int):
+        """Entries after index ``start``, as an iterator of (name, attr, next
+        index): the adapter stops at a full reply buffer, and attributes are
+        made only for the entries it sends (a reply holds ~100 entries; making
+        them all for every reply made ``ls`` of 10,000 files quadratic).
 
         The listing is taken when reading starts (``start`` 0) and kept in
         the handle, so its later pages do not shift.  With ``-o mirror`` it
@@ -304,18 +341,28 @@ class Namespace:
         if h.entries is None or start == 0:
             if self.config.mirror and (node.parent is not None or node is self.root):
                 found = await self.creds.as_user(h.ctx, _scan, node.backing_path())
+                present = {}
                 for name, st in found:
+                    present[name] = st
                     if name not in node.children and self._name_ok(name):
                         self._add_found(node, name, st)
-                present = {name for name, _ in found}
                 for name, child in list(node.children.items()):
-                    # gone from the backing directory: a file is checked (and
-                    # its name taken) as on lookup; shadows stay
-                    if name not in present and isinstance(child, File) and not child.shadow:
+                    if not isinstance(child, File) or child.shadow:
+                        continue        # shadows point elsewhere and stay
+                    st = present.get(name)
+                    if st is not None and (st.st_dev, st.st_ino) == child.ident:
+                        await self._follow(child, st)       # written in place elsewhere
+                    else:
+                        # gone from the backing directory, or another file
+                        # there now: checked (rebound or taken) as on lookup
                         await self.still_bound(child, h.ctx)
             h.entries = sorted(node.children.items())
-        return [(name, self.attr(child), i + 1) for i, (name, child) in enumerate(h.entries)
-                if i >= start]
+        return self._entries(h.entries, start)
+
+    def _entries(self, entries, start: int):
+        for i in range(start, len(entries)):
+            name, child = entries[i]
+            yield name, self.attr(child), i + 1
 
     @staticmethod
     def _name_ok(name: bytes) -> bool:

@@ -101,6 +101,7 @@ class File(Node):
         # the name was taken from this node (Namespace.still_bound), its open
         # handles keep it, and its write-backs answer ESTALE (WriteBack).
         self.lost = False
+        self.fresh = False          # opened just now by ensure_open (no revalidate needed)
         self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
         self.ident = (st.st_dev, st.st_ino)        # to reopen the very same file
         # tmpfs or ramfs: no read-ahead, misses read inline (cache.AsyncCache.read)
