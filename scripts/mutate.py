@@ -68,7 +68,8 @@ MUTATIONS = [
     Mutation("fallback forgetting dirty pages on eviction", "src/shimcore/fallback.py",
              "        for key in self._pages:\n            if key[1] not in self._files[key[0]].dirty:\n",
              "        for key in self._pages:\n            if True:\n",
-             ("tests/test_engine.py::test_refresh_and_multiwrite_agree_with_fallback",)),
+             ("tests/test_engine.py::test_random_sequences_match_model",
+              "tests/test_engine.py::test_refresh_and_multiwrite_agree_with_fallback")),
 ]
 
 

@@ -191,6 +191,7 @@ ext_ops = st.lists(st.one_of(
     st.tuples(st.just("external"), offsets, st.integers(1, 9000)),
     st.tuples(st.just("refresh"), offsets, lengths),
     st.tuples(st.just("invalidate"), offsets, lengths),
+    st.tuples(st.just("prefetch"), offsets, lengths),
 ), max_size=40)
 
 
@@ -235,6 +236,8 @@ def test_refresh_and_multiwrite_agree_with_fallback(tmp_path, multiwrite, small,
                     pc.set_size(fid, os.fstat(fd).st_size)
             elif op == "invalidate":
                 pc.invalidate(fid, a, b)
+            elif op == "prefetch":          # pages not spent: eviction falls to CLOCK/LRU
+                pc.prefetch(fid, a, b)
             pc.check()
         if results:
             assert results[0] == results[1], (i, op, a, b)
