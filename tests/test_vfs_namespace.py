@@ -54,13 +54,18 @@ def errno_of(call) -> int:
     return trio.run(fails, call)
 
 
-async def listdir(fs, ino) -> list[bytes]:
-    """The names readdir shows in directory ``ino``, as ls would get them."""
+async def listing(fs, ino) -> dict[bytes, object]:
+    """What readdir shows in directory ``ino``, as ls would get it: name -> Attr."""
     fh = fs.opendir(ino)
     try:
-        return [name for name, _, _ in await fs.readdir(fh, 0)]
+        return {name: attr for name, attr, _ in await fs.readdir(fh, 0)}
     finally:
         fs.releasedir(fh)
+
+
+async def listdir(fs, ino) -> list[bytes]:
+    """The names readdir shows in directory ``ino``, in its order."""
+    return list(await listing(fs, ino))
 
 
 async def make(fs, parent, name, data=b""):
@@ -537,10 +542,7 @@ def test_mirror_readdir_shows_a_replaced_file_as_the_new_one(mirror, tmp_path):
         await fs.release(fh)
         (b / "z.tmp").write_bytes(b"")
         os.rename(b / "z.tmp", b / "z")                      # replaced, now empty
-        dh = fs.opendir(ROOT_INODE)
-        sizes = {n: a.size for n, a, _ in await fs.readdir(dh, 0)}
-        fs.releasedir(dh)
-        assert sizes[b"z"] == 0
+        assert (await listing(fs, ROOT_INODE))[b"z"].size == 0
     run(go)
 
 
@@ -556,10 +558,7 @@ def test_attributes_follow_a_file_another_node_wrote_in_place(mirror, tmp_path):
         await fs.release(fh)
         with open(b / "a", "ab") as f:
             f.write(b"345")                                 # another node appends
-        dh = fs.opendir(ROOT_INODE)
-        sizes = {n: at.size for n, at, _ in await fs.readdir(dh, 0)}
-        fs.releasedir(dh)
-        assert sizes[b"a"] == 5
+        assert (await listing(fs, ROOT_INODE))[b"a"].size == 5
         assert (await fs.lookup(ROOT_INODE, b"a")).size == 5
         fh = await fs.open(a.ino, os.O_RDONLY, Ctx())
         assert await fs.read(fh, 0, 100) == b"12345"
