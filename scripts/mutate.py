@@ -7,7 +7,7 @@ changed, and runs the tests that should catch it, with the scratch copy's
 ``src`` first on the path (the daemons the tests start inherit it).  A
 mutation *survives* if those tests still pass.
 
-    .venv/bin/python scripts/mutate.py            # all of them (~15 min, root)
+    .venv/bin/python scripts/mutate.py            # all of them (~10 min, root)
     .venv/bin/python scripts/mutate.py fsync      # those whose name contains "fsync"
 
 Not part of CI: it is slow.  Prints one line per mutation and exits 1 if any
