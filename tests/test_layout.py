@@ -113,7 +113,9 @@ def test_xattr_names_are_spelled_in_one_place():
 
 def test_nothing_fetches_by_url():
     """Packages come from their own clients (apt-get, pip); no code downloads."""
-    fetch = re.compile(r"urlopen|urllib\.request|requests\.get|\bwget\b|\bcurl\b|https?:/" "/")
+    # Built from pieces, so that this check is not itself taken for a download.
+    fetch = re.compile("|".join(["url" "open", r"urllib\.re" "quest", r"requests\.g" "et",
+                                 r"\bwg" r"et\b", r"\bcu" r"rl\b", r"https?:/" "/"]))
     found = []
     for top in ("src", "tests", "bench", "scripts", ".ci"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
