@@ -70,6 +70,18 @@ MUTATIONS = [
              "        for key in self._pages:\n            if True:\n",
              ("tests/test_engine.py::test_random_sequences_match_model",
               "tests/test_engine.py::test_refresh_and_multiwrite_agree_with_fallback")),
+    Mutation("written pages still known zeros", "src/shimcore/_engine.pyx",
+             "            fr.zero[p >> 6] &= ~bit\n",
+             "            pass\n",
+             ("tests/test_zeros_engine.py",)),
+    Mutation("refresh trusting known zeros", "src/shimcore/_engine.pyx",
+             "            self._zero_clear(fr, p0, p1)        # the backing file says what is there now\n",
+             "            pass\n",
+             ("tests/test_zeros_engine.py", "tests/test_checkpoint.py")),
+    Mutation("reload trusting known zeros", "src/shimcore/_engine.pyx",
+             "            pthread_mutex_lock(&self.mu)\n            self._zero_clear(fr, p0, p1)\n",
+             "            pthread_mutex_lock(&self.mu)\n",
+             ("tests/test_checkpoint.py",)),
 ]
 
 

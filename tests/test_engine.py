@@ -1,8 +1,11 @@
 """shimcore: the compiled engine and the pure-Python fallback against a model.
 
 Hypothesis drives random sequences of read/write/write_cached/writeback/
-truncate/invalidate/prefetch/prefetch_async on both implementations and a plain bytearray; after each
-step every read must agree to the byte and the engine's invariants must hold.
+truncate/resize/invalidate/prefetch/prefetch_async on both implementations
+and a plain bytearray; after each step every read must agree to the byte and
+the engine's invariants must hold.  ``resize`` is a truncate as the daemon
+does it (no write-back first, growth marks known zeros), so reads of grown
+files are answered with zeros that must agree with the backing file's.
 """
 from __future__ import annotations
 
@@ -26,10 +29,20 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("write_cached"), offsets, st.integers(0, 70_000)),
     st.tuples(st.just("writeback"), st.just(0), st.just(0)),
     st.tuples(st.just("truncate"), offsets, st.just(0)),
+    st.tuples(st.just("resize"), offsets, st.just(0)),
     st.tuples(st.just("invalidate"), offsets, lengths),
     st.tuples(st.just("prefetch"), offsets, lengths),
     st.tuples(st.just("prefetch_async"), offsets, lengths),
 ), max_size=40)
+
+
+def resize(pc, fid, fd, size):
+    """A truncate as files.OpenFiles.truncate makes it: growth from the
+    larger end is known zeros."""
+    before = os.fstat(fd).st_size
+    os.ftruncate(fd, size)
+    start = max(before, pc.size(fid))
+    pc.truncate(fid, size, start if size > start else -1)
 
 
 class Model:
@@ -67,6 +80,10 @@ class Model:
             pc.writeback(fid)
             os.ftruncate(self.fd, a)
             pc.truncate(fid, a)
+            del self.data[a:]
+            self.data.extend(bytes(a - len(self.data)))
+        elif op == "resize":
+            resize(pc, fid, self.fd, a)
             del self.data[a:]
             self.data.extend(bytes(a - len(self.data)))
         elif op == "invalidate":
@@ -192,6 +209,7 @@ ext_ops = st.lists(st.one_of(
     st.tuples(st.just("refresh"), offsets, lengths),
     st.tuples(st.just("invalidate"), offsets, lengths),
     st.tuples(st.just("prefetch"), offsets, lengths),
+    st.tuples(st.just("resize"), offsets, st.just(0)),
 ), max_size=40)
 
 
@@ -238,9 +256,17 @@ def test_refresh_and_multiwrite_agree_with_fallback(tmp_path, multiwrite, small,
                 pc.invalidate(fid, a, b)
             elif op == "prefetch":          # pages not spent: eviction falls to CLOCK/LRU
                 pc.prefetch(fid, a, b)
+            elif op == "resize":
+                resize(pc, fid, fd, a)
             pc.check()
         if results:
             assert results[0] == results[1], (i, op, a, b)
+        # the same pages are known zeros; without evictions, the same are filled
+        zs = [pc.file_stats(fid) for pc, fid, _, _ in engines]
+        assert zs[0]["known_zero_bytes"] == zs[1]["known_zero_bytes"], (i, op, a, b)
+        if not small:
+            assert zs[0]["zero_fill_bytes"] == zs[1]["zero_fill_bytes"], (i, op, a, b)
+            assert zs[0]["bytes_fetched"] == zs[1]["bytes_fetched"], (i, op, a, b)
     files = []
     for pc, fid, fd, path in engines:
         pc.writeback(fid)

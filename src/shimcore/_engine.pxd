@@ -78,6 +78,7 @@ cdef extern from "<sys/stat.h>" nogil:
 
 cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil
+    int __builtin_popcountll(unsigned long long) nogil
 
 cdef extern from "<sys/vfs.h>" nogil:
     cdef struct struct_statfs "statfs":
@@ -96,6 +97,9 @@ cdef enum:
     PQ_CAP = 4096
     # A prefetch thread with nothing to do for this long (seconds) exits.
     PF_IDLE_SEC = 2
+    # Known-zero pages are tracked up to here (64 GiB per file: a 2 MiB bitmap);
+    # pages past it are read from the backing file like any other.
+    ZERO_MAX_PAGES = 1 << 24
 
 # Slot states.
 cdef enum:
@@ -118,6 +122,12 @@ cdef struct FileRec:
     int64_t size          # the size this node believes the file has
     uint64_t *dirty       # one bit per page
     int64_t nwords
+    # Known-zero pages: this node extended the backing file over them (a
+    # truncate up, a write past the end), nobody has written them since, and
+    # no refresh or reload has happened.  A miss there is filled with zeros,
+    # no backing read.  One bit per page, grown on demand (see _zero_set).
+    uint64_t *zero
+    int64_t znwords
     int64_t ndirty        # pages set in the bitmap
     int64_t cached        # slots owned by this file
     int multiwrite        # keep a clean twin of every page; write back changed bytes only
@@ -126,6 +136,7 @@ cdef struct FileRec:
     # counters
     uint64_t hits, misses, bytes_fetched, bytes_written, read_ops, write_ops, errors
     uint64_t bytes_pushed, push_ops
+    uint64_t zero_fills, zero_fill_pages   # fetches answered with zeros, and their pages
 
 
 cdef struct PfItem:
@@ -164,6 +175,7 @@ cdef class PageCache:
     cdef pthread_cond_t pq_ready
     cdef int pf_max, pf_threads, pf_idle
     cdef uint64_t pf_done, pf_errors, pf_refused
+    cdef uint64_t zero_fills, zero_fill_pages    # all files, unregistered ones included
 
     cdef inline int64_t _find(self, int64_t f, int64_t p) noexcept nogil
     cdef inline void _insert(self, int64_t s) noexcept nogil
@@ -181,6 +193,8 @@ cdef class PageCache:
     cdef inline void _set_dirty(self, FileRec *fr, int64_t s) noexcept nogil
     cdef inline void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil
     cdef int64_t _next_dirty(self, FileRec *fr, int64_t p) noexcept nogil
+    cdef void _zero_set(self, FileRec *fr, int64_t p0, int64_t p1) noexcept nogil
+    cdef void _zero_clear(self, FileRec *fr, int64_t p0, int64_t p1) noexcept nogil
     cdef FileRec *record(self, int64_t fid) except NULL
     cdef void _drop_pages(self, int64_t fid) noexcept nogil
     cdef int _load(self, FileRec *fr, int64_t *slot_list, int64_t first_page,
@@ -198,6 +212,7 @@ cdef class PageCache:
     cdef _write_piece(self, int64_t fid, int64_t offset, const char *src, int64_t length)
     cdef _writeback_changed(self, int64_t fid, FileRec *fr)
     cdef int64_t _pf_pending(self)
+    cdef int64_t _known_zero_pages(self, FileRec *fr)
 
     # -- the C API for other compiled modules --------------------------------
     cdef int64_t lend(self, FileRec *fr, int64_t fid, int64_t offset, int64_t end,

@@ -22,7 +22,8 @@ class PageCache:
     def size(self, fid: int) -> int:
         """The size this node believes the file has."""
     def set_size(self, fid: int, size: int) -> None:
-        """Record a new size without touching pages (use truncate to shrink)."""
+        """Record a size someone else gave the file, without touching pages (use
+        truncate to shrink); known zeros past the shorter end are forgotten."""
     def dirty_bytes(self, fid: int) -> int:
         """Bytes of dirty pages, in whole pages."""
     def clean_bytes(self) -> int:
@@ -44,21 +45,26 @@ class PageCache:
         """The range's cached bytes went into the kernel's page cache (a push): whole
         pages are spent (evicted first) and the bytes count as pushed."""
     def write(self, fid: int, offset: int, data: Any) -> int:
-        """Copy a buffer into the cache, mark it dirty, extend the size; return its length."""
+        """Copy a buffer into the cache, mark it dirty, extend the size; return its length.
+        Pages wholly past the old size become known zeros (filled, never read)."""
     def write_cached(self, fid: int, offset: int, data: Any) -> Optional[int]:
         """Like write, but None (nothing written) unless every page is cached and the size holds."""
     def writeback(self, fid: int) -> int:
         """pwritev all dirty runs (no fsync); on error keep them dirty and raise OSError."""
-    def truncate(self, fid: int, size: int) -> None:
-        """Set the size, drop pages past it and zero the tail of the last page."""
+    def truncate(self, fid: int, size: int, zeros_from: int = -1) -> None:
+        """Set the size, drop pages past it and zero the tail of the last page; with
+        zeros_from >= 0 (this node extended the backing file from there), the pages
+        wholly past zeros_from become known zeros."""
     def invalidate(self, fid: int, offset: int, length: int) -> int:
-        """Drop clean pages overlapping the range; return how many were dropped."""
+        """Drop clean pages overlapping the range and forget its known zeros;
+        return how many pages were dropped."""
     def take_lost_twins(self) -> List[Tuple[int, int]]:
         """Drain (fid, page) of multiwrite pages evicted since the last call; page -1: whole file."""
     def set_multiwrite(self, fid: int, on: bool) -> None:
         """Keep twins and write back changed bytes only (EBUSY while pages are dirty)."""
     def refresh(self, fid: int, offset: int, length: int) -> int:
-        """Reload the range from the backing file, keeping local dirty bytes; return pages."""
+        """Reload the range from the backing file, keeping local dirty bytes, and forget
+        its known zeros; return pages."""
     def file_stats(self, fid: int) -> Dict[str, Any]: ...
     def stats(self) -> Dict[str, int]: ...
     def check(self) -> None:

@@ -86,6 +86,17 @@ class EngineError(OSError):
 
 
 
+cdef inline bint _is_zero(FileRec *fr, int64_t p) noexcept nogil:
+    """Whether page p is known to be zeros in the backing file (mu held)."""
+    return (p >> 6) < fr.znwords and (fr.zero[p >> 6] >> (p & 63)) & 1
+
+
+cdef void _free_rec(FileRec *fr) noexcept nogil:
+    free(fr.dirty)
+    free(fr.zero)
+    free(fr)
+
+
 cdef void *_prefetch_thread(void *arg) noexcept with gil:
     """Body of an engine prefetch thread: holds a reference to its PageCache
     (taken over from prefetch_async, which took it before starting the
@@ -150,8 +161,7 @@ cdef class PageCache:
         if self.files:
             for i in range(self.nfiles_cap):
                 if self.files[i]:
-                    free(self.files[i].dirty)
-                    free(self.files[i])
+                    _free_rec(self.files[i])
             free(self.files)
         free(self.slots)
         free(self.table)
@@ -369,6 +379,9 @@ cdef class PageCache:
             fr.dirty[p >> 6] |= bit
             fr.ndirty += 1
             self.ndirty += 1
+        # written here: once written back, the backing file holds these bytes
+        if p >> 6 < fr.znwords:
+            fr.zero[p >> 6] &= ~bit
 
     cdef inline void _clear_dirty(self, FileRec *fr, int64_t p) noexcept nogil:
         cdef uint64_t bit = 1ULL << (p & 63)
@@ -391,6 +404,53 @@ cdef class PageCache:
             if w >= fr.nwords:
                 return -1
             word = fr.dirty[w]
+
+    # ------------------------------------------------------------------
+    # known-zero bitmap (caller holds mu)
+    cdef void _zero_set(self, FileRec *fr, int64_t p0, int64_t p1) noexcept nogil:
+        """Mark pages [p0, p1) known zeros.  Pages past ZERO_MAX_PAGES, or all
+        of them when memory is short, stay unmarked: they are then read from
+        the backing file, which is slower but never wrong."""
+        cdef int64_t need, n, p
+        cdef uint64_t *nb
+        p1 = min(p1, <int64_t>ZERO_MAX_PAGES)
+        if p0 >= p1:
+            return
+        need = (p1 + 63) >> 6
+        if need > fr.znwords:
+            n = min(max(need, 2 * fr.znwords), (<int64_t>ZERO_MAX_PAGES) >> 6)
+            nb = <uint64_t *>realloc(fr.zero, n * sizeof(uint64_t))
+            if not nb:
+                return
+            memset(nb + fr.znwords, 0, (n - fr.znwords) * sizeof(uint64_t))
+            fr.zero = nb
+            fr.znwords = n
+        p = p0
+        while p < p1 and p & 63:
+            fr.zero[p >> 6] |= 1ULL << (p & 63)
+            p += 1
+        while p + 64 <= p1:
+            fr.zero[p >> 6] = ~0ULL
+            p += 64
+        while p < p1:
+            fr.zero[p >> 6] |= 1ULL << (p & 63)
+            p += 1
+
+    cdef void _zero_clear(self, FileRec *fr, int64_t p0, int64_t p1) noexcept nogil:
+        """Forget that pages [p0, p1) are zeros (p1 < 0: up to the end)."""
+        cdef int64_t p
+        if p1 < 0 or p1 > fr.znwords * 64:
+            p1 = fr.znwords * 64
+        p = max(p0, 0)
+        while p < p1 and p & 63:
+            fr.zero[p >> 6] &= ~(1ULL << (p & 63))
+            p += 1
+        while p + 64 <= p1:
+            fr.zero[p >> 6] = 0
+            p += 64
+        while p < p1:
+            fr.zero[p >> 6] &= ~(1ULL << (p & 63))
+            p += 1
 
     # ------------------------------------------------------------------
     cdef FileRec *record(self, int64_t fid) except NULL:
@@ -454,13 +514,13 @@ cdef class PageCache:
                 fr.ndirty = 0
                 if fr.dirty:
                     memset(fr.dirty, 0, fr.nwords * sizeof(uint64_t))
+                fr.znwords = 0
                 fr = NULL
             else:
                 self.files[fid] = NULL
             pthread_mutex_unlock(&self.mu)
         if fr:
-            free(fr.dirty)
-            free(fr)
+            _free_rec(fr)
 
     cdef void _drop_pages(self, int64_t fid) noexcept nogil:
         """Drop every page of fid from the table (mutex held)."""
@@ -482,6 +542,9 @@ cdef class PageCache:
         cdef FileRec *fr = self.record(fid)
         with nogil:
             pthread_mutex_lock(&self.mu)
+            # someone else changed the size: nothing is known of the bytes
+            # past the shorter end
+            self._zero_clear(fr, (min(size, fr.size) + PAGE - 1) >> PAGE_SHIFT, -1)
             fr.size = size
             pthread_mutex_unlock(&self.mu)
 
@@ -585,7 +648,9 @@ cdef class PageCache:
         """Pin a slot for every page in [p0, p1) and fill it from the backing file.
 
         slot_of[i] receives the pinned slot of page p0+i, or -1 when the cache
-        is full and a read has to fetch that page uncached.  For writes, pages
+        is full and a read has to fetch that page uncached (-3 when that page
+        is known zeros: the caller fills it, no read).  Pages known to be zeros
+        (_is_zero) are filled with zeros instead of read.  For writes, pages
         wholly inside the byte range [w0, w1) are not read: their slots are
         left LOADING (so no reader sees them) until the caller copies the new
         bytes in and marks them VALID.  Returns 0, an errno, or -1 when a write
@@ -593,8 +658,9 @@ cdef class PageCache:
         """
         cdef int64_t i, s, n = p1 - p0, j, run0, err = 0, runs = 0
         cdef int64_t *load = <int64_t *>malloc(n * sizeof(int64_t))
+        # 1: this thread took the slot; 2: and fills it with zeros
         cdef char *fresh = <char *>calloc(n, 1)
-        cdef int64_t nload
+        cdef int64_t nload, nzero, zeroed = 0
         cdef bint waiting
         loaded[0] = 0
         if not load or not fresh:
@@ -607,6 +673,7 @@ cdef class PageCache:
         while True:
             waiting = False
             nload = 0
+            nzero = 0
             for i in range(n):
                 if slot_of[i] != -2:
                     continue
@@ -625,7 +692,11 @@ cdef class PageCache:
                     if for_write:
                         err = -1
                         break
-                    slot_of[i] = -1
+                    if _is_zero(fr, p0 + i):
+                        slot_of[i] = -3
+                        zeroed += 1
+                    else:
+                        slot_of[i] = -1
                     continue
                 fr.misses += 1
                 slot_of[i] = s
@@ -633,11 +704,19 @@ cdef class PageCache:
                 # multiwrite needs the backing bytes of every page as its twin
                 if fr.multiwrite or not (for_write and (p0 + i) * PAGE >= w0
                                          and (p0 + i + 1) * PAGE <= w1):
-                    load[nload] = i
-                    nload += 1
+                    if _is_zero(fr, p0 + i):
+                        fresh[i] = 2
+                        nzero += 1
+                    else:
+                        load[nload] = i
+                        nload += 1
             if err:
                 break
             pthread_mutex_unlock(&self.mu)
+            if nzero:
+                for i in range(n):
+                    if fresh[i] == 2:
+                        memset(self.arena + slot_of[i] * PAGE, 0, PAGE)
             # read the missing pages in contiguous runs, mu not held
             j = 0
             while j < nload and not err:
@@ -656,9 +735,18 @@ cdef class PageCache:
                     memcpy(self.twins + s * PAGE, self.arena + s * PAGE, PAGE)
                 self.slots[s].state = S_VALID
                 fresh[load[i]] = 0
+            if nzero:
+                for i in range(n):
+                    if fresh[i] == 2:
+                        s = slot_of[i]
+                        if fr.multiwrite:
+                            memset(self.twins + s * PAGE, 0, PAGE)
+                        self.slots[s].state = S_VALID
+                        fresh[i] = 0
+                zeroed += nzero
             fr.bytes_fetched += nload * PAGE
             loaded[0] += nload
-            if nload:
+            if nload or nzero:
                 pthread_cond_broadcast(&self.loaded)
             if not waiting:
                 break
@@ -667,6 +755,11 @@ cdef class PageCache:
             self.wait_spins += 1
             self._wait_loaded()
         fr.read_ops += runs
+        if zeroed and not err:
+            fr.zero_fills += 1
+            fr.zero_fill_pages += zeroed
+            self.zero_fills += 1
+            self.zero_fill_pages += zeroed
         if err:
             if err > 0:
                 fr.errors += 1
@@ -720,12 +813,16 @@ cdef class PageCache:
                             self._spend(s)
                         self._unpin(s)
                 pthread_mutex_unlock(&self.mu)
-                # pages the full cache could not hold: read them straight through
+                # pages the full cache could not hold: read them straight
+                # through, or zeros for the pages known to be zeros
                 for i in range(n):
-                    if slot_of[i] != -1 or err:
+                    if slot_of[i] >= 0 or err:
                         continue
                     _clip(p0 + i, offset, end, &a, &b)
-                    err = _pread_full(fr.fd, out + (a - offset), b - a, a)
+                    if slot_of[i] == -3:
+                        memset(out + (a - offset), 0, b - a)
+                    else:
+                        err = _pread_full(fr.fd, out + (a - offset), b - a, a)
         free(slot_of)
         if err:
             raise EngineError(err, "backing read failed")
@@ -874,8 +971,7 @@ cdef class PageCache:
             if fr.zombie and fr.pf_pending == 0:
                 self._drop_pages(it.fid)
                 self.files[it.fid] = NULL
-                free(fr.dirty)
-                free(fr)
+                _free_rec(fr)
         self.pf_threads -= 1
         pthread_mutex_unlock(&self.mu)
 
@@ -1130,6 +1226,11 @@ cdef class PageCache:
                 with nogil:
                     pthread_mutex_lock(&self.mu)
                     err = self._bitmap_fit(fr, p1 - 1)
+                    if end > fr.size:
+                        # this write extends the file: the pages wholly past
+                        # the old end hold zeros in the backing file, so the
+                        # ones it covers in part need no read
+                        self._zero_set(fr, (fr.size + PAGE - 1) >> PAGE_SHIFT, p1)
                     pthread_mutex_unlock(&self.mu)
                     if not err:
                         err = self._fault_in(fid, fr, p0, p1, slot_of, True, offset, end, &loaded)
@@ -1400,6 +1501,9 @@ cdef class PageCache:
         if not buf:
             raise MemoryError()
         with nogil:
+            pthread_mutex_lock(&self.mu)
+            self._zero_clear(fr, p0, p1)        # the backing file says what is there now
+            pthread_mutex_unlock(&self.mu)
             cp0 = p0
             while cp0 < p1 and not err:
                 cp1 = min(cp0 + CH, p1)
@@ -1438,19 +1542,39 @@ cdef class PageCache:
             raise EngineError(err, "backing read failed")
         return reloaded
 
-    def truncate(self, int64_t fid, int64_t size):
-        """Set the cached size; drop pages past it and zero the tail of the last one."""
+    def truncate(self, int64_t fid, int64_t size, int64_t zeros_from=-1):
+        """Set the cached size; drop pages past it and zero the tail of the last one.
+
+        ``zeros_from`` >= 0: this node has just extended the backing file from
+        that size to ``size`` (ftruncate), so the pages wholly past it are
+        known zeros (see FileRec.zero) and the clean pages cached there are
+        dropped.  Without it, a size that grows says nothing of the new bytes
+        (someone else wrote them).
+        """
         cdef FileRec *fr = self.record(fid)
-        cdef int64_t s, lastp, tail
+        cdef int64_t s, lastp, tail, zp = -1, pg
+        if zeros_from > size:
+            zeros_from = -1
         with nogil:
             pthread_mutex_lock(&self.mu)
             lastp = (size + PAGE - 1) >> PAGE_SHIFT
+            self._zero_clear(fr, lastp, -1)
+            if zeros_from >= 0:
+                zp = (zeros_from + PAGE - 1) >> PAGE_SHIFT
+                self._zero_set(fr, zp, lastp)
             for s in range(self.nslots):
-                if self.slots[s].file == fid and not self.slots[s].orphan \
-                        and self.slots[s].page >= lastp:
-                    self._clear_dirty(fr, self.slots[s].page)
+                if self.slots[s].file != fid or self.slots[s].orphan:
+                    continue
+                pg = self.slots[s].page
+                if pg >= lastp:
+                    self._clear_dirty(fr, pg)
                     self.slots[s].dirty = 0
                     self._drop(s)
+                elif 0 <= zp <= pg:
+                    if self.slots[s].dirty:
+                        self._zero_clear(fr, pg, pg + 1)     # written here: keep it
+                    elif self.slots[s].state == S_VALID:
+                        self._drop(s)
             tail = size & (PAGE - 1)
             if tail:
                 s = self._find(fid, size >> PAGE_SHIFT)
@@ -1460,13 +1584,18 @@ cdef class PageCache:
             pthread_mutex_unlock(&self.mu)
 
     def invalidate(self, int64_t fid, int64_t offset, int64_t length):
-        """Drop clean cached pages overlapping [offset, offset+length); return how many."""
+        """Drop clean cached pages overlapping [offset, offset+length); return how many.
+
+        What was known of the range's zeros is forgotten too: the next miss
+        reads the backing file.
+        """
         cdef FileRec *fr = self.record(fid)
         cdef int64_t s, p0, p1, dropped = 0
         p0 = offset >> PAGE_SHIFT
         p1 = (offset + length + PAGE - 1) >> PAGE_SHIFT
         with nogil:
             pthread_mutex_lock(&self.mu)
+            self._zero_clear(fr, p0, p1)
             for s in range(self.nslots):
                 if self.slots[s].file == fid and not self.slots[s].orphan \
                         and self.slots[s].state == S_VALID and not self.slots[s].dirty \
@@ -1485,7 +1614,19 @@ cdef class PageCache:
                     hits=fr.hits, misses=fr.misses, bytes_fetched=fr.bytes_fetched,
                     bytes_written=fr.bytes_written, backing_reads=fr.read_ops,
                     backing_writes=fr.write_ops, errors=fr.errors,
-                    bytes_pushed=fr.bytes_pushed, pushes=fr.push_ops)
+                    bytes_pushed=fr.bytes_pushed, pushes=fr.push_ops,
+                    zero_fills=fr.zero_fills, zero_fill_bytes=fr.zero_fill_pages * PAGE,
+                    known_zero_bytes=self._known_zero_pages(fr) * PAGE)
+
+    cdef int64_t _known_zero_pages(self, FileRec *fr):
+        cdef int64_t w, n = 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for w in range(fr.znwords):
+                if fr.zero[w]:
+                    n += __builtin_popcountll(fr.zero[w])
+            pthread_mutex_unlock(&self.mu)
+        return n
 
     cdef int64_t _pf_pending(self):
         cdef int64_t f, n = 0
@@ -1505,6 +1646,7 @@ cdef class PageCache:
                     prefetch_threads=self.pf_threads, prefetch_queued=self.pq_len,
                     prefetch_pending=self._pf_pending(), prefetches_done=self.pf_done,
                     prefetch_errors=self.pf_errors, prefetches_refused=self.pf_refused,
+                    zero_fills=self.zero_fills, zero_fill_bytes=self.zero_fill_pages * PAGE,
                     page_size=PAGE)
 
     def check(self):

@@ -15,6 +15,8 @@ from collections import OrderedDict
 
 PAGE = 4096
 MAX_RUN = 1024
+#: Known-zero pages are tracked below this page index only (the engine's bitmap bound).
+ZERO_MAX_PAGES = 1 << 24
 
 
 class EngineError(OSError):
@@ -33,8 +35,47 @@ def fs_magic(fd: int) -> int:
                               buf.raw)[0] & 0xFFFFFFFF
 
 
+class _Ranges:
+    """Disjoint sorted half-open page ranges: the pages known to be zeros."""
+    __slots__ = ("spans",)
+
+    def __init__(self):
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, a: int, b: int) -> None:
+        b = min(b, ZERO_MAX_PAGES)
+        if a >= b:
+            return
+        keep = []
+        for x, y in self.spans:
+            if y < a or x > b:
+                keep.append((x, y))
+            else:
+                a, b = min(a, x), max(b, y)
+        keep.append((a, b))
+        self.spans = sorted(keep)
+
+    def remove(self, a: int, b: int | None = None) -> None:
+        keep = []
+        for x, y in self.spans:
+            if b is not None and x >= b or y <= a:
+                keep.append((x, y))
+                continue
+            if x < a:
+                keep.append((x, a))
+            if b is not None and y > b:
+                keep.append((b, y))
+        self.spans = keep
+
+    def __contains__(self, p: int) -> bool:
+        return any(x <= p < y for x, y in self.spans)
+
+    def pages(self) -> int:
+        return sum(y - x for x, y in self.spans)
+
+
 class _File:
-    __slots__ = ("fd", "size", "dirty", "counters", "multiwrite", "twins")
+    __slots__ = ("fd", "size", "dirty", "counters", "multiwrite", "twins", "zeros")
 
     def __init__(self, fd: int, size: int):
         self.fd = fd
@@ -42,9 +83,12 @@ class _File:
         self.dirty: set[int] = set()
         self.multiwrite = False
         self.twins: dict[int, bytes] = {}
+        # pages this node extended the file over and nobody wrote since (the
+        # engine's FileRec.zero): a miss there is zeros, no backing read
+        self.zeros = _Ranges()
         self.counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_written=0,
                              backing_reads=0, backing_writes=0, errors=0,
-                             bytes_pushed=0, pushes=0)
+                             bytes_pushed=0, pushes=0, zero_fills=0, zero_fill_bytes=0)
 
 
 class PageCache:
@@ -65,6 +109,8 @@ class PageCache:
         self._pf_max = 0
         self._pf_pool = None
         self._pf = dict(pending=0, done=0, errors=0, refused=0)
+        self._zero = dict(zero_fills=0, zero_fill_bytes=0)
+        self._zero_call = False     # the current call has filled a page with zeros
 
     # -- files -------------------------------------------------------------
     def _file(self, fid: int) -> _File:
@@ -93,7 +139,9 @@ class PageCache:
 
     def set_size(self, fid: int, size: int) -> None:
         with self._lock:
-            self._file(fid).size = size
+            f = self._file(fid)
+            f.zeros.remove(-(-min(size, f.size) // PAGE))
+            f.size = size
 
     def dirty_bytes(self, fid: int) -> int:
         return len(self._file(fid).dirty) * PAGE
@@ -112,6 +160,18 @@ class PageCache:
         f.counters["backing_reads"] += 1
         f.counters["bytes_fetched"] += PAGE
         return bytearray(data.ljust(PAGE, b"\0"))
+
+    def _fill(self, f: _File, page: int) -> bytearray:
+        """A missing page's bytes: zeros if known to be zeros, else read."""
+        if page in f.zeros:
+            f.counters["zero_fill_bytes"] += PAGE
+            self._zero["zero_fill_bytes"] += PAGE
+            if not self._zero_call:
+                self._zero_call = True
+                f.counters["zero_fills"] += 1
+                self._zero["zero_fills"] += 1
+            return bytearray(PAGE)
+        return self._load(f, page)
 
     def _room(self) -> bool:
         """Evict the oldest spent page, else the least recently used clean
@@ -147,8 +207,8 @@ class PageCache:
         if len(self._pages) >= self._nslots and not self._room():
             if must_cache:
                 return None
-            return self._load(f, page) if fill else bytearray(PAGE)
-        buf = self._load(f, page) if (fill or f.multiwrite) else bytearray(PAGE)
+            return self._fill(f, page) if fill else bytearray(PAGE)
+        buf = self._fill(f, page) if (fill or f.multiwrite) else bytearray(PAGE)
         if f.multiwrite:
             f.twins[page] = bytes(buf)
         self._pages[key] = buf
@@ -175,6 +235,7 @@ class PageCache:
             end = min(offset + size, f.size)
             if end <= offset:
                 return b""
+            self._zero_call = False
             out = bytearray()
             for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
                 buf = self._page(fid, p, True, False)
@@ -230,13 +291,14 @@ class PageCache:
         with self._lock:
             f = self._file(fid)
             end = min(offset + size, f.size)
-            fetched = 0
             if offset < 0 or end <= offset:
                 return 0
+            self._zero_call = False
+            before = f.counters["bytes_fetched"]
             for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
                 if (fid, p) not in self._pages:
                     self._page(fid, p, True, False)
-                    fetched += PAGE
+            fetched = f.counters["bytes_fetched"] - before
             return fetched
 
     def _prefix(self, fid: int, offset: int, size: int) -> tuple[int, int]:
@@ -279,6 +341,10 @@ class PageCache:
         with self._lock:
             f = self._file(fid)
             end = offset + len(data)
+            self._zero_call = False
+            if end > f.size:
+                # the pages wholly past the old end are zeros in the backing file
+                f.zeros.add(-(-f.size // PAGE), -(-end // PAGE))
             f.size = max(f.size, end)   # before any write-back below clamps to it
             for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
                 a, b = max(offset, p * PAGE), min(end, (p + 1) * PAGE)
@@ -293,6 +359,7 @@ class PageCache:
                     self.writeback(victim)
                 buf[a - p * PAGE:b - p * PAGE] = data[a - offset:b - offset]
                 f.dirty.add(p)
+                f.zeros.remove(p, p + 1)
             f.counters["bytes_written"] += len(data)
             return len(data)
 
@@ -404,11 +471,13 @@ class PageCache:
         with self._lock:
             f = self._file(fid)
             reloaded = 0
+            f.zeros.remove(offset // PAGE, (offset + length + PAGE - 1) // PAGE)
             for p in range(offset // PAGE, (offset + length + PAGE - 1) // PAGE):
                 try:
                     fresh = os.pread(f.fd, PAGE, p * PAGE).ljust(PAGE, b"\0")
                 except OSError as e:
                     raise EngineError(e.errno, "backing read failed") from None
+                f.counters["bytes_fetched"] += PAGE
                 key = (fid, p)
                 buf = self._pages.get(key)
                 if buf is None:
@@ -428,14 +497,25 @@ class PageCache:
                 reloaded += 1
             return reloaded
 
-    def truncate(self, fid: int, size: int) -> None:
+    def truncate(self, fid: int, size: int, zeros_from: int = -1) -> None:
         with self._lock:
             f = self._file(fid)
             last = (size + PAGE - 1) // PAGE
+            f.zeros.remove(last)
+            zp = -(-zeros_from // PAGE) if 0 <= zeros_from <= size else None
+            if zp is not None:
+                f.zeros.add(zp, last)
             for key in [k for k in self._pages if k[0] == fid and k[1] >= last]:
                 self._forget(key)
                 f.dirty.discard(key[1])
                 f.twins.pop(key[1], None)
+            if zp is not None:
+                for key in [k for k in self._pages if k[0] == fid and zp <= k[1] < last]:
+                    if key[1] in f.dirty:
+                        f.zeros.remove(key[1], key[1] + 1)
+                    else:
+                        self._forget(key)
+                        f.twins.pop(key[1], None)
             tail = size % PAGE
             buf = self._pages.get((fid, size // PAGE))
             if tail and buf is not None:
@@ -446,6 +526,7 @@ class PageCache:
         with self._lock:
             f = self._file(fid)
             p0, p1 = offset // PAGE, (offset + length + PAGE - 1) // PAGE
+            f.zeros.remove(p0, p1)
             keys = [k for k in self._pages
                     if k[0] == fid and p0 <= k[1] < p1 and k[1] not in f.dirty]
             for key in keys:
@@ -460,7 +541,7 @@ class PageCache:
             cached = sum(1 for k in self._pages if k[0] == fid)
             return dict(size=f.size, cached_bytes=cached * PAGE, dirty_bytes=len(f.dirty) * PAGE,
                         multiwrite=f.multiwrite, twin_bytes=cached * PAGE if f.multiwrite else 0,
-                        **f.counters)
+                        known_zero_bytes=f.zeros.pages() * PAGE, **f.counters)
 
     def stats(self) -> dict:
         return dict(capacity_bytes=self._nslots * PAGE, used_bytes=len(self._pages) * PAGE,
@@ -469,7 +550,7 @@ class PageCache:
                     prefetch_threads=self._pf_max if self._pf_pool else 0,
                     prefetch_queued=0, prefetch_pending=self._pf["pending"],
                     prefetches_done=self._pf["done"], prefetch_errors=self._pf["errors"],
-                    prefetches_refused=self._pf["refused"])
+                    prefetches_refused=self._pf["refused"], **self._zero)
 
     def check(self) -> None:
         with self._lock:

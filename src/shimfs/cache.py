@@ -159,9 +159,11 @@ class AsyncCache:
     def dirty_bytes(self, fid: int) -> int:
         return self.engine.dirty_bytes(fid)
 
-    def truncate(self, fid: int, size: int) -> None:
-        """The cached size and pages follow a truncate of the backing file."""
-        self.engine.truncate(fid, size)
+    def truncate(self, fid: int, size: int, zeros_from: int = -1) -> None:
+        """The cached size and pages follow a truncate of the backing file;
+        ``zeros_from``: this node grew it from there, so the new pages are
+        known zeros (filled without a backing read)."""
+        self.engine.truncate(fid, size, zeros_from)
 
     def invalidate(self, fid: int, offset: int, length: int) -> int:
         """Drop the clean cached pages of a range."""

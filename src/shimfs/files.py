@@ -126,10 +126,19 @@ class OpenFiles:
             raise FsError(errno.EINVAL)
         if not node.writable:
             raise FsError(errno.EACCES)
+        fd = node.fd
+
+        def resize():
+            before = os.fstat(fd).st_size
+            os.ftruncate(fd, size)
+            return before, os.fstat(fd)
         async with self.cache.pushes_paused(node.fid), node.io_lock:
-            await self.cache.run(os.ftruncate, node.fd, size)
-            self.cache.truncate(node.fid, size)
-            st = await self.cache.run(os.fstat, node.fd)
+            before, st = await self.cache.run(resize)
+            # Growing the file from the larger of both ends (the backing file
+            # may have grown elsewhere): what lies past it is zeros that this
+            # node made, and a fault there need not read them (FileRec.zero).
+            start = max(before, self.cache.size(node.fid))
+            self.cache.truncate(node.fid, size, zeros_from=start if size > start else -1)
             node.seen = (st.st_size, st.st_mtime_ns)
         node.touch()
 

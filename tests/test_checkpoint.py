@@ -1,0 +1,188 @@
+"""Checkpoints through a mapping, on real mounts over a local directory and
+over the stand-in: a file this node grows is never read back to be filled,
+the bytes are exact, and zeros it knows of never hide bytes someone else
+wrote once a refresh or a reopen has happened."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+
+import pytest
+
+import shimfs
+from mounting import read_file, shim_mount
+
+PAGE = 4096
+
+
+@pytest.fixture
+def ckpt(tmp_path, data_dir):
+    """A mount whose backing directory is ``data_dir``; returns (mount, backing)."""
+    with shim_mount(str(tmp_path / "mnt"), data_dir) as m:
+        yield m, data_dir
+
+
+def fetched(path: str) -> int:
+    return shimfs.stats(path)["file"]["bytes_fetched"]
+
+
+def test_a_mapped_fill_of_a_grown_file_reads_nothing_back(ckpt):
+    mnt, backing = ckpt
+    path = os.path.join(mnt, "ckpt.bin")
+    size = 4 << 20
+    model = bytearray(size)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size)
+        for p in range(size // PAGE):
+            if p % 7 == 3:
+                continue                            # a page never touched
+            if p % 5 == 1:                          # a page written in part
+                off = p * PAGE + 100 + p % 300
+                piece = bytes([p % 251 + 1]) * 50
+            else:
+                off, piece = p * PAGE, bytes([p % 253 + 1]) * PAGE
+            m[off:off + len(piece)] = piece
+            model[off:off + len(piece)] = piece
+        m.flush()
+        assert m[:] == model                        # the mapping reads them back exactly
+        m.close()
+        st = shimfs.stats(path)["file"]
+    finally:
+        os.close(fd)
+    assert read_file(os.path.join(backing, "ckpt.bin")) == model
+    assert st["bytes_fetched"] == 0
+    assert st["zero_fills"] > 0 and st["zero_fill_bytes"] >= size // 2
+
+
+def test_numpy_memmap_w_plus_reads_nothing_back(ckpt):
+    import numpy as np                              # a test dependency (pyproject: test)
+    mnt, backing = ckpt
+    path = os.path.join(mnt, "a.f32")
+    a = np.memmap(path, dtype=np.float32, mode="w+", shape=(1 << 20,))
+    a[:] = np.arange(1 << 20, dtype=np.float32)
+    a[12345] = -1.5
+    a.flush()
+    st = shimfs.stats(path)["file"]
+    del a
+    want = np.arange(1 << 20, dtype=np.float32)
+    want[12345] = -1.5
+    assert read_file(os.path.join(backing, "a.f32")) == want.tobytes()
+    assert st["bytes_fetched"] == 0 and st["zero_fill_bytes"] > 0
+
+
+def test_open_memmap_of_an_npy_file(ckpt):
+    import numpy as np
+    mnt, backing = ckpt
+    path = os.path.join(mnt, "a.npy")
+    a = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(300_000,))
+    a[:] = np.arange(300_000) * 3
+    a.flush()
+    del a
+    b = np.load(os.path.join(backing, "a.npy"))
+    assert b.shape == (300_000,) and int(b[299_999]) == 899_997 and int(b[0]) == 0
+
+
+def test_shrunk_and_regrown_through_the_mount(ckpt):
+    mnt, backing = ckpt
+    path = os.path.join(mnt, "s.bin")
+    data = os.urandom(10 * PAGE)
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 3 * PAGE + 17)            # shrink into page 3
+        os.ftruncate(fd, 12 * PAGE)                # and grow again
+        with mmap.mmap(fd, 12 * PAGE) as m:
+            want = data[:3 * PAGE + 17] + bytes(9 * PAGE - 17)
+            assert m[:] == want
+            m[8 * PAGE + 5:8 * PAGE + 9] = b"back"
+            m.flush()
+    finally:
+        os.close(fd)
+    want = bytearray(want)
+    want[8 * PAGE + 5:8 * PAGE + 9] = b"back"
+    assert read_file(os.path.join(backing, "s.bin")) == want
+
+
+def test_a_hole_punched_in_the_backing_file_shows_after_refresh(ckpt):
+    mnt, backing = ckpt
+    path = os.path.join(mnt, "h.bin")
+    data = os.urandom(16 * PAGE)
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        # through the mount, a punch is refused (FUSE has it, pyfuse3 does not)
+        # and changes nothing
+        with pytest.raises(OSError) as exc:
+            _punch(fd, 4 * PAGE, 4 * PAGE)
+        assert exc.value.errno == errno.EOPNOTSUPP
+        with mmap.mmap(fd, 16 * PAGE) as m:
+            assert m[:] == data
+            bfd = os.open(os.path.join(backing, "h.bin"), os.O_RDWR)
+            try:
+                _punch(bfd, 4 * PAGE, 4 * PAGE)     # someone else punches it
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    pytest.skip("the backing file system cannot punch holes")
+                raise
+            finally:
+                os.close(bfd)
+            shimfs.refresh(path)
+            assert m[:] == data[:4 * PAGE] + bytes(4 * PAGE) + data[8 * PAGE:]
+    finally:
+        os.close(fd)
+
+
+def test_bytes_another_node_wrote_into_a_grown_range_show_after_refresh(ckpt):
+    mnt, backing = ckpt
+    path = os.path.join(mnt, "r.bin")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(fd, 64 * PAGE)                 # known zeros here...
+        with open(os.path.join(backing, "r.bin"), "r+b") as f:
+            f.seek(40 * PAGE + 3)
+            f.write(b"theirs")                      # ...until someone writes there
+        shimfs.refresh(path)
+        with mmap.mmap(fd, 64 * PAGE) as m:
+            assert m[40 * PAGE:40 * PAGE + 12] == b"\0\0\0theirs\0\0\0"
+            assert m[:40 * PAGE] == bytes(40 * PAGE)
+    finally:
+        os.close(fd)
+
+
+def test_bytes_another_node_wrote_into_a_grown_range_show_after_reopen(ckpt):
+    mnt, backing = ckpt
+    path = os.path.join(mnt, "o.bin")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    os.ftruncate(fd, 64 * PAGE)
+    os.pwrite(fd, b"mine", 0)
+    os.fsync(fd)
+    os.close(fd)
+    with open(os.path.join(backing, "o.bin"), "r+b") as f:
+        f.seek(50 * PAGE)
+        f.write(b"theirs")
+    fd = os.open(path, os.O_RDWR)                   # close-to-open: the file changed
+    try:
+        with mmap.mmap(fd, 64 * PAGE) as m:
+            assert m[:4] == b"mine"
+            assert m[50 * PAGE:50 * PAGE + 6] == b"theirs"
+            assert m[4:50 * PAGE] == bytes(50 * PAGE - 4)
+        assert shimfs.stats(path)["file"]["known_zero_bytes"] == 0
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
