@@ -37,8 +37,9 @@ def drop_caches(*paths: str) -> None:
     for p in paths:
         base = os.path.realpath(standin.client_dir(0)) + "/"
         real = os.path.realpath(p)
-        if real.startswith(base):
-            with open(os.path.join(standin.BRICK, real[len(base):]), "rb") as f:
+        brick = os.path.join(standin.BRICK, real[len(base):])
+        if real.startswith(base) and os.path.exists(brick):    # not a file yet to create
+            with open(brick, "rb") as f:
                 while f.read(8 * MIB):
                     pass
 

@@ -111,6 +111,15 @@ class Mounts:
         self.pid = daemon_pid(mnt)
         return os.path.join(mnt, "f")
 
+    def shimfs_dir(self, backing: str, *opts: str) -> str:
+        """A fresh shimfs mount whose backing directory is ``backing``."""
+        self.close()
+        self.n += 1
+        mnt = self.stack.enter_context(shim_mount(os.path.join(self.tmp, "m%d" % self.n),
+                                                  backing, *opts))
+        self.pid = daemon_pid(mnt)
+        return mnt
+
     def _daemon(self, prefix: str, argv: list[str]) -> str:
         """Start a pass-through daemon (foreground) on a fresh mount point;
         it is unmounted and reaped when the mount is closed."""

@@ -1,7 +1,8 @@
 """The obvious baseline: a minimal pass-through in the style of pyfuse3's
 examples/passthroughfs.py.  Every request does its blocking os call on the
 trio thread; the kernel's page cache is used (no direct_io) so it can be
-mapped.  Only what the benchmarks need: a flat directory of files.
+mapped.  Only what the benchmarks need: a flat directory of files, which
+may be created and resized.
 
     python bench/passthrough.py SOURCE_DIR MOUNTPOINT
 """
@@ -58,6 +59,21 @@ class Passthrough(pyfuse3.Operations):
         fd = os.open(self.names[inode], flags & ~os.O_CREAT)
         self.fds[fd] = fd
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        path = os.path.join(self.names[parent_inode], os.fsdecode(name))
+        try:
+            fd = os.open(path, flags | os.O_CREAT, mode)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno)
+        self.fds[fd] = fd
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._attr(path)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        path = self.names[inode]
+        if fields.update_size:
+            os.truncate(path, attr.st_size)
+        return self._attr(path)
 
     async def read(self, fh, off, size):
         return os.pread(fh, size, off)

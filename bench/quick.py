@@ -3,6 +3,7 @@
     .venv/bin/python bench/quick.py scan  --rounds 4 [--b-opt push] [--b-env NAME=VALUE]
                                            [--page-reporting keep|off]
     .venv/bin/python bench/quick.py write --rounds 4 ...
+    .venv/bin/python bench/quick.py checkpoint --rounds 4 ...   # a new file (ftruncate + fill)
 
 Each round runs native, then variant A (the mount as configured), then
 variant B (A plus ``--b-opt`` mount options and ``--b-env`` variables in the
@@ -28,8 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from benchlib import (MIB, PAGE_REPORTING, make_file,  # noqa: E402
                       page_reporting, page_reporting_state)
 from mounting import daemon_pid, shim_mount  # noqa: E402
-from test_throughput import (mapped_scan, mapped_write, native_scan, native_write,  # noqa: E402
-                             timed_cold)
+from test_throughput import (mapped_checkpoint, mapped_scan, mapped_write,  # noqa: E402
+                             native_checkpoint, native_scan, native_write, timed_cold)
 
 
 @contextlib.contextmanager
@@ -48,7 +49,7 @@ def environ(extra: dict[str, str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("workload", choices=["scan", "write"])
+    ap.add_argument("workload", choices=["scan", "write", "checkpoint"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mib", type=int, default=0, help="file size (scan 2048, write 1024)")
     ap.add_argument("--dir", help="where the file lives (default: the stand-in's client)")
@@ -63,9 +64,23 @@ def main() -> None:
         args.dir = os.path.join(standin.client_dir(0), "bench")
     os.makedirs(args.dir, exist_ok=True)
     mib = args.mib or (2048 if args.workload == "scan" else 1024)
-    path = make_file(os.path.join(args.dir, "%s-%d.bin" % (args.workload, mib)), mib)
+    name = "%s-%d.bin" % (args.workload, mib)
+    path = os.path.join(args.dir, name)
+    if args.workload != "checkpoint":
+        make_file(path, mib)
     block = os.urandom(4 * MIB)
-    if args.workload == "scan":
+
+    def fresh():
+        """A checkpoint writes a new file each time."""
+        if args.workload == "checkpoint" and os.path.exists(path):
+            os.unlink(path)
+    if args.workload == "checkpoint":
+        def nat_fn(p):
+            native_checkpoint(p, mib * MIB, block)
+
+        def map_fn(p):
+            mapped_checkpoint(p, mib * MIB, block)
+    elif args.workload == "scan":
         nat_fn, map_fn = native_scan, mapped_scan
     else:
         def nat_fn(p):
@@ -82,22 +97,30 @@ def main() -> None:
             tempfile.TemporaryDirectory(prefix="shimfs-quick-") as tmp:
         print(page_reporting_state())
         for r in range(args.rounds):
+            fresh()
             rows["native"].append(timed_cold(nat_fn, path, nbytes, None, path))
-            for name, (opts, env) in variants.items():
-                mnt = os.path.join(tmp, "%s%d" % (name, r))
-                with environ(env), shim_mount(mnt, tmp, *opts) as m:
-                    os.symlink(path, os.path.join(m, "f"))
+            for v, (opts, env) in variants.items():
+                fresh()
+                mnt = os.path.join(tmp, "%s%d" % (v, r))
+                if args.workload == "checkpoint":      # created in the mount
+                    backing, shown = args.dir, name
+                else:                                   # a shadow of the file
+                    backing, shown = tmp, "f"
+                with environ(env), shim_mount(mnt, backing, *opts) as m:
+                    if shown == "f":
+                        os.symlink(path, os.path.join(m, "f"))
                     pid = daemon_pid(m)
-                    rows[name].append(timed_cold(map_fn, os.path.join(m, "f"), nbytes, pid,
-                                                 path))
+                    rows[v].append(timed_cold(map_fn, os.path.join(m, shown), nbytes, pid,
+                                              path))
             print("round %d: %s" % (r + 1, "  ".join(
                 "%s %.0f MB/s" % (k, v[-1][0]) for k, v in rows.items())), flush=True)
+        fresh()
     nat = statistics.median(rate for rate, _ in rows["native"])
-    for name, runs in rows.items():
+    for v, runs in rows.items():
         rates = [rate for rate, _ in runs]
         cpu = {k: statistics.median(c.get(k, 0.0) for _, c in runs) / gib for k in runs[0][1]}
         print("%-6s %5.0f MB/s (%.0f-%.0f)  %.2fx native  CPU s/GiB: %s" % (
-            name, statistics.median(rates), min(rates), max(rates),
+            v, statistics.median(rates), min(rates), max(rates),
             statistics.median(rates) / nat,
             ", ".join("%s %.2f" % kv for kv in sorted(cpu.items()))))
 

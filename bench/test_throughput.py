@@ -6,6 +6,7 @@ drop the kernel's page cache and use a fresh mount (empty daemon cache).
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import random
@@ -38,31 +39,47 @@ def timed_cold(fn, path: str, nbytes: int, daemon: int | None, drop: str) -> tup
 
 
 def interleaved(benchmark, mounts, peers, workload: str, where: str, target: str, nbytes: int,
-                native_fn, fn, *opts: str, cpu: bool = True) -> None:
+                native_fn, fn, *opts: str, cpu: bool = True, backing_dir: bool = False,
+                before=None, shim_fn=None, note=None) -> None:
     """ROUNDS rounds of: native ``native_fn()``, ``fn`` through each peer, then
     ``fn`` through shimfs (timed by pytest-benchmark), each cold (client cache
     dropped, fresh mount).  Machines drift between minutes; in one round all
     paths see the same machine, and each row's ratio is the median of the
-    per-round ratios to that round's native run."""
+    per-round ratios to that round's native run.
+
+    ``backing_dir``: shimfs mounts ``target``'s directory as its backing
+    directory instead of shadowing ``target`` (for workloads that create the
+    file).  ``before()`` runs ahead of every path's run, untimed.
+    ``shim_fn`` replaces ``fn`` for shimfs; ``note()`` gives the shimfs row's
+    note once the rounds are done."""
+    before = before or (lambda: None)
+    shim_fn = shim_fn or fn
     native: list[tuple[float, dict]] = []
     peer_runs: dict[str, list[tuple[float, dict]]] = {fs: [] for fs in peers}
     cpu_runs: list[dict] = []
     meter = [None]
 
     def setup():
+        before()
         native.append(timed_cold(lambda _: native_fn(), target, nbytes, None, target))
         for fs in peers:
+            before()
             path = mounts.mount(fs, target)
             peer_runs[fs].append(timed_cold(fn, path, nbytes, mounts.pid, target))
             mounts.close()
-        path = mounts.shimfs(target, *opts)
+        before()
+        if backing_dir:
+            path = mounts.shimfs_dir(os.path.dirname(target), *opts)
+            path = os.path.join(path, os.path.basename(target))
+        else:
+            path = mounts.shimfs(target, *opts)
         drop_caches(target)
         meter[0] = CpuMeter(mounts.pid)
         return (path,), {}
 
     def run(path):
         meter[0].start()
-        fn(path)
+        shim_fn(path)
         cpu_runs.append(meter[0].stop())
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
     mounts.close()
@@ -72,7 +89,8 @@ def interleaved(benchmark, mounts, peers, workload: str, where: str, target: str
     ratios = [m / n for m, n in zip(mine.runs, nat_rates)]
     benchmark.extra_info.update(native_MBps=nat[0], MBps=mine[0], ratio=statistics.median(ratios))
     name = "shimfs" + "".join(" `-o %s`" % o for o in opts)
-    record(workload, where, name, mine, nat, nbytes=nbytes if cpu else 0, ratios=ratios)
+    record(workload, where, name, mine, nat, nbytes=nbytes if cpu else 0, ratios=ratios,
+           note=note() if note else "")
     for fs, runs in peer_runs.items():
         r = Rate([x for x, _ in runs], [c for _, c in runs])
         record(workload, where, fs, r, nat, nbytes=nbytes if cpu else 0,
@@ -175,6 +193,77 @@ def test_write_every_page_then_msync(benchmark, where, mounts, peers):
                 "write every page of a mapping + msync vs pwrite(4 MiB)+fsync", where[0],
                 path, WRITE_MIB * MIB, lambda: native_write(path, block),
                 lambda p: mapped_write(p, block))
+
+
+def native_checkpoint(path: str, size: int, block: bytes) -> None:
+    """A new file written by pwrite(4 MiB), then fsync."""
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+        for off in range(0, size, len(block)):
+            os.pwrite(fd, block, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mapped_checkpoint(path: str, size: int, block: bytes, probe=None) -> None:
+    """Create, ftruncate to ``size``, fill every page through a shared
+    mapping, msync; ``probe(path)`` runs after the msync, before the close."""
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size, mmap.MAP_SHARED) as m:
+            for off in range(0, size, len(block)):
+                m[off:off + len(block)] = block
+            m.flush()
+        if probe:
+            probe(path)
+    finally:
+        os.close(fd)
+
+
+def numpy_checkpoint(path: str, size: int, block, probe=None) -> None:
+    """The same through numpy.memmap(mode="w+") (a write past the end sizes it)."""
+    import numpy as np
+    a = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
+    for off in range(0, size, len(block)):
+        a[off:off + len(block)] = block
+    a.flush()
+    if probe:
+        probe(path)
+    del a
+
+
+@pytest.mark.parametrize("how", ["mmap", "numpy"])
+def test_checkpoint_new_file(benchmark, where, mounts, peers, how):
+    """A checkpoint: a new file filled through a mapping, against pwrite of a
+    new file.  The shimfs row's note gives the bytes the daemon fetched from
+    the backing file per byte written (issue target: <= 0.01)."""
+    import numpy as np
+    import shimfs
+    size = WRITE_MIB * MIB
+    target = os.path.join(where[1], "ckpt-%d.bin" % WRITE_MIB)
+    raw = os.urandom(4 * MIB)
+    block = np.frombuffer(raw, dtype=np.uint8) if how == "numpy" else raw
+    fill = numpy_checkpoint if how == "numpy" else mapped_checkpoint
+    fetched: list[float] = []
+
+    def unlink():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+
+    def probe(path):
+        fetched.append(shimfs.stats(path)["file"]["bytes_fetched"] / size)
+    workload = ("checkpoint: new file, ftruncate + fill a mapping + msync"
+                if how == "mmap" else "checkpoint: numpy.memmap(mode=\"w+\") + flush")
+    try:
+        interleaved(benchmark, mounts, peers, workload + " vs pwrite(4 MiB)+fsync of a new file",
+                    where[0], target, size, lambda: native_checkpoint(target, size, raw),
+                    lambda p: fill(p, size, block), backing_dir=True, before=unlink,
+                    shim_fn=lambda p: fill(p, size, block, probe),
+                    note=lambda: "fetched/written %s" % " ".join("%.3f" % f for f in fetched))
+    finally:
+        unlink()
 
 
 def test_warm_second_scan(benchmark, where, bigfile, mounts, tmp_path):

@@ -186,3 +186,38 @@ def _punch(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def test_the_other_client_writes_into_a_grown_range(gluster, tmp_path):
+    """Over the stand-in's two clients: node A grows a file; node B (its own
+    mount over the second client, ``-o mirror`` so that it shows A's file)
+    writes into the grown range; A sees B's
+    bytes after a refresh, and its own mapped fill keeps them."""
+    import uuid
+    from shimfs import standin
+    rel = "ckpt-" + uuid.uuid4().hex[:8]
+    os.mkdir(os.path.join(standin.client_dir(0), rel))
+    try:
+        with shim_mount(str(tmp_path / "a"), os.path.join(standin.client_dir(0), rel)) as a, \
+                shim_mount(str(tmp_path / "b"), os.path.join(standin.client_dir(1), rel),
+                           "mirror") as b:
+            fa = os.open(os.path.join(a, "c.bin"), os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                os.ftruncate(fa, 32 * PAGE)
+                with open(os.path.join(b, "c.bin"), "r+b") as f:
+                    f.seek(20 * PAGE)
+                    f.write(b"B" * PAGE)
+                    f.flush()
+                    os.fsync(f.fileno())
+                shimfs.refresh(os.path.join(a, "c.bin"))
+                with mmap.mmap(fa, 32 * PAGE) as m:
+                    assert m[20 * PAGE:21 * PAGE] == b"B" * PAGE
+                    m[0:PAGE] = b"A" * PAGE
+                    m.flush()
+            finally:
+                os.close(fa)
+        got = read_file(os.path.join(standin.client_dir(1), rel, "c.bin"))
+        assert got == b"A" * PAGE + bytes(19 * PAGE) + b"B" * PAGE + bytes(11 * PAGE)
+    finally:
+        import subprocess
+        subprocess.run(["rm", "-rf", os.path.join(standin.client_dir(0), rel)], check=False)

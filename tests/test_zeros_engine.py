@@ -39,6 +39,15 @@ def test_grown_pages_are_filled_not_read(tmp_path, impl):
         assert st["zero_fill_bytes"] == 61 * PAGE
         assert st["zero_fills"] == 1
         assert pc.stats()["zero_fill_bytes"] == 61 * PAGE
+        # zeros take no slot (they would crowd out real pages), and count as
+        # cached: served on the caller's thread, with no I/O
+        assert st["cached_bytes"] == 3 * PAGE
+        assert pc.read_cached(fid, 10 * PAGE, 20 * PAGE + 5) == bytes(20 * PAGE + 5)
+        assert pc.read_cached(fid, 8000, 8192) == head[8000:] + bytes(8000 + 8192 - len(head))
+        pc.prefetch(fid, 0, 64 * PAGE)
+        st = stats(pc, fid)
+        assert st["bytes_fetched"] == 3 * PAGE and st["cached_bytes"] == 3 * PAGE
+        assert st["zero_fills"] == 3
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=IDS)

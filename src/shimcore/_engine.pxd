@@ -195,6 +195,7 @@ cdef class PageCache:
     cdef int64_t _next_dirty(self, FileRec *fr, int64_t p) noexcept nogil
     cdef void _zero_set(self, FileRec *fr, int64_t p0, int64_t p1) noexcept nogil
     cdef void _zero_clear(self, FileRec *fr, int64_t p0, int64_t p1) noexcept nogil
+    cdef inline void _count_zeros(self, FileRec *fr, int64_t pages) noexcept nogil
     cdef FileRec *record(self, int64_t fid) except NULL
     cdef void _drop_pages(self, int64_t fid) noexcept nogil
     cdef int _load(self, FileRec *fr, int64_t *slot_list, int64_t first_page,

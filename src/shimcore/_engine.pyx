@@ -436,6 +436,14 @@ cdef class PageCache:
             fr.zero[p >> 6] |= 1ULL << (p & 63)
             p += 1
 
+    cdef inline void _count_zeros(self, FileRec *fr, int64_t pages) noexcept nogil:
+        """One fetch answered with ``pages`` pages of zeros instead of a backing read."""
+        if pages:
+            fr.zero_fills += 1
+            fr.zero_fill_pages += pages
+            self.zero_fills += 1
+            self.zero_fill_pages += pages
+
     cdef void _zero_clear(self, FileRec *fr, int64_t p0, int64_t p1) noexcept nogil:
         """Forget that pages [p0, p1) are zeros (p1 < 0: up to the end)."""
         cdef int64_t p
@@ -648,9 +656,10 @@ cdef class PageCache:
         """Pin a slot for every page in [p0, p1) and fill it from the backing file.
 
         slot_of[i] receives the pinned slot of page p0+i, or -1 when the cache
-        is full and a read has to fetch that page uncached (-3 when that page
-        is known zeros: the caller fills it, no read).  Pages known to be zeros
-        (_is_zero) are filled with zeros instead of read.  For writes, pages
+        is full and a read has to fetch that page uncached.  A missing page
+        known to be zeros (_is_zero) gets no slot when reading (-3: the caller
+        copies zeros, a prefetch skips it), so zeros never crowd the cache;
+        when writing, its slot is filled with zeros instead of read.  For writes, pages
         wholly inside the byte range [w0, w1) are not read: their slots are
         left LOADING (so no reader sees them) until the caller copies the new
         bytes in and marks them VALID.  Returns 0, an errno, or -1 when a write
@@ -687,16 +696,15 @@ cdef class PageCache:
                     fr.hits += 1
                     slot_of[i] = s
                     continue
+                if not for_write and _is_zero(fr, p0 + i):
+                    slot_of[i] = -3
+                    continue
                 s = self._alloc(fid, p0 + i)
                 if s < 0:
                     if for_write:
                         err = -1
                         break
-                    if _is_zero(fr, p0 + i):
-                        slot_of[i] = -3
-                        zeroed += 1
-                    else:
-                        slot_of[i] = -1
+                    slot_of[i] = -1
                     continue
                 fr.misses += 1
                 slot_of[i] = s
@@ -755,11 +763,8 @@ cdef class PageCache:
             self.wait_spins += 1
             self._wait_loaded()
         fr.read_ops += runs
-        if zeroed and not err:
-            fr.zero_fills += 1
-            fr.zero_fill_pages += zeroed
-            self.zero_fills += 1
-            self.zero_fill_pages += zeroed
+        if not err:
+            self._count_zeros(fr, zeroed)
         if err:
             if err > 0:
                 fr.errors += 1
@@ -787,7 +792,7 @@ cdef class PageCache:
     def read(self, int64_t fid, int64_t offset, int64_t size):
         """Return ``size`` bytes at ``offset`` (fewer only at the cached end of file)."""
         cdef FileRec *fr = self.record(fid)
-        cdef int64_t end, p0, p1, i, s, n, a, b, loaded
+        cdef int64_t end, p0, p1, i, s, n, a, b, loaded, zeros
         cdef int err = 0
         cdef char *out
         cdef int64_t *slot_of
@@ -804,6 +809,7 @@ cdef class PageCache:
             err = self._fault_in(fid, fr, p0, p1, slot_of, False, 0, 0, &loaded)
             if not err:
                 pthread_mutex_lock(&self.mu)
+                zeros = 0
                 for i in range(n):
                     _clip(p0 + i, offset, end, &a, &b)
                     s = slot_of[i]
@@ -812,6 +818,9 @@ cdef class PageCache:
                         if b - a == PAGE:
                             self._spend(s)
                         self._unpin(s)
+                    elif s == -3:
+                        zeros += 1
+                self._count_zeros(fr, zeros)
                 pthread_mutex_unlock(&self.mu)
                 # pages the full cache could not hold: read them straight
                 # through, or zeros for the pages known to be zeros
@@ -833,10 +842,11 @@ cdef class PageCache:
 
         Returns None when a page is missing or being loaded.  Cheap enough to
         call on the thread that serves FUSE requests, which saves the hop to a
-        worker thread for reads that the prefetcher already served.
+        worker thread for reads that the prefetcher already served.  A
+        missing page known to be zeros counts as cached: it reads as zeros.
         """
         cdef FileRec *fr = self.record(fid)
-        cdef int64_t end, p0, p1, i, s, a, b
+        cdef int64_t end, p0, p1, i, s, a, b, zeros = 0
         cdef bint ok = True
         cdef char *out
         end = _span(fr, offset, size, &p0, &p1)
@@ -848,6 +858,8 @@ cdef class PageCache:
             pthread_mutex_lock(&self.mu)
             for i in range(p0, p1):
                 s = self._find(fid, i)
+                if s < 0 and _is_zero(fr, i):
+                    continue
                 if s < 0 or self.slots[s].state != S_VALID:
                     ok = False
                     break
@@ -855,12 +867,17 @@ cdef class PageCache:
                 for i in range(p0, p1):
                     s = self._find(fid, i)
                     _clip(i, offset, end, &a, &b)
+                    if s < 0:
+                        memset(out + (a - offset), 0, b - a)
+                        zeros += 1
+                        continue
                     memcpy(out + (a - offset), self.arena + s * PAGE + (a - i * PAGE), b - a)
                     if b - a == PAGE:
                         self._spend(s)
                     else:
                         self.slots[s].ref = 1
-                fr.hits += p1 - p0
+                fr.hits += p1 - p0 - zeros
+                self._count_zeros(fr, zeros)
             pthread_mutex_unlock(&self.mu)
         return res if ok else None
 

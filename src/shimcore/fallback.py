@@ -238,7 +238,10 @@ class PageCache:
             self._zero_call = False
             out = bytearray()
             for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
-                buf = self._page(fid, p, True, False)
+                if (fid, p) not in self._pages and p in f.zeros:
+                    buf = self._fill(f, p)          # zeros, not cached
+                else:
+                    buf = self._page(fid, p, True, False)
                 a, b = max(offset, p * PAGE), min(end, (p + 1) * PAGE)
                 out += buf[a - p * PAGE:b - p * PAGE]
                 if b - a == PAGE:
@@ -249,7 +252,8 @@ class PageCache:
         with self._lock:
             f = self._file(fid)
             end = min(offset + size, f.size)
-            if all((fid, p) in self._pages for p in range(offset // PAGE, (end + PAGE - 1) // PAGE)):
+            if all((fid, p) in self._pages or p in f.zeros
+                   for p in range(offset // PAGE, (end + PAGE - 1) // PAGE)):
                 return self.read(fid, offset, size)
             return None
 
@@ -296,7 +300,7 @@ class PageCache:
             self._zero_call = False
             before = f.counters["bytes_fetched"]
             for p in range(offset // PAGE, (end + PAGE - 1) // PAGE):
-                if (fid, p) not in self._pages:
+                if (fid, p) not in self._pages and p not in f.zeros:
                     self._page(fid, p, True, False)
             fetched = f.counters["bytes_fetched"] - before
             return fetched
