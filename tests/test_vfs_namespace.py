@@ -345,7 +345,7 @@ def test_refresh_xattr_reloads_what_another_node_wrote(fs, tmp_path):
 @pytest.mark.parametrize("value, parsed", [(b"", (0, None)), (b"7", (7, None)),
                                            (b" 4096  100 ", (4096, 100))])
 def test_parse_range(value, parsed):
-    assert parse_range(value) == parsed
+    assert parse_range(value, "refresh") == parsed
 
 
 # -- names shared with other nodes ---------------------------------------------

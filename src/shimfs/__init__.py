@@ -1,10 +1,11 @@
 """shimfs: read/write mmap for files on file systems that cannot map them.
 
 A FUSE file system (pyfuse3 + trio) over the :mod:`shimcore` page-cache engine.
-The Python API: :func:`sync`, :func:`refresh`, :func:`set_multiwrite` and :func:`stats`; the command line: ``shimfs``.
+The Python API: :func:`sync`, :func:`refresh`, :func:`prefetch`,
+:func:`set_multiwrite` and :func:`stats`; the command line: ``shimfs``.
 """
-from .api import refresh, set_multiwrite, stats, sync
+from .api import prefetch, refresh, set_multiwrite, stats, sync
 from .errors import ShimfsError
 
 __version__ = "0.1.0"
-__all__ = ["ShimfsError", "refresh", "set_multiwrite", "stats", "sync", "__version__"]
+__all__ = ["ShimfsError", "prefetch", "refresh", "set_multiwrite", "stats", "sync", "__version__"]

@@ -136,7 +136,7 @@ cdef class SessionKernel:
 
     def push(self, engine, int64_t fid, uint64_t ino, int64_t off, int64_t length):
         """Copy the engine's cached prefix of [off, off+length) of file ``fid``
-        (at most 4 MiB, page-aligned ``off``) into the kernel's cache of
+        (at most 4 MiB less a page, page-aligned ``off``) into the kernel's cache of
         ``ino``; return its bytes, 0 if none is cached or the kernel no longer
         knows the inode.  The caller makes sure the kernel holds no dirty
         page in the range (NOTIFY_STORE overwrites dirty pages) and that the
@@ -176,6 +176,10 @@ cdef class SessionKernel:
         cdef Store msg
         cdef int64_t n, i, total = 0
         cdef int err = 0
+        # one writev takes at most IOV_MAX (MAX_RUN) iovecs: the header and
+        # MAX_RUN - 1 pages
+        if length > (MAX_RUN - 1) * PAGE:
+            length = (MAX_RUN - 1) * PAGE
         with nogil:
             n = pc.lend(fr, fid, off, off + length, slot_of, &iov[1])
             if n:

@@ -6,6 +6,10 @@
 * ``refresh(path, offset=0, length=None)``: the reverse msync; reload a byte
   range (default: the whole file) from the backing file into the daemon's
   cache and every mapping of the file.
+* ``prefetch(path, offset=0, length=None)``: read a byte range (default:
+  the whole file) with large parallel reads and push it into the kernel's
+  page cache, so that later touches of a mapping are minor faults; returns
+  once the range is in.
 * ``set_multiwrite(path, on)``: byte-granular write-back for one file.
 
 A path that is missing or not in a shimfs mount raises :class:`ShimfsError`;
@@ -18,7 +22,8 @@ import json
 import os
 
 from .errors import ShimfsError
-from .names import FSTYPE, XATTR_MULTIWRITE, XATTR_REFRESH, XATTR_STATS, XATTR_SYNC
+from .names import (FSTYPE, XATTR_MULTIWRITE, XATTR_PREFETCH, XATTR_REFRESH, XATTR_STATS,
+                    XATTR_SYNC)
 
 
 def mount_table():
@@ -85,11 +90,36 @@ def refresh(path_or_fd, offset: int = 0, length: int | None = None) -> None:
     """Reload [offset, offset+length) (to the end if length is None) from the backing file."""
     if offset < 0 or (length is not None and length < 0):
         raise ValueError("offset and length must be non-negative")
-    value = "" if (offset == 0 and length is None) else (
-        str(offset) if length is None else "%d %d" % (offset, length))
     p = _path(path_or_fd)
     try:
-        os.setxattr(p, XATTR_REFRESH, value.encode())
+        os.setxattr(p, XATTR_REFRESH, _range_value(offset, length))
+    except OSError as exc:
+        _not_shimfs(path_or_fd, exc)
+
+
+def _range_value(offset: int, length: int | None) -> bytes:
+    return ("" if (offset == 0 and length is None) else (
+        str(offset) if length is None else "%d %d" % (offset, length))).encode()
+
+
+def prefetch(path_or_fd, offset: int = 0, length: int | None = None) -> None:
+    """Read [offset, offset+length) (to the end if length is None) into the
+    kernel's page cache, so that touches of a mapping there send no request;
+    returns once it is in.  Pages that may be dirty are never overwritten:
+    while the file is open for writing, the range goes into the daemon's
+    cache only.  The kernel may drop pages again under memory pressure.
+    Negative values and a range past the end of the file raise OSError
+    (EINVAL)."""
+    p = _path(path_or_fd)
+    if offset < 0 or (length is not None and length < 0):
+        raise OSError(errno.EINVAL, "prefetch: offset and length must be non-negative")
+    size = os.fstat(p).st_size if isinstance(p, int) else os.stat(p).st_size
+    end = size if length is None else offset + length
+    if offset > size or end > size:
+        raise OSError(errno.EINVAL, "prefetch: bytes %d-%d are past the end of %s (%d bytes)"
+                      % (offset, end, path_or_fd, size))
+    try:
+        os.setxattr(p, XATTR_PREFETCH, _range_value(offset, length))
     except OSError as exc:
         _not_shimfs(path_or_fd, exc)
 

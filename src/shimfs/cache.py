@@ -29,6 +29,17 @@ open: no writable handle, no truncate, refresh or reload in progress.  Those
 close the gate and wait until pushes already under way have finished.  The
 gate's counters are only touched on the trio thread.
 
+The prefetch call (``load_and_push``, ``shimfs prefetch``): a byte range is
+read with up to ``prefetch_threads`` parallel engine prefetches of
+``PREFETCH_CHUNK`` and pushed into the kernel's page cache under the same
+gate as ``-o push``, in pieces of at most a quarter of the cache (and
+``PREFETCH_PIECE``), pushing one piece while the next is read.  Pushed
+pages are spent (evicted first), so a range larger than the cache passes
+through it.  Pages the cache no longer holds when their piece is pushed
+(evicted, or known zeros, which are never cached) are read again and
+stored from a copy.  While the gate is closed nothing is pushed: the pages
+stay in the daemon's cache only.
+
 Backing files in memory (tmpfs, ramfs; ``shimcore.MEMORY_FS_MAGIC``) get no
 read-ahead, and a READ that misses the cache is served on the trio thread:
 their reads never wait for a device, and a 1 MiB read costs less than the
@@ -58,6 +69,12 @@ except ImportError:    # pragma: no cover - the extension is always built
     _run_as = None
 
 PAGE = shimcore.PAGE_SIZE
+#: The prefetch call: bytes per engine prefetch, and the largest piece read
+#: before it is pushed (also at most a quarter of the cache).
+PREFETCH_CHUNK = 4 << 20
+PREFETCH_PIECE = 64 << 20
+#: Bytes per NOTIFY_STORE of the prefetch call.
+PUSH_CHUNK = 1 << 20
 #: Concurrent write-back streams for one file once it has this much dirty data.
 WRITEBACK_STREAMS = 4
 WRITEBACK_PARALLEL_MIN = 8 << 20
@@ -109,7 +126,9 @@ class AsyncCache:
         # prefetches_in_flight)
         self.counters = dict(read_requests=0, read_request_bytes=0, reads_from_cache=0, reads_inline=0,
                              write_requests=0, writes_to_cache=0, prefetches=0,
-                             pushes_skipped=0)
+                             pushes_skipped=0, prefetch_calls=0, prefetch_call_bytes=0,
+                             prefetch_call_pushed_bytes=0)
+        self.cache_size = cache_size
 
     async def run(self, fn, *args):
         try:
@@ -266,6 +285,76 @@ class AsyncCache:
             finally:
                 self.check_lost_twins()
         return await self.run(self.engine.read, fid, off, size)
+
+    async def load_and_push(self, fid: int, ino: int, offset: int, length: int) -> int:
+        """The prefetch call: read [offset, offset+length) into the cache and
+        push it into the kernel's page cache; returns the bytes pushed (0
+        while the file's push gate is closed).  See the module docstring."""
+        c = self.counters
+        c["prefetch_calls"] += 1
+        c["prefetch_call_bytes"] += length
+        end = offset + length
+        piece = max(PREFETCH_CHUNK, min(PREFETCH_PIECE, self.cache_size // 4 // PREFETCH_CHUNK
+                                        * PREFETCH_CHUNK))
+        pieces = [(a, min(a + piece, end)) for a in range(offset & ~(PAGE - 1), end, piece)]
+        pushed = 0
+        engine = self.engine
+
+        errors: list[OSError] = []
+
+        async def fetch(pos: int, n: int) -> None:
+            try:
+                await trio.to_thread.run_sync(engine.prefetch, fid, pos, n,
+                                              limiter=self.prefetch_limiter)
+            except OSError as exc:
+                errors.append(exc)
+
+        async def load(a: int, b: int) -> None:
+            async with trio.open_nursery() as n:
+                for pos in range(a, b, PREFETCH_CHUNK):
+                    n.start_soon(fetch, pos, min(PREFETCH_CHUNK, b - pos))
+
+        async def push(a: int, b: int) -> None:
+            nonlocal pushed
+            kernel, g = self.kernel, self.gate(fid)
+            if not kernel.live or g.closed:
+                c["pushes_skipped"] += 1
+                return
+            g.pushing += 1
+
+            def work() -> int:
+                done = 0
+                for pos in range(a, b, PUSH_CHUNK):
+                    want = min(PUSH_CHUNK, b - pos)
+                    n = kernel.push(engine, fid, ino, pos, want)
+                    if n < want:        # evicted meanwhile, or known zeros: from a copy
+                        data = engine.read(fid, pos + n, want - n)
+                        kernel.store(ino, pos + n, data)
+                        n += len(data)
+                    done += n
+                return done
+            try:
+                pushed += await trio.to_thread.run_sync(work, limiter=self.prefetch_limiter)
+            except OSError as exc:
+                errors.append(exc)
+            finally:
+                g.pushing -= 1
+                if not g.pushing and g.idle is not None:
+                    g.idle.set()
+                    g.idle = None
+                self.check_lost_twins()
+        prev = None
+        for cur in pieces + [None]:
+            async with trio.open_nursery() as n:
+                if cur is not None:
+                    n.start_soon(load, *cur)
+                if prev is not None:
+                    n.start_soon(push, *prev)
+            if errors:
+                raise errors[0]
+            prev = cur
+        c["prefetch_call_pushed_bytes"] += pushed
+        return pushed
 
     async def _prefetch(self, fid: int, ino: int, stream: Stream, off: int, length: int) -> None:
         self.counters["prefetches"] += 1

@@ -1,4 +1,4 @@
-"""Command line: ``shimfs mount|umount|sync|stat``.
+"""Command line: ``shimfs mount|umount|sync|refresh|prefetch|stat``.
 
 Bad input is reported as one line on stderr with a non-zero exit status,
 never as a traceback (see :class:`shimfs.errors.UserError`).
@@ -74,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--length", type=int, default=None, help="bytes (default: to the end)")
     r.add_argument("path")
 
+    pf = sub.add_parser("prefetch", help="read a byte range into the kernel's page cache",
+                        description="Read the pages covering [offset, offset+length) of FILE "
+                                    "with large parallel reads and push them into the kernel's "
+                                    "page cache, so that touches of a mapping there are minor "
+                                    "faults with no request to the daemon. Returns once the "
+                                    "range is in; shows progress on a terminal. While FILE is "
+                                    "open for writing, the range only reaches the daemon's "
+                                    "cache (pages that may be dirty are never overwritten). The "
+                                    "kernel may drop the pages again under memory pressure.")
+    pf.add_argument("--offset", type=int, default=0, help="first byte (default 0)")
+    pf.add_argument("--length", type=int, default=None, help="bytes (default: to the end)")
+    pf.add_argument("path")
+
     st = sub.add_parser("stat", help="show cache counters of a file or mount")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("path")
@@ -84,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"mount": cmd_mount, "umount": cmd_umount, "sync": cmd_sync,
-                "refresh": cmd_refresh, "stat": cmd_stat}[args.cmd](args)
+                "refresh": cmd_refresh, "prefetch": cmd_prefetch, "stat": cmd_stat}[args.cmd](args)
     except UserError as exc:
         print("%s: %s" % (PROG, exc), file=sys.stderr)
         return exc.code
@@ -267,6 +280,48 @@ def cmd_refresh(args) -> int:
         api.refresh(args.path, args.offset, args.length)
     except OSError as exc:
         raise UserError("refresh %s failed: %s" % (args.path, exc.strerror), 1)
+    return 0
+
+
+#: ``shimfs prefetch`` on a terminal asks for this much at a time, to show progress.
+PROGRESS_STEP = 256 << 20
+
+
+def cmd_prefetch(args) -> int:
+    if args.offset < 0 or (args.length is not None and args.length < 0):
+        raise UserError("--offset and --length must be non-negative")
+    try:
+        size = os.stat(args.path).st_size
+    except OSError as exc:
+        raise UserError("%s: %s" % (args.path, exc.strerror))
+    end = size if args.length is None else args.offset + args.length
+    if args.offset > size or end > size:
+        raise UserError("bytes %d-%d are past the end of %s (%d bytes)"
+                        % (args.offset, end, args.path, size))
+    show = sys.stderr.isatty() and end - args.offset > PROGRESS_STEP
+    pos = args.offset
+    pushed = api.stats(args.path)["mount"].get("prefetch_call_pushed_bytes", 0)
+    try:
+        while True:
+            n = end - pos if not show else min(PROGRESS_STEP, end - pos)
+            api.prefetch(args.path, pos, n if (show or args.length is not None) else None)
+            pos += n
+            if show:
+                print("\r%s: prefetch %s: %d of %d MiB" % (
+                    PROG, args.path, (pos - args.offset) >> 20, (end - args.offset) >> 20),
+                    end="", file=sys.stderr, flush=True)
+            if pos >= end:
+                break
+    except OSError as exc:
+        raise UserError("prefetch %s failed: %s" % (args.path, exc.strerror), 1)
+    finally:
+        if show:
+            print(file=sys.stderr)
+    st = api.stats(args.path)
+    if end > args.offset and st["mount"].get("prefetch_call_pushed_bytes", 0) == pushed:
+        print("%s: notice: %s is open for writing, so the range is in the daemon's cache only "
+              "(pages that may be dirty are never overwritten)" % (PROG, args.path),
+              file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The control interface: the ``user.shimfs.*`` xattrs (sync, refresh,
-multiwrite, stats, backing, pid) and the counters ``shimfs stat`` shows.
+prefetch, multiwrite, stats, backing, pid) and the counters ``shimfs stat``
+shows.
 
 pyfuse3 has no ioctl handler, so control goes through xattrs, which any
 language can set (the CLI and :mod:`shimfs.api` are two such callers).  This
@@ -16,8 +17,8 @@ from .cache import AsyncCache
 from .coherence import Coherence
 from .errors import FsError
 from .files import OpenFiles
-from .names import (XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFIX, XATTR_REFRESH,
-                    XATTR_STATS, XATTR_SYNC)
+from .names import (XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFETCH, XATTR_PREFIX,
+                    XATTR_REFRESH, XATTR_STATS, XATTR_SYNC)
 from .namespace import Namespace
 from .nodes import Ctx, File, Node
 from .writeback import WriteBack
@@ -68,8 +69,11 @@ class Control:
             if failed:
                 raise FsError(failed[0][1].errno or errno.EIO)
             return
+        if name == XATTR_PREFETCH:
+            await self.prefetch(node, value, ctx)
+            return
         if name == XATTR_REFRESH and isinstance(node, File):
-            offset, length = parse_range(value)
+            offset, length = parse_range(value, "refresh")
             await self.ns.ensure_open(node, ctx)
             await self.coherence.refresh(node, offset, length)
             return
@@ -82,6 +86,22 @@ class Control:
         if name.startswith(XATTR_PREFIX):
             raise FsError(errno.EINVAL, "unknown control %s" % name)
         raise FsError(errno.ENOTSUP)
+
+    async def prefetch(self, node: Node, value: bytes, ctx: Ctx) -> None:
+        """``user.shimfs.prefetch``: the range into the kernel's page cache."""
+        if not isinstance(node, File):
+            raise FsError(errno.EINVAL, "prefetch takes a file, not a directory")
+        offset, length = parse_range(value, "prefetch")
+        await self.ns.ensure_open(node, ctx)
+        await self.files.creds.check_reachable(node, ctx, os.R_OK)
+        size = self.cache.size(node.fid)
+        if length is None:
+            length = max(size - offset, 0)
+        if offset > size or offset + length > size:
+            raise FsError(errno.EINVAL, "prefetch of %d bytes at %d is past the end of the "
+                                        "file (%d bytes)" % (length, offset, size))
+        if length:
+            await self.cache.load_and_push(node.fid, node.ino, offset, length)
 
     async def removexattr(self, ino: int, name: str) -> None:
         raise FsError(errno.ENOTSUP)
@@ -104,17 +124,19 @@ class Control:
                                read_ahead_window=max((s.window for s in streams), default=0),
                                sequential_reads=sum(s.sequential for s in streams),
                                random_reads=sum(s.random for s in streams),
-                               pushing=cache.pushing(node.fid))
+                               pushing=cache.pushing(node.fid),
+                               open_for_writing=node.writers)
         return out
 
 
-def parse_range(value: bytes) -> tuple[int, int | None]:
-    """``b"OFFSET LENGTH"``, ``b"OFFSET"`` or ``b""`` (the whole file)."""
+def parse_range(value: bytes, what: str) -> tuple[int, int | None]:
+    """``b"OFFSET LENGTH"``, ``b"OFFSET"`` or ``b""`` (the whole file), for
+    the control ``what``."""
     parts = value.decode("ascii", "replace").split()
     try:
         nums = [int(p) for p in parts]
     except ValueError:
-        raise FsError(errno.EINVAL, "refresh takes \"OFFSET LENGTH\"") from None
+        raise FsError(errno.EINVAL, "%s takes \"OFFSET LENGTH\"" % what) from None
     if len(nums) > 2 or any(n < 0 for n in nums):
-        raise FsError(errno.EINVAL, "refresh takes \"OFFSET LENGTH\", both non-negative")
+        raise FsError(errno.EINVAL, "%s takes \"OFFSET LENGTH\", both non-negative" % what)
     return (nums[0] if nums else 0), (nums[1] if len(nums) == 2 else None)

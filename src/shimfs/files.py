@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import stat
 import time
@@ -23,6 +24,8 @@ from .errors import FsError
 from .namespace import Namespace
 from .nodes import Attr, Ctx, Dir, File, Handle
 from .writeback import WriteBack
+
+log = logging.getLogger(__name__)
 
 
 class OpenFiles:
@@ -110,6 +113,7 @@ class OpenFiles:
         if h.stream is not None:
             h.stream.close()
         node = h.node
+        published = False
         try:
             await self.wb.writeback_if_dirty(node)
         finally:
@@ -117,9 +121,17 @@ class OpenFiles:
             if h.writable:
                 self.cache.open_gate(node.fid)
                 node.writers -= 1
-                if not node.writers:
-                    node.publish_mtime()
+                published = not node.writers and node.publish_mtime()
             self.ns.maybe_free(node)
+        if published:
+            # The kernel drops a file's pages when it sees a new mtime
+            # (auto_inval_data).  Have it ask at the next stat rather than up
+            # to TIMEOUT later, so that pages pushed after that stat
+            # (shimfs prefetch stats first) are not dropped.
+            try:
+                await self.cache.run(self.cache.kernel.inval_range, node.ino, -1, 0)
+            except OSError as exc:
+                log.debug("attribute invalidation of %s: %s", node.path, exc)
 
     async def truncate(self, node: File, size: int) -> None:
         if size < 0:

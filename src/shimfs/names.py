@@ -15,6 +15,7 @@ XATTR_PID = XATTR_PREFIX + "pid"                # get, on the root: the daemon's
 XATTR_STATS = XATTR_PREFIX + "stats"            # get: counters, as JSON
 XATTR_REFRESH = XATTR_PREFIX + "refresh"        # set "OFFSET LENGTH": the reverse msync
 XATTR_MULTIWRITE = XATTR_PREFIX + "multiwrite"  # get/set "0"/"1": byte-granular write-back
+XATTR_PREFETCH = XATTR_PREFIX + "prefetch"      # set "OFFSET LENGTH": into the kernel's cache
 
 #: The root directory's inode number (FUSE's FUSE_ROOT_ID).
 ROOT_INODE = 1

@@ -135,11 +135,14 @@ class File(Node):
         if not self.writers:
             self.publish_mtime()
 
-    def publish_mtime(self) -> None:
-        """Show the time of the last write as mtime, if it is not shown yet."""
+    def publish_mtime(self) -> bool:
+        """Show the time of the last write as mtime, if it is not shown yet;
+        True if the mtime changed."""
         if self.mtime_due:
             self.mtime_due = False
             self.mtime_ns = self.written_ns
+            return True
+        return False
 
 
 class DirHandle:
