@@ -4,6 +4,7 @@
                                            [--page-reporting keep|off]
     .venv/bin/python bench/quick.py write --rounds 4 ...
     .venv/bin/python bench/quick.py checkpoint --rounds 4 ...   # a new file (ftruncate + fill)
+    .venv/bin/python bench/quick.py random --touches 2000 ...  # random 4 KiB touches vs pread
 
 Each round runs native, then variant A (the mount as configured), then
 variant B (A plus ``--b-opt`` mount options and ``--b-env`` variables in the
@@ -49,7 +50,8 @@ def environ(extra: dict[str, str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("workload", choices=["scan", "write", "checkpoint"])
+    ap.add_argument("workload", choices=["scan", "write", "checkpoint", "random"])
+    ap.add_argument("--touches", type=int, default=2000, help="random: pages touched")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mib", type=int, default=0, help="file size (scan 2048, write 1024)")
     ap.add_argument("--dir", help="where the file lives (default: the stand-in's client)")
@@ -63,7 +65,7 @@ def main() -> None:
         from shimfs import standin
         args.dir = os.path.join(standin.client_dir(0), "bench")
     os.makedirs(args.dir, exist_ok=True)
-    mib = args.mib or (2048 if args.workload == "scan" else 1024)
+    mib = args.mib or (2048 if args.workload in ("scan", "random") else 1024)
     name = "%s-%d.bin" % (args.workload, mib)
     path = os.path.join(args.dir, name)
     if args.workload != "checkpoint":
@@ -74,7 +76,33 @@ def main() -> None:
         """A checkpoint writes a new file each time."""
         if args.workload == "checkpoint" and os.path.exists(path):
             os.unlink(path)
-    if args.workload == "checkpoint":
+    fetched: dict[str, list[float]] = {"A": [], "B": []}
+    if args.workload == "random":
+        import mmap
+        import random
+        rnd = random.Random(1)
+        offsets = [rnd.randrange(mib * MIB // 4096) * 4096 for _ in range(args.touches)]
+
+        def nat_fn(p):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                for off in offsets:
+                    os.pread(fd, 4096, off)
+            finally:
+                os.close(fd)
+
+        def map_fn(p):
+            import shimfs
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                    for off in offsets:
+                        m[off]
+            finally:
+                os.close(fd)
+            fetched[current[0]].append(shimfs.stats(p)["file"]["bytes_fetched"]
+                                       / (len(offsets) * 4096))
+    elif args.workload == "checkpoint":
         def nat_fn(p):
             native_checkpoint(p, mib * MIB, block)
 
@@ -92,7 +120,8 @@ def main() -> None:
     variants = {"A": ([], {}), "B": (args.b_opt, b_env)}
     rows: dict[str, list[tuple[float, dict[str, float]]]] = {"native": [], "A": [], "B": []}
     gib = mib / 1024
-    nbytes = mib * MIB
+    nbytes = mib * MIB if args.workload != "random" else args.touches * 4096
+    current = [""]
     with page_reporting(args.page_reporting), \
             tempfile.TemporaryDirectory(prefix="shimfs-quick-") as tmp:
         print(page_reporting_state())
@@ -101,6 +130,7 @@ def main() -> None:
             rows["native"].append(timed_cold(nat_fn, path, nbytes, None, path))
             for v, (opts, env) in variants.items():
                 fresh()
+                current[0] = v
                 mnt = os.path.join(tmp, "%s%d" % (v, r))
                 if args.workload == "checkpoint":      # created in the mount
                     backing, shown = args.dir, name
@@ -123,6 +153,9 @@ def main() -> None:
             v, statistics.median(rates), min(rates), max(rates),
             statistics.median(rates) / nat,
             ", ".join("%s %.2f" % kv for kv in sorted(cpu.items()))))
+        if fetched.get(v):
+            print("       bytes fetched per byte touched: %s" % " ".join(
+                "%.1f" % f for f in fetched[v]))
 
 
 if __name__ == "__main__":
