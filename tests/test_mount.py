@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from mounting import make_file, read_file, wait_until
+from mounting import make_file, read_file, shim_mount, wait_until
 from shimfs.names import XATTR_BACKING
 
 # Awkward sizes: empty, within one page, around page and 1 MiB (one READ)
@@ -365,3 +365,31 @@ def test_background_writeback_without_fsync(tmp_path, backing):
                        "the background write-back", interval=0.1)
         finally:
             os.close(fd)
+
+
+def test_a_small_read_ahead_fetches_only_what_random_touches_need(tmp_path, data_dir):
+    """``read_ahead=4``: the kernel reads 16 KiB around a faulting page, and
+    the daemon prefetches nothing for random touches, so sparse touches
+    fetch at most 4 pages each; the daemon's own window stays deep."""
+    import random
+    import shimfs
+    src = os.path.join(data_dir, "rnd.bin")
+    data = make_file(src, 64 << 20)
+    with shim_mount(str(tmp_path / "m"), data_dir, "read_ahead=4") as m:
+        os.symlink(src, os.path.join(m, "r"))
+        path = os.path.join(m, "r")
+        dev = os.stat(m).st_dev
+        with open("/sys/class/bdi/%d:%d/read_ahead_kb" % (os.major(dev), os.minor(dev))) as f:
+            assert int(f.read()) == 16
+        rnd = random.Random(7)
+        pages = rnd.sample(range((64 << 20) // 4096), 200)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mp:
+                for p in pages:
+                    assert mp[p * 4096:p * 4096 + 8] == data[p * 4096:p * 4096 + 8]
+        finally:
+            os.close(fd)
+        st = shimfs.stats(path)
+        assert st["file"]["bytes_fetched"] <= 4 * 4096 * len(pages)
+        assert st["mount"]["read_ahead_max_window"] == 64 << 20

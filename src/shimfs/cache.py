@@ -115,6 +115,8 @@ class AsyncCache:
         # before they are read.  A stream alone may take all of it.
         self.budget = Budget(read_ahead.budget(cache_size), self.engine.clean_bytes)
         self.max_window = read_ahead.max_window(read_ahead_bytes, cache_size)
+        self.min_run = read_ahead.min_run(read_ahead_bytes)
+        self.slack = read_ahead.stream_slack(read_ahead_bytes)
         self.read_ahead_bytes = read_ahead_bytes
         self.limiter = trio.CapacityLimiter(threads)
         self.prefetch_limiter = trio.CapacityLimiter(read_ahead.prefetch_threads)
@@ -149,7 +151,7 @@ class AsyncCache:
         return await self.run(_run_as, uid, gid, groups, fn, *args)
 
     def stream(self) -> Stream:
-        return Stream(self.max_window, self.read_ahead_bytes, self.budget)
+        return Stream(self.max_window, self.min_run, self.budget, self.slack)
 
     # -- the engine's file records (no I/O: fine on any thread) --------------
     def register(self, fd: int, size: int, multiwrite: bool = False) -> int:
