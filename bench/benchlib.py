@@ -205,3 +205,41 @@ def make_file(path: str, mib: int) -> str:
         for i in range(mib):
             f.write(chunk[i % 251:] + chunk[:i % 251])
     return path
+
+
+def chart(results: list[dict], path: str) -> None:
+    """A PNG of every row's ratio to native (median of its rounds), one bar
+    per path, grouped by workload and backing; skipped (with a line) when
+    matplotlib is missing (``pip install -e '.[bench]'``)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no chart: matplotlib is not installed")
+        return
+    import statistics
+    rows = [r for r in results if r["ratios"] or r["native"][0]]
+    if not rows:
+        return
+    labels, values, colors = [], [], []
+    palette = {}
+    for r in rows:
+        ratio = statistics.median(r["ratios"]) if r["ratios"] else r["mine"][0] / r["native"][0]
+        name = r["workload"].split(" vs ")[0]
+        labels.append("%s [%s] %s" % (name[:58], r["where"], r["fs"]))
+        values.append(ratio)
+        colors.append(palette.setdefault(r["fs"], "C%d" % len(palette)))
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), values, color=colors)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("ratio to native access in the same rounds (median)")
+    for i, v in enumerate(values):
+        ax.text(v, i, " %.2f" % v, va="center", fontsize=6)
+    fig.tight_layout()
+    fig.subplots_adjust(left=0.45)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

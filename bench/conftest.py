@@ -28,8 +28,8 @@ from mounting import daemon_pid, shim_mount  # noqa: E402  (the tests' helpers)
 
 from shimfs import standin  # noqa: E402
 
-from benchlib import (RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, cpu_table, make_file,  # noqa: E402
-                      page_reporting, page_reporting_state)
+from benchlib import (COLD, RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, chart, cpu_table,  # noqa: E402
+                      make_file, page_reporting, page_reporting_state)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -52,9 +52,10 @@ def pytest_sessionfinish(session, exitstatus):
         table += ("\n\nCPU seconds per GiB moved (medians; the machine has 2 cores, so the"
                   " total over the run's wall time shows how busy it was):\n\n" + cpu)
     with open(os.path.join(os.path.dirname(__file__), "results.md"), "w") as f:
-        f.write("Sizes: scan %d MiB, write %d MiB; %d rounds; %s.\n\n%s\n" % (
-            SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], table))
+        f.write("Sizes: scan %d MiB, write %d MiB; %d rounds; %s; caches cold: %s.\n\n%s\n" % (
+            SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], COLD, table))
     print("\n" + table)
+    chart(RESULTS, os.path.join(os.path.dirname(__file__), "results.png"))
 
 
 STATE = ["free page reporting: not recorded"]
@@ -146,30 +147,38 @@ class Mounts:
                                  os.path.dirname(target)])
         return os.path.join(mnt, os.path.basename(target))
 
-    def c_peer(self, target: str) -> str:
+    def c_peer(self, target: str, read_ahead_pages: int = 1024) -> str:
         """libfuse's C ``passthrough_ll`` (bench/cpeer.py) over ``target``'s
         directory, tuned as shimfs tunes its own mounts (kernel read-ahead
-        4 MiB, max_background 64): the issue's "best tuned C daemon"."""
+        4 MiB, max_background 64): the issue's "best tuned C daemon".
+        ``read_ahead_pages=32``: the kernel's default window (128 KiB)."""
         import cpeer
         from shimfs.tuning import tune
         exe = cpeer.binary()
         mnt = self._daemon("c", [exe, "-f", "-o", "source=" + os.path.dirname(target)])
-        problems = tune(mnt, 1024)
+        problems = tune(mnt, read_ahead_pages)
         if problems:
             print("C peer not tuned: %s" % "; ".join(problems))
         return os.path.join(mnt, os.path.basename(target))
 
     def mount(self, fs: str, target: str, *opts: str) -> str:
-        """A fresh mount of ``fs`` (shimfs, passthrough, passthrough_ll) showing ``target``."""
+        """A fresh mount of ``fs`` (shimfs, passthrough, passthrough_ll,
+        passthrough_ll with the kernel's default read-ahead) showing ``target``."""
         if fs == "shimfs":
             return self.shimfs(target, *opts)
         if fs == "passthrough_ll":
             return self.c_peer(target)
+        if fs == C_PEER_DEFAULT_RA:
+            return self.c_peer(target, 32)
         return self.passthrough(target)
 
     def close(self):
         self.stack.close()
         self.stack = contextlib.ExitStack()
+
+
+#: The C peer with the kernel's default read-ahead (128 KiB), for random access.
+C_PEER_DEFAULT_RA = "passthrough_ll, read_ahead_kb=128"
 
 
 @pytest.fixture(scope="session")

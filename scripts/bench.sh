@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/python -m pip install -q -e '.[test,bench]' 2>&1 | grep -vE '^WARNING: Location|BuildBackendWarning' || true
 run_tmp=$(mktemp -d /tmp/shimfs-bench.XXXXXX)
 export TMPDIR="$run_tmp"
 cleanup() {
