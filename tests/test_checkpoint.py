@@ -24,8 +24,20 @@ def ckpt(tmp_path, data_dir):
         yield m, data_dir
 
 
-def fetched(path: str) -> int:
-    return shimfs.stats(path)["file"]["bytes_fetched"]
+def written(mnt: str, name: str, size: int) -> tuple[str, bytes]:
+    """A file of ``size`` random bytes created through the mount: (path, bytes)."""
+    path = os.path.join(mnt, name)
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, data
+
+
+def write_behind(backing: str, name: str, offset: int, data: bytes) -> None:
+    """Another node (or a script) writes ``data`` into the backing file."""
+    with open(os.path.join(backing, name), "r+b") as f:
+        f.seek(offset)
+        f.write(data)
 
 
 def test_a_mapped_fill_of_a_grown_file_reads_nothing_back(ckpt):
@@ -88,10 +100,7 @@ def test_open_memmap_of_an_npy_file(ckpt):
 
 def test_shrunk_and_regrown_through_the_mount(ckpt):
     mnt, backing = ckpt
-    path = os.path.join(mnt, "s.bin")
-    data = os.urandom(10 * PAGE)
-    with open(path, "wb") as f:
-        f.write(data)
+    path, data = written(mnt, "s.bin", 10 * PAGE)
     fd = os.open(path, os.O_RDWR)
     try:
         os.ftruncate(fd, 3 * PAGE + 17)            # shrink into page 3
@@ -110,10 +119,7 @@ def test_shrunk_and_regrown_through_the_mount(ckpt):
 
 def test_a_hole_punched_in_the_backing_file_shows_after_refresh(ckpt):
     mnt, backing = ckpt
-    path = os.path.join(mnt, "h.bin")
-    data = os.urandom(16 * PAGE)
-    with open(path, "wb") as f:
-        f.write(data)
+    path, data = written(mnt, "h.bin", 16 * PAGE)
     fd = os.open(path, os.O_RDWR)
     try:
         # through the mount, a punch is refused (FUSE has it, pyfuse3 does not)
@@ -144,9 +150,7 @@ def test_bytes_another_node_wrote_into_a_grown_range_show_after_refresh(ckpt):
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         os.ftruncate(fd, 64 * PAGE)                 # known zeros here...
-        with open(os.path.join(backing, "r.bin"), "r+b") as f:
-            f.seek(40 * PAGE + 3)
-            f.write(b"theirs")                      # ...until someone writes there
+        write_behind(backing, "r.bin", 40 * PAGE + 3, b"theirs")   # ...till someone writes
         shimfs.refresh(path)
         with mmap.mmap(fd, 64 * PAGE) as m:
             assert m[40 * PAGE:40 * PAGE + 12] == b"\0\0\0theirs\0\0\0"
@@ -163,9 +167,7 @@ def test_bytes_another_node_wrote_into_a_grown_range_show_after_reopen(ckpt):
     os.pwrite(fd, b"mine", 0)
     os.fsync(fd)
     os.close(fd)
-    with open(os.path.join(backing, "o.bin"), "r+b") as f:
-        f.seek(50 * PAGE)
-        f.write(b"theirs")
+    write_behind(backing, "o.bin", 50 * PAGE, b"theirs")
     fd = os.open(path, os.O_RDWR)                   # close-to-open: the file changed
     try:
         with mmap.mmap(fd, 64 * PAGE) as m:
