@@ -1,7 +1,8 @@
 """The read-ahead policy (pure code): what a stream of READs makes it prefetch."""
 from __future__ import annotations
 
-from shimfs.readahead import CHUNK, HOLE_EVERY, MIN_WINDOW, Budget, Stream, chunks, hole
+from shimfs.readahead import (CHUNK, DEFAULT, HOLE_EVERY, MIN_WINDOW, Budget, Stream, chunks,
+                              hole)
 
 MIB = 1 << 20
 
@@ -49,6 +50,47 @@ def test_out_of_order_reads_within_a_window_stay_in_stream():
     assert s.window > 0 and s.random == 1 and s.issued_until >= issued
     feed(s, [(500 * MIB, MIB)])                                # a real jump: reset
     assert s.window == 0 and s.random == 2
+
+
+def stream_for(read_ahead_bytes: int, cache_size: int = 256 * MIB) -> Stream:
+    """A stream as the mount builds it for that kernel window (cache.AsyncCache)."""
+    return Stream(DEFAULT.max_window(read_ahead_bytes, cache_size),
+                  DEFAULT.min_run(read_ahead_bytes), None,
+                  DEFAULT.stream_slack(read_ahead_bytes))
+
+
+def test_the_default_window_keeps_its_numbers():
+    assert DEFAULT.min_run(4 * MIB) == 4 * MIB
+    assert DEFAULT.stream_slack(4 * MIB) == 256 << 10
+    assert DEFAULT.max_window(4 * MIB, 256 * MIB) == 64 * MIB
+
+
+def test_a_scan_in_16k_reads_still_prefetches_deep():
+    """read_ahead=4: the kernel sends 16 KiB READs; the stream is detected
+    after 128 KiB and its window grows to the 64 MiB floor, so random
+    detection costs a scan nothing after its first 128 KiB."""
+    s = stream_for(16 << 10)
+    k = 16 << 10
+    plans = feed(s, [(i * k, k) for i in range(4096)])        # 64 MiB of READs
+    assert plans and plans[0][0] <= 256 << 10
+    assert s.window == 64 * MIB
+    assert s.issued_until >= 64 * MIB + 32 * MIB              # far ahead of the reader
+    assert s.random == 1
+
+
+def test_neighbouring_random_touches_are_not_a_scan():
+    """read_ahead=4: touches 40-200 KiB apart, and pairs of neighbouring
+    pages, prefetch nothing (with the default's 256 KiB slack and no run
+    floor they did)."""
+    s = stream_for(16 << 10)
+    k = 16 << 10
+    reads, off = [], 0
+    for gap in (40, 64, 100, 200, 48, 150) * 20:
+        off += gap << 10
+        reads.append((off, k))
+        if gap == 100:
+            reads.append((off + k, k))                        # the next page too
+    assert feed(s, reads) == []
 
 
 def test_chunks_cut_on_chunk_boundaries_and_holes():
