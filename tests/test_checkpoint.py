@@ -33,6 +33,15 @@ def written(mnt: str, name: str, size: int) -> tuple[str, bytes]:
     return path, data
 
 
+def grown(mnt: str, name: str, size: int) -> tuple[str, int]:
+    """A new file in the mount, grown to ``size`` by ftruncate (known zeros):
+    (path, an open read/write descriptor)."""
+    path = os.path.join(mnt, name)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    os.ftruncate(fd, size)
+    return path, fd
+
+
 def write_behind(backing: str, name: str, offset: int, data: bytes) -> None:
     """Another node (or a script) writes ``data`` into the backing file."""
     with open(os.path.join(backing, name), "r+b") as f:
@@ -42,12 +51,10 @@ def write_behind(backing: str, name: str, offset: int, data: bytes) -> None:
 
 def test_a_mapped_fill_of_a_grown_file_reads_nothing_back(ckpt):
     mnt, backing = ckpt
-    path = os.path.join(mnt, "ckpt.bin")
     size = 4 << 20
     model = bytearray(size)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    path, fd = grown(mnt, "ckpt.bin", size)
     try:
-        os.ftruncate(fd, size)
         m = mmap.mmap(fd, size)
         for p in range(size // PAGE):
             if p % 7 == 3:
@@ -146,10 +153,8 @@ def test_a_hole_punched_in_the_backing_file_shows_after_refresh(ckpt):
 
 def test_bytes_another_node_wrote_into_a_grown_range_show_after_refresh(ckpt):
     mnt, backing = ckpt
-    path = os.path.join(mnt, "r.bin")
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    path, fd = grown(mnt, "r.bin", 64 * PAGE)        # known zeros here...
     try:
-        os.ftruncate(fd, 64 * PAGE)                 # known zeros here...
         write_behind(backing, "r.bin", 40 * PAGE + 3, b"theirs")   # ...till someone writes
         shimfs.refresh(path)
         with mmap.mmap(fd, 64 * PAGE) as m:
@@ -161,9 +166,7 @@ def test_bytes_another_node_wrote_into_a_grown_range_show_after_refresh(ckpt):
 
 def test_bytes_another_node_wrote_into_a_grown_range_show_after_reopen(ckpt):
     mnt, backing = ckpt
-    path = os.path.join(mnt, "o.bin")
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    os.ftruncate(fd, 64 * PAGE)
+    path, fd = grown(mnt, "o.bin", 64 * PAGE)
     os.pwrite(fd, b"mine", 0)
     os.fsync(fd)
     os.close(fd)

@@ -41,8 +41,7 @@ def resize(pc, fid, fd, size):
     larger end is known zeros."""
     before = os.fstat(fd).st_size
     os.ftruncate(fd, size)
-    start = max(before, pc.size(fid))
-    pc.truncate(fid, size, start if size > start else -1)
+    pc.truncate(fid, size, max(before, pc.size(fid)))
 
 
 class Model:

@@ -63,6 +63,15 @@ async def listing(fs, ino) -> dict[bytes, object]:
         fs.releasedir(fh)
 
 
+async def made(fs, name: bytes, data: bytes):
+    """Create ``name`` in the root through the VFS, write ``data``, close it;
+    returns its attributes."""
+    fh, attr = await fs.create(ROOT_INODE, name, REG, os.O_RDWR, Ctx())
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    return attr
+
+
 async def listdir(fs, ino) -> list[bytes]:
     """The names readdir shows in directory ``ino``, in its order."""
     return list(await listing(fs, ino))
@@ -507,9 +516,7 @@ def test_mirror_follows_what_other_nodes_do(mirror, tmp_path):
         assert await fails(fs.lookup(ROOT_INODE, b"sub")) == errno.ENOENT
         assert (await fs.lookup(ROOT_INODE, b"moved")).ino
         # and things made through the mount land in the backing tree
-        fh, _ = await fs.create(ROOT_INODE, b"mine", REG, os.O_RDWR, Ctx())
-        await fs.write(fh, 0, b"through the mount")
-        await fs.release(fh)
+        await made(fs, b"mine", b"through the mount")
         await fs.unlink(ROOT_INODE, b"new")
     run(go)
     assert (b / "mine").read_bytes() == b"through the mount"
@@ -537,9 +544,7 @@ def test_mirror_readdir_shows_a_replaced_file_as_the_new_one(mirror, tmp_path):
     b = tmp_path / "b"
 
     async def go():
-        fh, _ = await fs.create(ROOT_INODE, b"z", REG, os.O_RDWR, Ctx())
-        await fs.write(fh, 0, b"1")
-        await fs.release(fh)
+        await made(fs, b"z", b"1")
         (b / "z.tmp").write_bytes(b"")
         os.rename(b / "z.tmp", b / "z")                      # replaced, now empty
         assert (await listing(fs, ROOT_INODE))[b"z"].size == 0
@@ -553,9 +558,7 @@ def test_attributes_follow_a_file_another_node_wrote_in_place(mirror, tmp_path):
     b = tmp_path / "b"
 
     async def go():
-        fh, a = await fs.create(ROOT_INODE, b"a", REG, os.O_RDWR, Ctx())
-        await fs.write(fh, 0, b"12")
-        await fs.release(fh)
+        a = await made(fs, b"a", b"12")
         with open(b / "a", "ab") as f:
             f.write(b"345")                                 # another node appends
         assert (await listing(fs, ROOT_INODE))[b"a"].size == 5

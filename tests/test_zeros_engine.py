@@ -19,8 +19,7 @@ def grow(pc, fid, fd, size):
     """What files.OpenFiles.truncate does: ftruncate, then the engine."""
     before = os.fstat(fd).st_size
     os.ftruncate(fd, size)
-    start = max(before, pc.size(fid))
-    pc.truncate(fid, size, start if size > start else -1)
+    pc.truncate(fid, size, max(before, pc.size(fid)))
 
 
 def stats(pc, fid):

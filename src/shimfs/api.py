@@ -102,22 +102,33 @@ def _range_value(offset: int, length: int | None) -> bytes:
         str(offset) if length is None else "%d %d" % (offset, length))).encode()
 
 
+def _checked_range(path_or_fd, offset: int, length: int | None):
+    p = _path(path_or_fd)
+    if offset < 0 or (length is not None and length < 0):
+        raise OSError(errno.EINVAL, "offset and length must be non-negative")
+    size = os.fstat(p).st_size if isinstance(p, int) else os.stat(p).st_size
+    end = size if length is None else offset + length
+    if offset > size or end > size:
+        raise OSError(errno.EINVAL, "bytes %d-%d are past the end of %s (%d bytes)"
+                      % (offset, end, path_or_fd, size))
+    return p, offset, end
+
+
+def prefetch_range(path_or_fd, offset: int = 0, length: int | None = None) -> tuple[int, int]:
+    """The byte range ``prefetch`` would take, as (offset, end); OSError
+    (EINVAL) for negative values or a range past the end of the file,
+    ShimfsError for a path that is missing or not in a shimfs mount."""
+    return _checked_range(path_or_fd, offset, length)[1:]
+
+
 def prefetch(path_or_fd, offset: int = 0, length: int | None = None) -> None:
     """Read [offset, offset+length) (to the end if length is None) into the
     kernel's page cache, so that touches of a mapping there send no request;
     returns once it is in.  Pages that may be dirty are never overwritten:
     while the file is open for writing, the range goes into the daemon's
     cache only.  The kernel may drop pages again under memory pressure.
-    Negative values and a range past the end of the file raise OSError
-    (EINVAL)."""
-    p = _path(path_or_fd)
-    if offset < 0 or (length is not None and length < 0):
-        raise OSError(errno.EINVAL, "prefetch: offset and length must be non-negative")
-    size = os.fstat(p).st_size if isinstance(p, int) else os.stat(p).st_size
-    end = size if length is None else offset + length
-    if offset > size or end > size:
-        raise OSError(errno.EINVAL, "prefetch: bytes %d-%d are past the end of %s (%d bytes)"
-                      % (offset, end, path_or_fd, size))
+    Bad input: see :func:`prefetch_range`."""
+    p = _checked_range(path_or_fd, offset, length)[0]
     try:
         os.setxattr(p, XATTR_PREFETCH, _range_value(offset, length))
     except OSError as exc:

@@ -183,7 +183,8 @@ class AsyncCache:
     def truncate(self, fid: int, size: int, zeros_from: int = -1) -> None:
         """The cached size and pages follow a truncate of the backing file;
         ``zeros_from``: this node grew it from there, so the new pages are
-        known zeros (filled without a backing read)."""
+        known zeros (filled without a backing read); ignored unless the
+        file grew."""
         self.engine.truncate(fid, size, zeros_from)
 
     def invalidate(self, fid: int, offset: int, length: int) -> int:
@@ -227,6 +228,25 @@ class AsyncCache:
 
     def open_gate(self, fid: int) -> None:
         self.gate(fid).closed -= 1
+
+    def start_push(self, fid: int) -> PushGate | None:
+        """Count a push of ``fid`` in, on this (the trio) thread, before it
+        leaves for its worker; None (counted as skipped) while the gate is
+        closed or no kernel is there.  Pair with :meth:`end_push`."""
+        g = self.gate(fid)
+        if g.closed or not self.kernel.live:
+            self.counters["pushes_skipped"] += 1
+            return None
+        g.pushing += 1
+        return g
+
+    @staticmethod
+    def end_push(g: PushGate) -> None:
+        """The push is over: wake a ``close_gate`` waiting for the last one."""
+        g.pushing -= 1
+        if not g.pushing and g.idle is not None:
+            g.idle.set()
+            g.idle = None
 
     @contextlib.asynccontextmanager
     async def pushes_paused(self, fid: int):
@@ -318,11 +338,9 @@ class AsyncCache:
 
         async def push(a: int, b: int) -> None:
             nonlocal pushed
-            kernel, g = self.kernel, self.gate(fid)
-            if not kernel.live or g.closed:
-                c["pushes_skipped"] += 1
+            kernel, g = self.kernel, self.start_push(fid)
+            if g is None:
                 return
-            g.pushing += 1
 
             def work() -> int:
                 done = 0
@@ -340,10 +358,7 @@ class AsyncCache:
             except OSError as exc:
                 errors.append(exc)
             finally:
-                g.pushing -= 1
-                if not g.pushing and g.idle is not None:
-                    g.idle.set()
-                    g.idle = None
+                self.end_push(g)
                 self.check_lost_twins()
         prev = None
         for cur in pieces + [None]:
@@ -362,13 +377,7 @@ class AsyncCache:
         self.counters["prefetches"] += 1
         self.prefetching[fid] = self.prefetching.get(fid, 0) + 1
         kernel = self.kernel
-        g = self.gate(fid) if self.push and kernel.live else None
-        if g is not None:
-            if g.closed:
-                g = None
-                self.counters["pushes_skipped"] += 1
-            else:
-                g.pushing += 1
+        g = self.start_push(fid) if self.push and kernel.live else None
         engine = self.engine
 
         def work():
@@ -389,10 +398,7 @@ class AsyncCache:
             log.debug("prefetch of file %d at %d failed: %s", fid, off, exc)
         finally:
             if g is not None:
-                g.pushing -= 1
-                if not g.pushing and g.idle is not None:
-                    g.idle.set()
-                    g.idle = None
+                self.end_push(g)
             self.check_lost_twins()
             self.prefetching[fid] -= 1
             if not self.prefetching[fid]:

@@ -288,16 +288,10 @@ PROGRESS_STEP = 256 << 20
 
 
 def cmd_prefetch(args) -> int:
-    if args.offset < 0 or (args.length is not None and args.length < 0):
-        raise UserError("--offset and --length must be non-negative")
     try:
-        size = os.stat(args.path).st_size
+        _, end = api.prefetch_range(args.path, args.offset, args.length)
     except OSError as exc:
-        raise UserError("%s: %s" % (args.path, exc.strerror))
-    end = size if args.length is None else args.offset + args.length
-    if args.offset > size or end > size:
-        raise UserError("bytes %d-%d are past the end of %s (%d bytes)"
-                        % (args.offset, end, args.path, size))
+        raise UserError("prefetch %s: %s" % (args.path, exc.strerror))
     show = sys.stderr.isatty() and end - args.offset > PROGRESS_STEP
     pos = args.offset
     pushed = api.stats(args.path)["mount"].get("prefetch_call_pushed_bytes", 0)

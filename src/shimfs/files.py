@@ -149,8 +149,7 @@ class OpenFiles:
             # Growing the file from the larger of both ends (the backing file
             # may have grown elsewhere): what lies past it is zeros that this
             # node made, and a fault there need not read them (FileRec.zero).
-            start = max(before, self.cache.size(node.fid))
-            self.cache.truncate(node.fid, size, zeros_from=start if size > start else -1)
+            self.cache.truncate(node.fid, size, max(before, self.cache.size(node.fid)))
             node.seen = (st.st_size, st.st_mtime_ns)
         node.touch()
 
