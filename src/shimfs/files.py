@@ -113,25 +113,27 @@ class OpenFiles:
         if h.stream is not None:
             h.stream.close()
         node = h.node
-        published = False
         try:
             await self.wb.writeback_if_dirty(node)
+            if h.writable and node.writers == 1 and node.publish_mtime():
+                # The kernel drops a file's pages when it sees a new mtime
+                # (auto_inval_data).  Have it ask at the next stat rather
+                # than up to TIMEOUT later, so that pages pushed after that
+                # stat (shimfs prefetch stats first) are not dropped.  This
+                # is done before the last writer counts as gone: pushes wait
+                # for that, and so does a caller watching open_for_writing.
+                try:
+                    await self.cache.run(self.cache.kernel.inval_range, node.ino, -1, 0)
+                except OSError as exc:
+                    log.debug("attribute invalidation of %s: %s", node.path, exc)
         finally:
             node.opens -= 1
             if h.writable:
                 self.cache.open_gate(node.fid)
                 node.writers -= 1
-                published = not node.writers and node.publish_mtime()
+                if not node.writers:
+                    node.publish_mtime()     # when the write-back above failed
             self.ns.maybe_free(node)
-        if published:
-            # The kernel drops a file's pages when it sees a new mtime
-            # (auto_inval_data).  Have it ask at the next stat rather than up
-            # to TIMEOUT later, so that pages pushed after that stat
-            # (shimfs prefetch stats first) are not dropped.
-            try:
-                await self.cache.run(self.cache.kernel.inval_range, node.ino, -1, 0)
-            except OSError as exc:
-                log.debug("attribute invalidation of %s: %s", node.path, exc)
 
     async def truncate(self, node: File, size: int) -> None:
         if size < 0:
