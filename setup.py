@@ -14,12 +14,17 @@ extensions = [
         extra_compile_args=["-O2", "-D_GNU_SOURCE"],
     ),
     Extension(
+        "shimfs._wire",
+        ["src/shimfs/_wire.pyx"],
+        extra_compile_args=["-O2", "-D_GNU_SOURCE"],
+    ),
+    Extension(
         "shimcore._creds",
         ["src/shimcore/_creds.pyx"],
         extra_compile_args=["-O2", "-D_GNU_SOURCE"],
     ),
 ]
 
-# include_path: shimfs._notify cimports shimcore._engine (its .pxd).
+# include_path: shimfs._notify and shimfs._wire cimport shimcore._engine (its .pxd).
 setup(ext_modules=cythonize(extensions, include_path=["src"],
                             compiler_directives={"language_level": "3"}))

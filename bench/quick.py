@@ -6,9 +6,9 @@
     .venv/bin/python bench/quick.py checkpoint --rounds 4 ...   # a new file (ftruncate + fill)
     .venv/bin/python bench/quick.py random --touches 2000 ...  # random 4 KiB touches vs pread
 
-Each round runs native, then variant A (the mount as configured), then
-variant B (A plus ``--b-opt`` mount options and ``--b-env`` variables in the
-daemon's environment), each cold (client cache dropped, fresh mount), and
+Each round runs native, then variant A (the mount with ``--a-opt``
+options, defaults without), then variant B (A plus ``--b-opt`` mount options
+and ``--b-env`` variables in the daemon's environment), each cold (client cache dropped, fresh mount), and
 prints MB/s and CPU seconds per GiB per process.  On a 2-core VM whose speed
 drifts (docs/performance.md, "Why runs vary"), only such interleaved pairs
 compare; the bench (``scripts/bench.sh``) is what publishes figures.  Needs
@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mib", type=int, default=0, help="file size (scan 2048, write 1024)")
     ap.add_argument("--dir", help="where the file lives (default: the stand-in's client)")
+    ap.add_argument("--a-opt", action="append", default=[],
+                    help="mount option for variant A (and B, which adds --b-opt)")
     ap.add_argument("--b-opt", action="append", default=[], help="mount option for variant B")
     ap.add_argument("--b-env", action="append", default=[], help="NAME=VALUE for variant B")
     ap.add_argument("--page-reporting", choices=["keep", "off"], default=PAGE_REPORTING,
@@ -117,7 +119,7 @@ def main() -> None:
         def map_fn(p):
             mapped_write(p, block)
     b_env = dict(kv.split("=", 1) for kv in args.b_env)
-    variants = {"A": ([], {}), "B": (args.b_opt, b_env)}
+    variants = {"A": (args.a_opt, {}), "B": (args.a_opt + args.b_opt, b_env)}
     rows: dict[str, list[tuple[float, dict[str, float]]]] = {"native": [], "A": [], "B": []}
     gib = mib / 1024
     nbytes = mib * MIB if args.workload != "random" else args.touches * 4096

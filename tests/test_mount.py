@@ -398,8 +398,8 @@ def test_a_small_read_ahead_fetches_only_what_random_touches_need(tmp_path, data
 def test_a_scan_with_a_small_read_ahead_is_one_stream_served_from_the_cache(tmp_path, data_dir):
     """``read_ahead=4``: random detection does not cost a mapped scan its
     prefetch: its 16 KiB READs form one sequential stream, nearly all are
-    answered from pages the daemon prefetched, and no byte is fetched
-    twice."""
+    answered from pages the daemon prefetched (most without Python), and
+    no byte is fetched twice."""
     import shimfs
     src = os.path.join(data_dir, "seq.bin")
     data = make_file(src, 32 << 20)
@@ -421,6 +421,9 @@ def test_a_scan_with_a_small_read_ahead_is_one_stream_served_from_the_cache(tmp_
     f, mount = st["file"], st["mount"]
     if f["backing_in_memory"]:
         pytest.skip("no read-ahead for files in memory")
-    assert f["random_reads"] <= 2 and f["sequential_reads"] >= 1000
+    # the policy sees one READ per MiB consumed; the compiled path answers
+    # the cached ones in between (shimfs._wire)
+    assert f["random_reads"] <= 2
+    assert f["sequential_reads"] + mount["fast_reads"] - mount["fast_read_misses"] >= 1000
     assert mount["reads_from_cache"] >= 0.9 * mount["read_requests"]
     assert f["bytes_fetched"] <= len(data) + (1 << 20)

@@ -159,3 +159,31 @@ def test_windows_shrink_while_dirty_pages_fill_the_cache():
     feed(s, [(14 * MIB, MIB)])
     assert s.window == 2 * MIN_WINDOW               # grows back by doubling
     s.close()
+
+
+def test_the_trigger_shows_the_policy_every_read_that_would_prefetch():
+    """A stream whose reads before its trigger are hidden (the compiled path
+    answers them) plans exactly what it plans when it sees every read."""
+    reads = [(i * 16384, 16384) for i in range(4096)]          # a 64 MiB scan
+    seen_all = Stream(max_window=64 * MIB, min_run=128 << 10, slack=32 << 10)
+    every = feed(seen_all, reads)
+    s = Stream(max_window=64 * MIB, min_run=128 << 10, slack=32 << 10)
+    shown, plans = 0, []
+    for off, size in reads:
+        trigger = s.trigger()
+        if trigger >= 0 and off + size <= trigger:
+            continue                                           # answered without Python
+        shown += 1
+        plan = s.on_read(off, size)
+        if plan:
+            plans.append(plan)
+    assert shown < len(reads) // 8                             # most reads never reach it
+    # the same bytes, in windows as deep: never further behind the reader
+    assert plans[-1][0] + plans[-1][1] >= every[-1][0] + every[-1][1] - CHUNK
+    assert sum(n for _, n in plans) >= sum(n for _, n in every) - CHUNK
+
+
+def test_a_random_stream_has_no_trigger():
+    s = Stream(max_window=64 * MIB, min_run=128 << 10)
+    feed(s, [(o * MIB, 4096) for o in (9, 3, 77, 12)])
+    assert s.trigger() == -1

@@ -3,8 +3,10 @@
 
 ``shimfs._notify`` uses :meth:`PageCache.record`, :meth:`PageCache.lend` and
 :meth:`PageCache.give_back` to hand cached pages to the kernel straight from
-the arena, with no Python in between.  Everything else here is the engine's
-own state and helpers, declared once: the C declarations it needs, its
+the arena, with no Python in between; ``shimfs._wire`` answers READs with
+:meth:`PageCache.lend_whole` (cached pages), :meth:`PageCache.lend_loaded`
+(loading the missing ones) and :meth:`PageCache.give_back_read`.
+Everything else here is the engine's own state and helpers, declared once: the C declarations it needs, its
 constants, its structs and the fields and C methods of :class:`PageCache`.
 The rules for the mutex are at the top of _engine.pyx.
 """
@@ -220,3 +222,9 @@ cdef class PageCache:
                       int64_t *slot_of, iovec *iov) noexcept nogil
     cdef void give_back(self, FileRec *fr, int64_t *slot_of, iovec *iov, int64_t n,
                         bint delivered) noexcept nogil
+    cdef int64_t lend_whole(self, FileRec *fr, int64_t fid, int64_t offset, int64_t size,
+                            int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil
+    cdef int64_t lend_loaded(self, FileRec *fr, int64_t fid, int64_t offset, int64_t size,
+                             int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil
+    cdef void give_back_read(self, FileRec *fr, int64_t *slot_of, iovec *iov,
+                             int64_t n, bint hits) noexcept nogil

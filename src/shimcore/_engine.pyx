@@ -1071,6 +1071,126 @@ cdef class PageCache:
             fr.push_ops += 1
         pthread_mutex_unlock(&self.mu)
 
+    cdef int64_t lend_whole(self, FileRec *fr, int64_t fid, int64_t offset, int64_t size,
+                            int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil:
+        """Pin every page of [offset, offset+size), clipped to the size, for a
+        reader outside the engine that answers a read in full or not at all.
+
+        Returns -1, pinning nothing, when a page is neither cached nor known
+        to be zeros, or the range is longer than MAX_RUN pages; else the
+        number of pages, each with ``iov[i]`` (its bytes in the range) and
+        ``slot_of[i]`` (-1 for a known-zero page, whose ``iov`` points at
+        ``zeros``, a page of zeros).  0 at or past the end of the file.
+        Hand the pages back with :meth:`give_back_read`.  Takes the mutex:
+        call without the GIL.
+        """
+        cdef int64_t end = offset + size, p0 = offset >> PAGE_SHIFT, p1, i, s, n, a, b
+        cdef bint whole = True
+        pthread_mutex_lock(&self.mu)
+        if end > fr.size:
+            end = fr.size
+        if end <= offset:
+            pthread_mutex_unlock(&self.mu)
+            return 0
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
+        n = p1 - p0
+        if n > MAX_RUN:
+            pthread_mutex_unlock(&self.mu)
+            return -1
+        for i in range(n):
+            s = self._find(fid, p0 + i)
+            if s < 0:
+                if not _is_zero(fr, p0 + i):
+                    whole = False
+                    break
+            elif self.slots[s].state != S_VALID:
+                whole = False
+                break
+            slot_of[i] = s
+        if whole:
+            for i in range(n):
+                if slot_of[i] >= 0:
+                    self.slots[slot_of[i]].pins += 1
+        pthread_mutex_unlock(&self.mu)
+        if not whole:
+            return -1
+        for i in range(n):
+            _clip(p0 + i, offset, end, &a, &b)
+            if slot_of[i] >= 0:
+                iov[i].iov_base = self.arena + slot_of[i] * PAGE + (a - (p0 + i) * PAGE)
+            else:
+                iov[i].iov_base = zeros
+            iov[i].iov_len = b - a
+        return n
+
+    cdef int64_t lend_loaded(self, FileRec *fr, int64_t fid, int64_t offset, int64_t size,
+                             int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil:
+        """:meth:`lend_whole` for a range with missing pages: they are read
+        from the backing file first (blocking I/O, as :meth:`read` does).
+        Returns -1, pinning nothing, when the range is longer than MAX_RUN
+        pages, the full cache could not take a page, or the backing read
+        failed: the caller then leaves the read to :meth:`read`, which reads
+        such pages straight through and reports errors.  Hand the pages
+        back with :meth:`give_back_read` (``hits`` False: the fault-in
+        counted them)."""
+        cdef int64_t end = offset + size, p0 = offset >> PAGE_SHIFT, p1, i, n, a, b, loaded
+        cdef int64_t zeros_n = 0
+        cdef int err
+        pthread_mutex_lock(&self.mu)
+        if end > fr.size:
+            end = fr.size
+        pthread_mutex_unlock(&self.mu)
+        if end <= offset:
+            return 0
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
+        n = p1 - p0
+        if n > MAX_RUN:
+            return -1
+        err = self._fault_in(fid, fr, p0, p1, slot_of, False, 0, 0, &loaded)
+        if err:
+            return -1
+        for i in range(n):
+            if slot_of[i] == -1:
+                # the cache is full of busy pages: give back what was taken
+                pthread_mutex_lock(&self.mu)
+                for i in range(n):
+                    if slot_of[i] >= 0:
+                        self._unpin(slot_of[i])
+                pthread_mutex_unlock(&self.mu)
+                return -1
+        for i in range(n):
+            _clip(p0 + i, offset, end, &a, &b)
+            if slot_of[i] >= 0:
+                iov[i].iov_base = self.arena + slot_of[i] * PAGE + (a - (p0 + i) * PAGE)
+            else:
+                slot_of[i] = -1             # -3 from the fault-in: a known-zero page
+                iov[i].iov_base = zeros
+            iov[i].iov_len = b - a
+        return n
+
+    cdef void give_back_read(self, FileRec *fr, int64_t *slot_of, iovec *iov,
+                             int64_t n, bint hits) noexcept nogil:
+        """Unpin the pages :meth:`lend_whole` or :meth:`lend_loaded` lent,
+        once their bytes reached the kernel's page cache: whole pages are
+        spent, as :meth:`read_cached` does, and (``hits``) the pages count
+        as hits or zero fills."""
+        cdef int64_t i, s, zeros = 0
+        pthread_mutex_lock(&self.mu)
+        for i in range(n):
+            s = slot_of[i]
+            if s < 0:
+                zeros += 1
+                continue
+            if iov[i].iov_len == PAGE:
+                self._spend(s)
+            else:
+                self.slots[s].ref = 1
+            self._unpin(s)
+        if hits:
+            fr.hits += n - zeros
+            self._count_zeros(fr, zeros)
+        pthread_mutex_unlock(&self.mu)
+
     def cached_prefix(self, int64_t fid, int64_t offset, int64_t size):
         """A copy of the cached prefix of [offset, offset+size) (at most
         MAX_RUN pages, clipped to the size); b"" if its first page is not

@@ -60,7 +60,7 @@ import trio
 
 import shimcore
 
-from .kernel import Kernel, NullKernel
+from .kernel import Kernel, NullKernel, NullWire, Wire
 from .readahead import DEFAULT as READ_AHEAD, Budget, ReadAheadConfig, Stream, chunks, hole
 
 try:
@@ -104,6 +104,7 @@ class AsyncCache:
         self.engine.set_prefetchers(read_ahead.prefetch_threads)
         self.push = push
         self.kernel: Kernel = NullKernel()      # the mount's, once it exists
+        self.wire: Wire = NullWire()            # its compiled READ path, if any
         self.gates: dict[int, PushGate] = {}
         # Prefetches in flight per file, and what to call once there are none:
         # a prefetch outlives the handle that started it, and the engine must
@@ -131,6 +132,27 @@ class AsyncCache:
                              pushes_skipped=0, prefetch_calls=0, prefetch_call_bytes=0,
                              prefetch_call_pushed_bytes=0)
         self.cache_size = cache_size
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the engine is the compiled one (compiled modules may
+        cimport it: shimfs._notify, shimfs._wire)."""
+        return shimcore.IMPLEMENTATION == "compiled"
+
+    def attach_wire(self, session_fd: int, workers: int = 8):
+        """Put the compiled READ path (shimfs._wire) in front of pyfuse3 on
+        ``session_fd``; returns it, or None where it cannot run (the fallback
+        engine, socket buffers capped for a daemon that is not root)."""
+        if not self.compiled:
+            return None
+        from ._wire import Wire as CompiledWire
+        try:
+            wire = CompiledWire(self.engine, session_fd, self.slack, workers)
+        except OSError as exc:
+            log.info("READs go through Python only: %s", exc)
+            return None
+        self.wire = wire
+        return wire
 
     async def run(self, fn, *args):
         try:
@@ -203,7 +225,13 @@ class AsyncCache:
 
     def stats(self) -> dict:
         """The mount's counters: the engine's, the requests', read-ahead's."""
-        return dict(self.engine.stats(), **self.counters,
+        wire = self.wire.counters()
+        c = dict(self.counters)
+        # READs the compiled path answered are READs like any other
+        c["read_requests"] += wire["fast_reads"]
+        c["read_request_bytes"] += wire["fast_read_bytes"]
+        c["reads_from_cache"] += wire["fast_reads"] - wire["fast_read_misses"]
+        return dict(self.engine.stats(), **c, **wire,
                     prefetch_errors=self.prefetch_failures,
                     prefetches_in_flight=self.prefetches_in_flight,
                     read_ahead_max_window=self.max_window,

@@ -52,6 +52,11 @@ class Config:
     #: starts empty, as the original module's, and holds what is linked or
     #: created through the mount.
     mirror: bool = False
+    #: Answer READs whose pages the daemon's cache holds in compiled code,
+    #: without Python (shimfs._wire); off sends every request through
+    #: pyfuse3.  Needs socket buffers of 4 MiB, so a daemon that cannot set
+    #: them (not root) runs without it.
+    fast_reads: bool = True
     #: Seconds between background write-backs of dirty files (0: only on
     #: msync, fsync, close and unmount).
     writeback_interval: int = 30
@@ -81,7 +86,7 @@ def _parse_int(text: str, what: str) -> int:
     return int(text)
 
 
-_FLAGS = {"verbose", "allow_other", "multiwrite", "push", "mirror"}
+_FLAGS = {"verbose", "allow_other", "multiwrite", "push", "mirror", "fast_reads"}
 _VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots", "writeback_interval"}
 
 

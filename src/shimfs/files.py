@@ -61,6 +61,7 @@ class OpenFiles:
         self.handles[fh] = Handle(fh, node, stream, writable)
         node.opens += 1
         node.writers += writable
+        self.cache.wire.add(fh, node.fid, stream is None)
         return fh
 
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
@@ -88,8 +89,13 @@ class OpenFiles:
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handle(fh)
         node = h.node
-        return await self.wb.with_reopen(node, self.cache.read, node.fid, node.ino, h.stream,
+        data = await self.wb.with_reopen(node, self.cache.read, node.fid, node.ino, h.stream,
                                          off, size, node.in_memory)
+        if h.stream is not None:
+            # the compiled path answers cached READs until the policy wants
+            # to see the reader again (readahead.Stream.trigger)
+            self.cache.wire.set_trigger(fh, h.stream.trigger())
+        return data
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         node = self.handle(fh).node
@@ -110,6 +116,7 @@ class OpenFiles:
         h = self.handles.pop(fh, None)
         if h is None:
             return
+        self.cache.wire.remove(fh)
         if h.stream is not None:
             h.stream.close()
         node = h.node

@@ -3,7 +3,9 @@
 The VFS core never talks to ``/dev/fuse`` itself: the adapter that mounts it
 supplies an object with these methods (:class:`shimfs._notify.SessionKernel`
 for a real mount), and in-process use gets :class:`NullKernel`, a kernel that
-caches nothing.  So ``import shimfs.vfs`` needs no FUSE binding.
+caches nothing.  So ``import shimfs.vfs`` needs no FUSE binding.  Likewise the
+compiled READ path (:class:`Wire`): a real mount supplies
+:class:`shimfs._wire.Wire`, anything else :class:`NullWire`.
 
 Every method but ``live`` blocks until the kernel is done, and
 ``inval_range`` makes the kernel call back into the daemon (it writes dirty
@@ -28,6 +30,53 @@ class Kernel(Protocol):
     def push(self, engine: Any, fid: int, ino: int, off: int, length: int) -> int:
         """Copy the engine's cached prefix of [off, off+length) of file
         ``fid`` into the kernel's cache of ``ino``; return its bytes."""
+
+
+class Wire(Protocol):
+    """The compiled reader in front of pyfuse3 (:class:`shimfs._wire.Wire`):
+    it answers READs of registered handles whose pages the engine holds."""
+
+    def add(self, fh: int, fid: int, own_misses: bool = False) -> None:
+        """Answer READs of handle ``fh`` (of engine file ``fid``) from the
+        cache, and its random misses with compiled workers (all its misses:
+        ``own_misses``, for a handle with no read-ahead policy)."""
+
+    def remove(self, fh: int) -> None:
+        """Stop; once this returns, no reply of ``fh`` is being written."""
+
+    def set_trigger(self, fh: int, offset: int) -> None:
+        """READs of ``fh`` ending past ``offset`` go to Python (negative: none)."""
+
+    def clear(self) -> None:
+        """Forget every handle (the session is ending)."""
+
+    def counters(self) -> dict:
+        """``fast_reads``, ``fast_read_bytes``, ``forwarded_requests``,
+        ``fast_read_misses``, ``fast_read_miss_fallbacks``,
+        ``fast_read_passed_trigger``, ``fast_read_passed_missing``,
+        ``forward_errors``, ``reply_errors``."""
+
+
+class NullWire:
+    """No compiled reader: every READ reaches Python."""
+
+    def add(self, fh: int, fid: int, own_misses: bool = False) -> None:
+        pass
+
+    def remove(self, fh: int) -> None:
+        pass
+
+    def set_trigger(self, fh: int, offset: int) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def counters(self) -> dict:
+        return dict(fast_reads=0, fast_read_bytes=0, forwarded_requests=0,
+                    fast_read_misses=0, fast_read_miss_fallbacks=0,
+                    fast_read_passed_trigger=0, fast_read_passed_missing=0,
+                    forward_errors=0, reply_errors=0)
 
 
 class NullKernel:

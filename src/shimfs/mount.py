@@ -87,19 +87,37 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
     except RuntimeError as exc:
         raise UserError("cannot mount %s: %s" % (mountpoint, exc), 1) from None
     fd = find_session_fd()
+    wire = None
     if fd is not None:
+        wire = _attach_wire(vfs, config, fd)
         # Refresh, multiwrite and pushes reach the kernel through it.
-        vfs.attach_kernel(SessionKernel(fd))
+        vfs.attach_kernel(SessionKernel(wire.kernel_fd if wire is not None else fd))
     try:
-        trio.run(_main, vfs, mountpoint, config, ready)
+        trio.run(_main, vfs, mountpoint, config, ready, wire)
     finally:
-        pyfuse3.close(unmount=True)
+        unmount = True
+        if wire is not None:
+            # First the device, as libfuse closes its own before unmounting;
+            # after the kernel ended the session there is nothing to unmount.
+            unmount = not wire.ended_by_kernel
+            log.debug("requests by FUSE opcode: %s", wire.opcodes())
+            wire.close()
+        pyfuse3.close(unmount=unmount)
 
 
-async def _main(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
+def _attach_wire(vfs: Vfs, config: Config, fd: int):
+    """Put the compiled READ path (shimfs._wire) in front of pyfuse3, or None."""
+    if not config.fast_reads:
+        return None
+    return vfs.cache.attach_wire(fd)
+
+
+async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None) -> None:
     async with trio.open_nursery() as nursery:
         vfs.cache.nursery = nursery
         nursery.start_soon(_signals, vfs)
+        if wire is not None:
+            nursery.start_soon(_kernel_gone, wire)
         nursery.start_soon(_after_mount, mountpoint, config, ready)
         nursery.start_soon(vfs.flusher)
         try:
@@ -107,7 +125,16 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
         finally:
             nursery.cancel_scope.cancel()
     vfs.cache.nursery = None
+    if wire is not None:
+        wire.clear()            # before the engine forgets the files
     await vfs.close_all()
+
+
+async def _kernel_gone(wire) -> None:
+    """The kernel ended the session (unmounted, aborted): stop pyfuse3's loop,
+    which reads the socket pair and would not see it."""
+    await trio.lowlevel.wait_readable(wire.ended_fd)
+    pyfuse3.terminate()
 
 
 async def _after_mount(mountpoint: str, config: Config, ready) -> None:

@@ -202,6 +202,14 @@ class Stream:
         self.issued_until = target
         return start, target - start
 
+    def trigger(self) -> int:
+        """The end offset past which the policy wants to see the next read
+        (-1: none).  Cached reads before it are answered without Python (the
+        compiled path, shimfs._wire), so a stream that prefetches is shown
+        one read per ``CHUNK`` consumed, which is when it asks again."""
+        if not self.window:
+            return -1
+        return max(0, self.issued_until - self.window + min(self.window // 2, CHUNK))
 
     def _set_window(self, window: int) -> None:
         if self.budget is not None and self.window and not window:

@@ -1,0 +1,656 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The FUSE wire in front of pyfuse3: READs the cache holds are answered in C.
+
+:class:`Wire` sits between the kernel and pyfuse3's session loop:
+
+* After ``pyfuse3.init``, the session's ``/dev/fuse`` descriptor is moved to
+  a private number (``kernel_fd``), and one end of an ``AF_UNIX
+  SOCK_SEQPACKET`` pair is put at the old number with ``dup2``.  pyfuse3
+  reads and writes that socket as if it were the device: a datagram is one
+  request or one reply, as on ``/dev/fuse``.
+* The *in* thread reads requests from the device.  A READ whose file handle
+  is registered here (:meth:`add`) and whose pages are all in the engine's
+  cache (or known to be zeros) is answered at once: the pages are pinned in
+  the arena (``PageCache.lend_whole``, _engine.pxd), written to the device
+  with one ``writev`` and handed back.  No GIL, no Python, no copy.  Every
+  other request, and every READ that misses, goes to pyfuse3 unchanged.
+* The *out* thread copies what pyfuse3 writes (replies) to the device.
+* Notifications do not take the pair: :class:`shimfs._notify.SessionKernel`
+  writes them to ``kernel_fd`` itself, since they block until the kernel is
+  done and their errors matter.
+
+The daemon's read-ahead policy (readahead.Stream) lives in Python and must
+keep seeing a sequential reader: each handle has a *trigger* offset
+(:meth:`set_trigger`).  A READ that ends past it goes to Python even when
+cached, so the policy sees one READ in each stretch it asked to see.
+
+End of the session: a read of the device that fails with ENODEV (unmounted,
+or the connection aborted) marks :attr:`ended_by_kernel` and makes
+:attr:`ended_fd` readable; the daemon then stops pyfuse3's loop.
+:meth:`close` stops both threads and closes the device, which aborts the
+connection as closing libfuse's own descriptor would; only then may
+pyfuse3 unmount (its unmount would otherwise wait on this daemon).
+
+Concurrency: the handle table is guarded by the wire's mutex, which the in
+thread holds from the lookup until the pages are handed back, so a handle
+(and its engine file record) is never removed under a reply being written.
+"""
+
+import os
+
+from libc.stdint cimport int64_t, uint64_t, uint32_t, int32_t, uint16_t
+from libc.errno cimport errno, EINTR, ENOENT, EAGAIN, ENOBUFS
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memset, memcpy
+from posix.unistd cimport read, write, close, pipe, dup, dup2
+
+from shimcore._engine cimport (PageCache, FileRec, iovec, writev, MAX_RUN, PAGE,
+                               pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
+                               pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
+                               pthread_create, pthread_cond_t, pthread_cond_init,
+                               pthread_cond_destroy, pthread_cond_broadcast, pthread_cond_signal)
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_join(pthread_t t, void **ret)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long n, int timeout)
+    short POLLIN, POLLOUT
+
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    int F_GETFL, F_SETFL, F_DUPFD_CLOEXEC, O_NONBLOCK
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    int socketpair(int domain, int type, int protocol, int *sv)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int AF_UNIX, SOCK_SEQPACKET, SOCK_CLOEXEC, SOL_SOCKET
+    int SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, MSG_NOSIGNAL
+
+
+# <linux/fuse.h>
+cdef struct InHeader:        # fuse_in_header
+    uint32_t len
+    uint32_t opcode
+    uint64_t unique
+    uint64_t nodeid
+    uint32_t uid
+    uint32_t gid
+    uint32_t pid
+    uint16_t total_extlen
+    uint16_t padding
+
+cdef struct ReadIn:          # fuse_read_in
+    uint64_t fh
+    uint64_t offset
+    uint32_t size
+    uint32_t read_flags
+    uint64_t lock_owner
+    uint32_t flags
+    uint32_t padding
+
+cdef struct OutHeader:       # fuse_out_header
+    uint32_t len
+    int32_t error
+    uint64_t unique
+
+cdef enum:
+    FUSE_READ = 15
+    # One request: at most max_pages (256, the kernel's limit) of data and
+    # its headers; the kernel refuses smaller read buffers.
+    BUFSIZE = (256 + 2) * PAGE
+    # Socket buffers (forced as root): a datagram must fit whole.
+    SOCKBUF = 4 << 20
+    # Handle slots: empty, in use, removed (a tombstone for the probe chain).
+    H_EMPTY = 0
+    H_USED = 1
+    H_GONE = 2
+    NO_TRIGGER = 0x7fffffffffffffff
+    # Misses queued for the workers at most; past it they go to Python.
+    JOBS = 256
+    MAX_WORKERS = 64
+    # A READ request: fuse_in_header and fuse_read_in (checked below).
+    REQ_LEN = 80
+
+cdef struct Handle:
+    uint64_t fh
+    int64_t fid
+    FileRec *fr
+    int64_t trigger
+    int64_t last_end        # end of the last READ of this handle
+    int own_misses          # no read-ahead policy: every miss is served here
+    int busy                # misses of this handle the workers are serving
+    int state
+
+cdef struct Job:            # a READ that missed, for a worker
+    ssize_t n
+    char msg[REQ_LEN]
+
+
+cdef void *_in_thread(void *arg) noexcept with gil:
+    cdef Wire w = <Wire>arg
+    with nogil:
+        w._pump_in()
+    return NULL
+
+
+cdef void *_out_thread(void *arg) noexcept with gil:
+    cdef Wire w = <Wire>arg
+    with nogil:
+        w._pump_out()
+    return NULL
+
+
+cdef void *_worker_thread(void *arg) noexcept with gil:
+    cdef Wire w = <Wire>arg
+    with nogil:
+        w._work()
+    return NULL
+
+
+cdef int _wait(int fd, int stop) noexcept nogil:
+    """Block until ``fd`` is readable (1) or ``stop`` is (0)."""
+    cdef pollfd p[2]
+    cdef int r
+    p[0].fd = fd
+    p[0].events = POLLIN
+    p[1].fd = stop
+    p[1].events = POLLIN
+    while True:
+        p[0].revents = 0
+        p[1].revents = 0
+        r = poll(p, 2, -1)
+        if r < 0 and errno == EINTR:
+            continue
+        if p[1].revents:
+            return 0
+        if r > 0:
+            return 1
+
+cdef int _wait_writable(int fd, int stop) noexcept nogil:
+    """Block until ``fd`` is writable (1) or ``stop`` is readable (0)."""
+    cdef pollfd p[2]
+    cdef int r
+    p[0].fd = fd
+    p[0].events = POLLOUT
+    p[1].fd = stop
+    p[1].events = POLLIN
+    while True:
+        p[0].revents = 0
+        p[1].revents = 0
+        r = poll(p, 2, -1)
+        if r < 0 and errno == EINTR:
+            continue
+        if p[1].revents:
+            return 0
+        if r > 0:
+            return 1
+
+
+
+cdef class Wire:
+    """The compiled reader of one FUSE session (see the module docstring)."""
+
+    cdef PageCache pc
+    cdef readonly int kernel_fd
+    cdef int pfd, stop_r, stop_w, end_w
+    cdef readonly int ended_fd
+    #: The kernel ended the session (ENODEV): the mount is gone already.
+    cdef readonly bint ended_by_kernel
+    cdef pthread_mutex_t mu
+    cdef pthread_cond_t job_ready   # a job was queued, or the wire stops
+    cdef pthread_cond_t idle        # a handle's last job is done
+    cdef Job *jobs
+    cdef int64_t jhead, jlen, inflight, slack
+    cdef bint stopping
+    cdef pthread_t workers[MAX_WORKERS]
+    cdef int nworkers
+    cdef Handle *tab
+    cdef int64_t cap, used, live
+    cdef pthread_t t_in, t_out
+    cdef bint running
+    cdef char *zeros
+    cdef char *inbuf
+    cdef char *outbuf
+    # counters (read under the mutex)
+    cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
+    cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
+    # requests by opcode (the last slot: any larger); only the in thread writes
+    cdef uint64_t ops[64]
+
+    def __cinit__(self):
+        self.kernel_fd = -1
+        self.pfd = -1
+        self.stop_r = self.stop_w = -1
+        self.ended_fd = self.end_w = -1
+        pthread_mutex_init(&self.mu, NULL)
+        pthread_cond_init(&self.job_ready, NULL)
+        pthread_cond_init(&self.idle, NULL)
+
+    def __init__(self, PageCache engine, int session_fd, int64_t slack=32 << 10,
+                 int workers=8):
+        """Take over ``session_fd`` (pyfuse3's /dev/fuse descriptor).  Raises
+        OSError, changing nothing, when the socket pair cannot carry a whole
+        request (its buffers are capped for users without CAP_NET_ADMIN).
+
+        ``slack``: a READ that starts this close to where the handle's last
+        one ended continues a run, which the read-ahead policy must see;
+        ``workers``: threads that serve the other misses (random reads)."""
+        cdef int sv[2]
+        cdef int fds[2]
+        cdef int val = SOCKBUF, got = 0, i
+        cdef socklen_t sl = sizeof(int)
+        self.pc = engine
+        self.cap = 64
+        self.tab = <Handle *>calloc(self.cap, sizeof(Handle))
+        self.zeros = <char *>calloc(1, PAGE)
+        self.inbuf = <char *>malloc(BUFSIZE)
+        self.outbuf = <char *>malloc(BUFSIZE)
+        self.jobs = <Job *>malloc(JOBS * sizeof(Job))
+        self.slack = slack
+        if workers < 0 or workers > MAX_WORKERS:
+            raise ValueError("workers: 0 to %d" % MAX_WORKERS)
+        if not self.tab or not self.zeros or not self.inbuf or not self.outbuf or not self.jobs:
+            raise MemoryError()
+        if socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0:
+            raise OSError(errno, "socketpair: " + os.strerror(errno))
+        for i in range(2):
+            for opt, force in ((SO_SNDBUF, SO_SNDBUFFORCE), (SO_RCVBUF, SO_RCVBUFFORCE)):
+                if setsockopt(sv[i], SOL_SOCKET, force, &val, sizeof(int)) < 0:
+                    setsockopt(sv[i], SOL_SOCKET, opt, &val, sizeof(int))
+            getsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &got, &sl)
+            if got < 2 * BUFSIZE:
+                close(sv[0])
+                close(sv[1])
+                raise OSError(ENOBUFS, "socket buffers capped at %d bytes" % got)
+        if pipe(fds) < 0:
+            close(sv[0])
+            close(sv[1])
+            raise OSError(errno, "pipe: " + os.strerror(errno))
+        self.stop_r, self.stop_w = fds[0], fds[1]
+        if pipe(fds) < 0:
+            raise OSError(errno, "pipe: " + os.strerror(errno))
+        self.ended_fd, self.end_w = fds[0], fds[1]
+        self.kernel_fd = fcntl(session_fd, F_DUPFD_CLOEXEC, 3)
+        if self.kernel_fd < 0 or dup2(sv[0], session_fd) < 0:
+            raise OSError(errno, "moving the session descriptor: " + os.strerror(errno))
+        close(sv[0])
+        self.pfd = sv[1]
+        for fd in (self.kernel_fd, self.pfd):
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        if pthread_create(&self.t_in, NULL, _in_thread, <void *>self) != 0:
+            raise OSError(errno, "pthread_create")
+        if pthread_create(&self.t_out, NULL, _out_thread, <void *>self) != 0:
+            raise OSError(errno, "pthread_create")
+        self.running = True
+        for i in range(workers):
+            if pthread_create(&self.workers[i], NULL, _worker_thread, <void *>self) != 0:
+                break
+            self.nworkers += 1
+
+    def __dealloc__(self):
+        free(self.tab)
+        free(self.zeros)
+        free(self.inbuf)
+        free(self.outbuf)
+        free(self.jobs)
+        for fd in (self.kernel_fd, self.pfd, self.stop_r, self.stop_w, self.ended_fd, self.end_w):
+            if fd >= 0:
+                close(fd)
+        pthread_cond_destroy(&self.job_ready)
+        pthread_cond_destroy(&self.idle)
+        pthread_mutex_destroy(&self.mu)
+
+    # -- the handle table (called by the daemon, with the GIL) --------------
+
+    cdef Handle *_find(self, uint64_t fh) noexcept nogil:
+        """The slot of ``fh``, or NULL (mu held)."""
+        cdef int64_t i = <int64_t>(fh * 0x9E3779B97F4A7C15ULL >> 40) & (self.cap - 1)
+        while self.tab[i].state != H_EMPTY:
+            if self.tab[i].state == H_USED and self.tab[i].fh == fh:
+                return &self.tab[i]
+            i = (i + 1) & (self.cap - 1)
+        return NULL
+
+    cdef int _grow(self) noexcept nogil:
+        cdef Handle *old = self.tab
+        cdef int64_t oldcap = self.cap, i, j, cap = self.cap
+        while (self.live + 1) * 2 > cap:
+            cap *= 2
+        new = <Handle *>calloc(cap, sizeof(Handle))
+        if new == NULL:
+            return -1
+        self.tab = new
+        self.cap = cap
+        for i in range(oldcap):
+            if old[i].state == H_USED:
+                j = <int64_t>(old[i].fh * 0x9E3779B97F4A7C15ULL >> 40) & (cap - 1)
+                while new[j].state != H_EMPTY:
+                    j = (j + 1) & (cap - 1)
+                new[j] = old[i]
+        self.used = self.live
+        free(old)
+        return 0
+
+    def add(self, uint64_t fh, int64_t fid, bint own_misses=False):
+        """Answer READs of handle ``fh`` (a file of the engine) from the cache.
+        ``own_misses``: the handle has no read-ahead policy, so its misses
+        are all served here; else a miss that continues a run goes to Python."""
+        cdef FileRec *fr = self.pc.record(fid)
+        cdef int64_t i
+        cdef int err = 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            if self._find(fh) == NULL and (self.used + 1) * 2 > self.cap:
+                err = self._grow()
+            if not err:
+                h = self._find(fh)
+                if h == NULL:
+                    i = <int64_t>(fh * 0x9E3779B97F4A7C15ULL >> 40) & (self.cap - 1)
+                    while self.tab[i].state == H_USED:
+                        i = (i + 1) & (self.cap - 1)
+                    if self.tab[i].state == H_EMPTY:
+                        self.used += 1
+                    h = &self.tab[i]
+                    self.live += 1
+                h.fh = fh
+                h.fid = fid
+                h.fr = fr
+                h.trigger = NO_TRIGGER
+                h.last_end = 0
+                h.own_misses = own_misses
+                h.busy = 0
+                h.state = H_USED
+            pthread_mutex_unlock(&self.mu)
+        if err:
+            raise MemoryError()
+
+    def remove(self, uint64_t fh):
+        """Forget handle ``fh``; once this returns no reply of it is being written."""
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            h = self._find(fh)
+            if h != NULL:
+                while h.busy:
+                    pthread_cond_wait(&self.idle, &self.mu)
+                h.state = H_GONE
+                h.fr = NULL
+                self.live -= 1
+            pthread_mutex_unlock(&self.mu)
+
+    def clear(self):
+        """Forget every handle: the session is ending, and the engine may
+        forget its files once this returns."""
+        cdef int64_t i
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            while self.inflight:
+                pthread_cond_wait(&self.idle, &self.mu)
+            for i in range(self.cap):
+                self.tab[i].state = H_EMPTY
+                self.tab[i].fr = NULL
+            self.used = self.live = 0
+            pthread_mutex_unlock(&self.mu)
+
+    def set_trigger(self, uint64_t fh, int64_t offset):
+        """READs of ``fh`` that end past ``offset`` go to Python (negative: none)."""
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            h = self._find(fh)
+            if h != NULL:
+                h.trigger = offset if offset >= 0 else NO_TRIGGER
+            pthread_mutex_unlock(&self.mu)
+
+    def counters(self) -> dict:
+        """READs answered here and their bytes, and among them misses the
+        workers loaded; requests passed to pyfuse3, and among them READs past
+        their trigger, misses that continue a run, and misses a worker could
+        not serve (a full cache, a backing error: Python retries them);
+        writes to the pair or the device that failed."""
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            r, b, f = self.fast_reads, self.fast_read_bytes, self.forwarded
+            fe, re = self.forward_errors, self.reply_errors
+            pt, pm = self.pass_trigger, self.pass_missing
+            fm, mf = self.fast_misses, self.miss_fallbacks
+            pthread_mutex_unlock(&self.mu)
+        return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
+                "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
+                "fast_read_passed_trigger": pt, "fast_read_passed_missing": pm,
+                "forward_errors": fe, "reply_errors": re}
+
+    def opcodes(self) -> dict:
+        """Requests the kernel sent, by FUSE opcode (63: 63 and above)."""
+        return {i: self.ops[i] for i in range(64) if self.ops[i]}
+
+    def close(self):
+        """Stop both threads and close the device (the kernel aborts the
+        connection).  pyfuse3 may unmount after this."""
+        cdef char c = b"x"
+        cdef int i
+        if self.running:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+                self.stopping = True
+                pthread_cond_broadcast(&self.job_ready)
+                pthread_mutex_unlock(&self.mu)
+                write(self.stop_w, &c, 1)
+                pthread_join(self.t_in, NULL)
+                pthread_join(self.t_out, NULL)
+                for i in range(self.nworkers):
+                    pthread_join(self.workers[i], NULL)
+            self.running = False
+        if self.kernel_fd >= 0:
+            close(self.kernel_fd)
+            self.kernel_fd = -1
+        if self.pfd >= 0:
+            close(self.pfd)
+            self.pfd = -1
+
+    # -- the threads ------------------------------------------------------------
+
+    cdef int _reply(self, uint64_t unique, iovec *iov, int64_t k) noexcept nogil:
+        """writev a READ reply whose data is ``iov[1..k]``; 0 or an errno."""
+        cdef OutHeader out
+        cdef int64_t i, total = 0
+        cdef ssize_t w
+        for i in range(k):
+            total += iov[i + 1].iov_len
+        out.len = sizeof(OutHeader) + total
+        out.error = 0
+        out.unique = unique
+        iov[0].iov_base = &out
+        iov[0].iov_len = sizeof(OutHeader)
+        while True:
+            w = writev(self.kernel_fd, iov, k + 1)
+            if w < 0 and errno == EINTR:
+                continue
+            return errno if w < 0 else 0
+
+    cdef void _sent(self, int64_t k, iovec *iov, int64_t *slot_of, int err) noexcept nogil:
+        """Count a reply (mu held); if it failed, keep the pages unspent."""
+        cdef int64_t i
+        if err:
+            # ENOENT: the request was interrupted and is gone.  Nothing
+            # reached the kernel's cache: the slots are only unpinned.
+            self.reply_errors += err != ENOENT
+            for i in range(k):
+                if slot_of[i] >= 0:
+                    iov[i + 1].iov_len = 0
+        else:
+            for i in range(k):
+                self.fast_read_bytes += iov[i + 1].iov_len
+        self.fast_reads += 1
+
+    cdef bint _answer(self, InHeader *h, ssize_t n) noexcept nogil:
+        """Answer a READ from the cache, or queue a random miss for the
+        workers; False to pass it on to Python."""
+        cdef ReadIn *r
+        cdef Handle *hd
+        cdef int64_t slot_of[MAX_RUN]
+        cdef iovec iov[MAX_RUN + 1]
+        cdef int64_t k, off, end, j
+        cdef bint run
+        cdef int err
+        if n != REQ_LEN or sizeof(InHeader) + sizeof(ReadIn) != REQ_LEN:
+            return False
+        r = <ReadIn *>(<char *>h + sizeof(InHeader))
+        off = r.offset
+        end = off + r.size
+        pthread_mutex_lock(&self.mu)
+        hd = self._find(r.fh)
+        if hd == NULL:
+            pthread_mutex_unlock(&self.mu)
+            return False
+        run = hd.last_end - self.slack <= off <= hd.last_end + self.slack
+        hd.last_end = end
+        if end > hd.trigger:
+            self.pass_trigger += 1
+            pthread_mutex_unlock(&self.mu)
+            return False
+        k = self.pc.lend_whole(hd.fr, hd.fid, off, r.size, slot_of, &iov[1], self.zeros)
+        if k >= 0:
+            err = self._reply(h.unique, iov, k)
+            self._sent(k, iov, slot_of, err)
+            self.pc.give_back_read(hd.fr, slot_of, &iov[1], k, True)
+            pthread_mutex_unlock(&self.mu)
+            return True
+        # A miss.  One that continues a run goes to the read-ahead policy
+        # (a scan starting); so does every miss of a stream that prefetches.
+        if (hd.trigger != NO_TRIGGER or (run and not hd.own_misses)
+                or not self.nworkers or self.jlen == JOBS or self.stopping):
+            self.pass_missing += 1
+            pthread_mutex_unlock(&self.mu)
+            return False
+        j = (self.jhead + self.jlen) % JOBS
+        self.jobs[j].n = n
+        memcpy(self.jobs[j].msg, h, n)
+        self.jlen += 1
+        self.inflight += 1
+        hd.busy += 1
+        pthread_cond_signal(&self.job_ready)
+        pthread_mutex_unlock(&self.mu)
+        return True
+
+    cdef void _work(self) noexcept nogil:
+        """A worker: serve queued misses until the wire stops."""
+        cdef Job job
+        cdef InHeader *h = <InHeader *>job.msg
+        cdef ReadIn *r = <ReadIn *>(job.msg + sizeof(InHeader))
+        cdef Handle *hd
+        cdef FileRec *fr
+        cdef int64_t fid, k
+        cdef int64_t slot_of[MAX_RUN]
+        cdef iovec iov[MAX_RUN + 1]
+        cdef int err
+        while True:
+            pthread_mutex_lock(&self.mu)
+            while not self.jlen and not self.stopping:
+                pthread_cond_wait(&self.job_ready, &self.mu)
+            if not self.jlen:
+                pthread_mutex_unlock(&self.mu)
+                return
+            job = self.jobs[self.jhead]
+            self.jhead = (self.jhead + 1) % JOBS
+            self.jlen -= 1
+            hd = self._find(r.fh)       # busy: not removed
+            fr, fid = hd.fr, hd.fid
+            pthread_mutex_unlock(&self.mu)
+            k = self.pc.lend_loaded(fr, fid, r.offset, r.size, slot_of, &iov[1], self.zeros)
+            if k >= 0:
+                err = self._reply(h.unique, iov, k)
+            else:
+                self._forward(job.msg, job.n)   # Python reads it, and reports errors
+            pthread_mutex_lock(&self.mu)
+            if k >= 0:
+                self._sent(k, iov, slot_of, err)
+                self.fast_misses += 1
+            else:
+                self.miss_fallbacks += 1
+            hd = self._find(r.fh)
+            hd.busy -= 1
+            self.inflight -= 1
+            if not hd.busy or not self.inflight:
+                pthread_cond_broadcast(&self.idle)
+            pthread_mutex_unlock(&self.mu)
+            if k >= 0:
+                self.pc.give_back_read(fr, slot_of, &iov[1], k, False)
+
+    cdef void _forward(self, const char *msg, ssize_t n) noexcept nogil:
+        """Pass a request on to pyfuse3."""
+        cdef ssize_t s
+        while True:
+            s = send(self.pfd, msg, n, MSG_NOSIGNAL)
+            if s < 0 and errno == EAGAIN:
+                if not _wait_writable(self.pfd, self.stop_r):
+                    return
+                continue
+            if s < 0 and errno == EINTR:
+                continue
+            break
+        pthread_mutex_lock(&self.mu)
+        if s < 0:
+            self.forward_errors += 1
+        else:
+            self.forwarded += 1
+        pthread_mutex_unlock(&self.mu)
+
+    cdef void _pump_in(self) noexcept nogil:
+        cdef ssize_t n
+        cdef char c = b"x"
+        cdef InHeader *h = <InHeader *>self.inbuf
+        while True:
+            n = read(self.kernel_fd, self.inbuf, BUFSIZE)
+            if n < 0:
+                if errno == EAGAIN:
+                    if not _wait(self.kernel_fd, self.stop_r):
+                        return
+                    continue
+                if errno == EINTR or errno == ENOENT:
+                    continue
+                # ENODEV: unmounted or aborted; anything else ends it too.
+                self.ended_by_kernel = True
+                write(self.end_w, &c, 1)
+                return
+            if n < <ssize_t>sizeof(InHeader):
+                self._forward(self.inbuf, n)
+                continue
+            self.ops[h.opcode if h.opcode < 63 else 63] += 1
+            if h.opcode == FUSE_READ and self._answer(h, n):
+                continue
+            self._forward(self.inbuf, n)
+
+    cdef void _pump_out(self) noexcept nogil:
+        cdef ssize_t n, w
+        while True:
+            n = recv(self.pfd, self.outbuf, BUFSIZE, 0)
+            if n < 0:
+                if errno == EAGAIN:
+                    if not _wait(self.pfd, self.stop_r):
+                        return
+                    continue
+                if errno == EINTR:
+                    continue
+                return
+            if n == 0:
+                return              # pyfuse3 closed its end
+            while True:
+                w = write(self.kernel_fd, self.outbuf, n)
+                if w < 0 and errno == EINTR:
+                    continue
+                break
+            if w < 0 and errno != ENOENT:
+                pthread_mutex_lock(&self.mu)
+                self.reply_errors += 1
+                pthread_mutex_unlock(&self.mu)
+
+

@@ -1,0 +1,246 @@
+"""The compiled READ path (shimfs._wire) on real mounts: READs the daemon's
+cache holds are answered without Python, with exact bytes at awkward sizes
+and at the end of the file, for known zeros, under a concurrent truncate
+and under eviction; everything else still reaches pyfuse3; ``-o
+fast_reads=0`` turns it off; unmounting ends both threads."""
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import threading
+
+import pytest
+
+import shimfs
+from mounting import daemon_pid, make_file, shim_mount, shimfs_cmd, wait_gone
+
+PAGE = 4096
+
+
+def mount_stats(path: str) -> dict:
+    """The mount's counters, and the file's ``bytes_fetched``."""
+    st = shimfs.stats(path)
+    return dict(st["mount"], bytes_fetched=st["file"]["bytes_fetched"])
+
+
+def drop_kernel_pages(path: str) -> None:
+    """Drop the kernel's clean pages of ``path``: the next reads are READs."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def linked(mnt: str, backing: str, name: str, size: int) -> tuple[str, bytes]:
+    data = make_file(os.path.join(backing, name), size)
+    os.symlink(os.path.join(backing, name), os.path.join(mnt, name))
+    return os.path.join(mnt, name), data
+
+
+@pytest.fixture
+def wired(tmp_path, data_dir):
+    with shim_mount(str(tmp_path / "mnt"), data_dir, "cache_size=64M") as m:
+        yield m, data_dir
+
+
+@pytest.mark.parametrize("size", [1, PAGE - 1, PAGE + 1, 3 * (1 << 20) + 123, 5 << 20])
+def test_cached_reads_are_answered_without_python(wired, size):
+    mnt, backing = wired
+    path, data = linked(mnt, backing, "a.bin", size)
+    with open(path, "rb") as f:
+        assert f.read() == data                 # into the daemon's cache
+    drop_kernel_pages(path)
+    before = mount_stats(path)
+    with open(path, "rb") as f:
+        assert f.read() == data                 # from the cache, through the wire
+    after = mount_stats(path)
+    assert after["fast_reads"] > before["fast_reads"]
+    assert after["fast_read_bytes"] - before["fast_read_bytes"] >= size - size % PAGE
+    assert after["bytes_fetched"] == before["bytes_fetched"]
+    assert after["read_requests"] - before["read_requests"] >= \
+        after["fast_reads"] - before["fast_reads"]
+    assert after["reply_errors"] == after["forward_errors"] == 0
+
+
+def test_unaligned_reads_and_the_end_of_file(wired):
+    mnt, backing = wired
+    size = 2 * (1 << 20) + 777
+    path, data = linked(mnt, backing, "e.bin", size)
+    with open(path, "rb") as f:
+        f.read()
+    rng = random.Random(1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(200):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            off = rng.choice([rng.randrange(size + 2 * PAGE), size - 1, size, size + 1,
+                              size - PAGE - 3])
+            n = rng.choice([1, 100, PAGE, 3 * PAGE + 5, 1 << 20])
+            assert os.pread(fd, n, off) == data[off:off + n]
+    finally:
+        os.close(fd)
+    assert mount_stats(path)["fast_reads"] > 0
+
+
+def test_a_mapped_scan_is_exact_and_mostly_compiled(wired):
+    mnt, backing = wired
+    path, data = linked(mnt, backing, "m.bin", 24 << 20)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            got = bytearray()
+            for i in range(0, len(m), 1 << 20):
+                got += m[i:i + (1 << 20)]
+        assert got == data
+    finally:
+        os.close(fd)
+    drop_kernel_pages(path)
+    before = mount_stats(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            assert m[:] == data
+    finally:
+        os.close(fd)
+    after = mount_stats(path)
+    reads = after["read_requests"] - before["read_requests"]
+    fast = after["fast_reads"] - before["fast_reads"]
+    assert reads > 0 and fast * 2 > reads       # the cached file: mostly compiled
+
+
+def test_known_zeros_are_answered_as_zeros(wired):
+    mnt, backing = wired
+    path = os.path.join(mnt, "z.bin")
+    with open(path, "wb") as f:
+        f.write(b"head")
+        f.truncate(3 << 20)
+    drop_kernel_pages(path)
+    before = mount_stats(path)
+    with open(path, "rb") as f:
+        assert f.read() == b"head" + bytes((3 << 20) - 4)
+    after = mount_stats(path)
+    assert after["fast_reads"] > before["fast_reads"]
+    assert after["bytes_fetched"] == before["bytes_fetched"]   # nothing read back
+
+
+def test_reads_under_a_concurrent_truncate(wired):
+    """Every byte a READ returns is the file's byte or a zero of the regrown
+    part, never another page's bytes, while the file shrinks and regrows."""
+    mnt, backing = wired
+    size = 4 << 20
+    path, data = linked(mnt, backing, "t.bin", size)
+    with open(path, "rb") as f:
+        f.read()
+    half = size // 2
+    stop = threading.Event()
+    bad: list = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while not stop.is_set():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                off = rng.randrange(half - 8 * PAGE, size - 4 * PAGE) & ~(PAGE - 1)
+                got = os.pread(fd, 4 * PAGE, off)
+                for i in range(0, len(got), PAGE):        # a page comes from one READ
+                    piece = got[i:i + PAGE]
+                    want = data[off + i:off + i + len(piece)]
+                    if piece != want and (off + i < half or piece.strip(b"\0")):
+                        bad.append((off + i, piece[:16], want[:16]))
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for _ in range(30):
+                os.ftruncate(fd, half)
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert bad == []
+    drop_kernel_pages(path)
+    with open(path, "rb") as f:
+        assert f.read() == data[:half] + bytes(size - half)
+
+
+def test_eviction_under_the_readers(tmp_path, data_dir):
+    """A cache of 16M under 48M read at random by four threads: pages are
+    evicted while the wire lends others; every byte stays exact."""
+    with shim_mount(str(tmp_path / "mnt"), data_dir, "cache_size=16M") as mnt:
+        path, data = linked(mnt, data_dir, "v.bin", 48 << 20)
+        bad: list = []
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for _ in range(300):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    off = rng.randrange(len(data)) & ~(PAGE - 1)
+                    n = rng.choice([PAGE, 16 * PAGE, 1 << 20])
+                    if os.pread(fd, n, off) != data[off:off + n]:
+                        bad.append(off)
+            finally:
+                os.close(fd)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert bad == []
+        st = mount_stats(path)
+        assert st["evictions"] > 0 and st["fast_reads"] > 0
+
+
+def test_fast_reads_off(tmp_path, backing):
+    with shim_mount(str(tmp_path / "mnt"), backing, "fast_reads=0") as mnt:
+        path, data = linked(mnt, backing, "o.bin", 1 << 20)
+        for _ in range(2):
+            drop_kernel_pages(path)
+            with open(path, "rb") as f:
+                assert f.read() == data
+        st = mount_stats(path)
+        assert st["fast_reads"] == 0 and st["forwarded_requests"] == 0
+        assert st["read_requests"] > 0
+
+
+def test_other_requests_still_reach_python(wired):
+    """Metadata, writes, xattrs and fsync go through the pair to pyfuse3."""
+    mnt, backing = wired
+    d = os.path.join(mnt, "dir")
+    os.mkdir(d)
+    p = os.path.join(d, "w.bin")
+    with open(p, "wb") as f:
+        f.write(b"x" * 10000)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(p, p + ".2")
+    assert sorted(os.listdir(d)) == ["w.bin.2"]
+    assert os.stat(p + ".2").st_size == 10000
+    with open(os.path.join(backing, "dir", "w.bin.2"), "rb") as f:
+        assert f.read() == b"x" * 10000
+    st = mount_stats(p + ".2")
+    assert st["forwarded_requests"] > 0 and st["forward_errors"] == 0
+
+
+def test_unmount_ends_the_daemon(tmp_path, backing):
+    mnt = str(tmp_path / "mnt")
+    with shim_mount(mnt, backing) as m:
+        path, data = linked(m, backing, "u.bin", 1 << 20)
+        with open(path, "rb") as f:
+            assert f.read() == data
+        pid = daemon_pid(m)
+        shimfs_cmd("umount", m)
+        assert wait_gone(pid, 20.0)
