@@ -5,6 +5,7 @@
     .venv/bin/python bench/quick.py write --rounds 4 ...
     .venv/bin/python bench/quick.py checkpoint --rounds 4 ...   # a new file (ftruncate + fill)
     .venv/bin/python bench/quick.py random --touches 2000 ...  # random 4 KiB touches vs pread
+    .venv/bin/python bench/quick.py copy ...      # the mapping copied out in 1 MiB memcpys
 
 Each round runs native, then variant A (the mount with ``--a-opt``
 options, defaults without), then variant B (A plus ``--b-opt`` mount options
@@ -48,9 +49,26 @@ def environ(extra: dict[str, str]):
                 os.environ[k] = v
 
 
+def mapped_copy(path: str) -> None:
+    """Copy the whole mapping out with memcpy, 1 MiB at a time (as
+    ``bytes(m[a:b])`` and numpy copies do): glibc may walk each copy
+    backwards, so the faults within a MiB come in descending order."""
+    import mmap
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED, access=mmap.ACCESS_READ) as m:
+            keep = []
+            for off in range(0, len(m), MIB):
+                keep.append(m[off:off + MIB])
+                if len(keep) > 64:
+                    keep.clear()
+    finally:
+        os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("workload", choices=["scan", "write", "checkpoint", "random"])
+    ap.add_argument("workload", choices=["scan", "copy", "write", "checkpoint", "random"])
     ap.add_argument("--touches", type=int, default=2000, help="random: pages touched")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mib", type=int, default=0, help="file size (scan 2048, write 1024)")
@@ -67,7 +85,7 @@ def main() -> None:
         from shimfs import standin
         args.dir = os.path.join(standin.client_dir(0), "bench")
     os.makedirs(args.dir, exist_ok=True)
-    mib = args.mib or (2048 if args.workload in ("scan", "random") else 1024)
+    mib = args.mib or (2048 if args.workload in ("scan", "copy", "random") else 1024)
     name = "%s-%d.bin" % (args.workload, mib)
     path = os.path.join(args.dir, name)
     if args.workload != "checkpoint":
@@ -112,6 +130,8 @@ def main() -> None:
             mapped_checkpoint(p, mib * MIB, block)
     elif args.workload == "scan":
         nat_fn, map_fn = native_scan, mapped_scan
+    elif args.workload == "copy":
+        nat_fn, map_fn = native_scan, mapped_copy
     else:
         def nat_fn(p):
             native_write(p, block)

@@ -118,6 +118,7 @@ class AsyncCache:
         self.max_window = read_ahead.max_window(read_ahead_bytes, cache_size)
         self.min_run = read_ahead.min_run(read_ahead_bytes)
         self.slack = read_ahead.stream_slack(read_ahead_bytes)
+        self.near = max(self.slack, read_ahead.reorder)     # see attach_wire
         self.read_ahead_bytes = read_ahead_bytes
         self.limiter = trio.CapacityLimiter(threads)
         self.prefetch_limiter = trio.CapacityLimiter(read_ahead.prefetch_threads)
@@ -139,7 +140,7 @@ class AsyncCache:
         cimport it: shimfs._notify, shimfs._wire)."""
         return shimcore.IMPLEMENTATION == "compiled"
 
-    def attach_wire(self, session_fd: int, workers: int = 8):
+    def attach_wire(self, session_fd: int, threads: int = 8):
         """Put the compiled READ path (shimfs._wire) in front of pyfuse3 on
         ``session_fd``; returns it, or None where it cannot run (the fallback
         engine, socket buffers capped for a daemon that is not root)."""
@@ -147,7 +148,7 @@ class AsyncCache:
             return None
         from ._wire import Wire as CompiledWire
         try:
-            wire = CompiledWire(self.engine, session_fd, self.slack, workers)
+            wire = CompiledWire(self.engine, session_fd, self.near, threads)
         except OSError as exc:
             log.info("READs go through Python only: %s", exc)
             return None
@@ -335,6 +336,15 @@ class AsyncCache:
             finally:
                 self.check_lost_twins()
         return await self.run(self.engine.read, fid, off, size)
+
+    def trigger(self, stream: Stream) -> int:
+        """Where the compiled path hands ``stream``'s READs back to Python
+        (shimfs._wire; -1: never).  While pushing, every READ past the
+        furthest one seen: the pushes leave holes so that the policy sees
+        where the reader is (see the module docstring)."""
+        if self.push and self.kernel.live:
+            return stream.next_off if stream.window else -1
+        return stream.trigger()
 
     async def load_and_push(self, fid: int, ino: int, offset: int, length: int) -> int:
         """The prefetch call: read [offset, offset+length) into the cache and

@@ -94,7 +94,7 @@ class OpenFiles:
         if h.stream is not None:
             # the compiled path answers cached READs until the policy wants
             # to see the reader again (readahead.Stream.trigger)
-            self.cache.wire.set_trigger(fh, h.stream.trigger())
+            self.cache.wire.set_trigger(fh, self.cache.trigger(h.stream))
         return data
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
