@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from benchlib import (MIB, PAGE_REPORTING, make_file,  # noqa: E402
                       page_reporting, page_reporting_state)
 from mounting import daemon_pid, shim_mount  # noqa: E402
-from test_throughput import (mapped_checkpoint, mapped_scan, mapped_write,  # noqa: E402
-                             native_checkpoint, native_scan, native_write, timed_cold)
+from test_throughput import (mapped_checkpoint, mapped_copy, mapped_scan,  # noqa: E402
+                             mapped_write, native_checkpoint, native_scan, native_write,
+                             timed_cold)
 
 
 @contextlib.contextmanager
@@ -47,23 +48,6 @@ def environ(extra: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def mapped_copy(path: str) -> None:
-    """Copy the whole mapping out with memcpy, 1 MiB at a time (as
-    ``bytes(m[a:b])`` and numpy copies do): glibc may walk each copy
-    backwards, so the faults within a MiB come in descending order."""
-    import mmap
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with mmap.mmap(fd, 0, mmap.MAP_SHARED, access=mmap.ACCESS_READ) as m:
-            keep = []
-            for off in range(0, len(m), MIB):
-                keep.append(m[off:off + MIB])
-                if len(keep) > 64:
-                    keep.clear()
-    finally:
-        os.close(fd)
 
 
 def main() -> None:

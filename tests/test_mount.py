@@ -403,7 +403,7 @@ def test_a_scan_with_a_small_read_ahead_is_one_stream_served_from_the_cache(tmp_
     import shimfs
     src = os.path.join(data_dir, "seq.bin")
     data = make_file(src, 32 << 20)
-    with shim_mount(str(tmp_path / "m"), data_dir, "read_ahead=4") as m:
+    with shim_mount(str(tmp_path / "m"), data_dir, "read_ahead=4", "push=0") as m:
         os.symlink(src, os.path.join(m, "s"))
         path = os.path.join(m, "s")
         fd = os.open(path, os.O_RDONLY)

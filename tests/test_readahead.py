@@ -187,3 +187,19 @@ def test_a_random_stream_has_no_trigger():
     s = Stream(max_window=64 * MIB, min_run=128 << 10)
     feed(s, [(o * MIB, 4096) for o in (9, 3, 77, 12)])
     assert s.trigger() == -1
+
+
+def test_shared_windows_stay_page_aligned():
+    """Three streams sharing what an odd number of clean bytes allows: every
+    window, and so every prefetch and push, starts and ends on a page."""
+    budget = Budget(64 * MIB, clean=lambda: 16 * MIB - 12345)
+    streams = [Stream(max_window=64 * MIB, budget=budget) for _ in range(3)]
+    plans = []
+    for i in range(40):
+        for k, s in enumerate(streams):
+            plan = s.on_read((k * 1000 + i) * MIB, MIB)
+            if plan:
+                plans.append(plan)
+    assert plans
+    assert all(off % 4096 == 0 and n % 4096 == 0 for off, n in plans)
+    assert all(s.window % 4096 == 0 for s in streams)

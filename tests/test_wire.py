@@ -189,8 +189,11 @@ def test_eviction_under_the_readers(tmp_path, data_dir):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     off = rng.randrange(len(data)) & ~(PAGE - 1)
                     n = rng.choice([PAGE, 16 * PAGE, 1 << 20])
-                    if os.pread(fd, n, off) != data[off:off + n]:
-                        bad.append(off)
+                    got = os.pread(fd, n, off)
+                    if got != data[off:off + n]:
+                        first = next(i for i in range(0, n, PAGE)
+                                     if got[i:i + PAGE] != data[off + i:off + i + PAGE])
+                        bad.append((off, n, len(got), first, data.find(got[first:first + 64])))
             finally:
                 os.close(fd)
 

@@ -115,6 +115,7 @@ class ReadAheadConfig:
 
 
 DEFAULT = ReadAheadConfig()
+PAGE = 4096
 # The policy's hot path reads these as module constants.
 MIN_WINDOW = DEFAULT.min_window
 SLACK = DEFAULT.slack
@@ -139,18 +140,19 @@ class Budget:
         self.clean = clean
 
     def share(self) -> int:
-        """The window each open stream may have now (at least MIN_WINDOW)."""
+        """The window each open stream may have now (at least MIN_WINDOW), in
+        whole pages: prefetches and pushes start where windows end."""
         total = self.total
         if self.clean is not None:
             total = min(total, self.clean() // 2)
-        return max(MIN_WINDOW, total // max(1, self.active))
+        return max(MIN_WINDOW, total // max(1, self.active) & ~(PAGE - 1))
 
 
 class Stream:
     """Sequential-stream detector of one open file."""
 
-    __slots__ = ("max_window", "min_run", "run_start", "next_off", "window", "issued_until",
-                 "sequential", "random", "asked_until", "budget", "slack")
+    __slots__ = ("max_window", "min_run", "run_low", "next_off", "window",
+                 "issued_until", "sequential", "random", "asked_until", "budget", "slack")
 
     def __init__(self, max_window: int, min_run: int = 0, budget: Budget | None = None,
                  slack: int = SLACK):
@@ -162,7 +164,7 @@ class Stream:
         # looks sequential but is one random touch: prefetching starts only
         # once a run of reads is longer than ``min_run`` (the kernel's window).
         self.min_run = min_run
-        self.run_start = 0
+        self.run_low = 0            # lowest offset of the run (copies may walk down)
         self.next_off = -1
         self.window = 0
         self.issued_until = 0
@@ -178,20 +180,25 @@ class Stream:
         # Requests arrive a little out of order (the kernel has several in
         # flight): up to a window behind the furthest one is still in-stream.
         slack = self.slack
+        # A large memcpy may walk each stretch it copies downwards (glibc
+        # does, to avoid 4K aliasing): a read just below the lowest one of
+        # the run continues it too.
         sequential = (self.next_off >= 0
-                      and self.next_off - max(slack, self.window) <= off
-                      <= max(self.next_off, self.issued_until) + slack)
+                      and min(self.next_off - max(slack, self.window), self.run_low - slack)
+                      <= off <= max(self.next_off, self.issued_until) + slack)
         if not sequential or self.max_window <= 0:
             self.random += 1
-            self.run_start = off
+            self.run_low = off
             self.next_off = end
             self._set_window(0)
             self.issued_until = end
             return None
         self.sequential += 1
         self.next_off = max(self.next_off, end)
+        if off < self.run_low:
+            self.run_low = off
         end = self.next_off
-        if end - self.run_start <= self.min_run:
+        if end - self.run_low <= self.min_run:
             return None
         cap = self.max_window
         if self.budget is not None:
