@@ -31,3 +31,14 @@ fi
 # The build runs every time: it is quick when nothing changed.
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -vE '^WARNING: Location|BuildBackendWarning' || true
 .venv/bin/python -c 'import shimcore._engine, pyfuse3, trio' || { echo "setup: build failed" >&2; exit 1; }
+
+# mount(8) runs a fuse.shimfs mount through mount.fuse3, which starts the
+# command `shimfs` with the caller's PATH and no virtualenv: put a link to
+# this checkout's command in /usr/local/bin (in root's PATH and systemd's).
+# Only a link is replaced, never a file someone else installed there.
+if [ "$(id -u)" = 0 ]; then
+  link=/usr/local/bin/shimfs
+  if [ ! -e "$link" ] || [ -L "$link" ]; then
+    ln -sfn "$(pwd)/.venv/bin/shimfs" "$link"
+  fi
+fi

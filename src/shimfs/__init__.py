@@ -7,5 +7,5 @@ The Python API: :func:`sync`, :func:`refresh`, :func:`prefetch`,
 from .api import prefetch, refresh, set_multiwrite, stats, sync
 from .errors import ShimfsError
 
-__version__ = "0.1.0"
+from .names import VERSION as __version__
 __all__ = ["ShimfsError", "prefetch", "refresh", "set_multiwrite", "stats", "sync", "__version__"]

@@ -1,5 +1,9 @@
 """Command line: ``shimfs mount|umount|sync|refresh|prefetch|stat``.
 
+``shimfs SOURCE MOUNTPOINT [-o OPTIONS]`` is a mount too: the form in which
+``mount -t fuse.shimfs`` (through ``mount.fuse3``), ``/etc/fstab`` and
+systemd mount units call a FUSE file system's command; SOURCE is free text.
+
 Bad input is reported as one line on stderr with a non-zero exit status,
 never as a traceback (see :class:`shimfs.errors.UserError`).
 """
@@ -20,7 +24,7 @@ import time
 from . import api
 from .config import check_dir, parse_options
 from .errors import ShimfsError, UserError
-from .names import FSTYPE, XATTR_PID, XATTR_SYNC
+from .names import FSTYPE, VERSION, XATTR_PID, XATTR_SYNC
 
 PROG = "shimfs"
 READY_TIMEOUT = 60.0
@@ -30,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="shimfs: read/write mmap for files on file systems that cannot map them. "
-                    "Mount it, then `ln -s /data/file MOUNTPOINT` and map MOUNTPOINT/file.")
+                    "Mount it, then `ln -s /data/file MOUNTPOINT` and map MOUNTPOINT/file. "
+                    "`shimfs SOURCE MOUNTPOINT -o OPTIONS` mounts too (the form mount(8) "
+                    "and fstab use, with type fuse.shimfs).")
+    p.add_argument("--version", action="version", version="%s %s" % (PROG, VERSION))
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
 
@@ -39,12 +46,15 @@ def _parser() -> argparse.ArgumentParser:
                                    "unless -f is given.",
                        epilog="options (-o, comma-separated): backing=DIR (where new files are "
                               "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
-                              "1024), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
-                              "verbose, allow_other, multiwrite, push (also push prefetched pages into the "
-                              "kernel's cache), mirror (show the backing directory's whole "
+                              "4), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
+                              "verbose, allow_other, multiwrite, push=0 (do not push prefetched "
+                              "pages into the kernel's cache), fast_reads=0 (every READ through "
+                              "Python), mirror (show the backing directory's whole "
                               "tree), allowed_roots=DIR[:DIR...] (where link "
                               "targets may point), writeback_interval=SECONDS (default 30), "
-                              "log=FILE")
+                              "log=FILE; and the generic ro, rw, nosuid, suid, nodev, dev, noexec, "
+                              "exec; defaults, auto, noauto, nofail, _netdev, user, users, "
+                              "x-* (ignored)")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma-separated (see below)")
     m.add_argument("-f", "--foreground", action="store_true",
@@ -88,12 +98,36 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("path")
 
     st = sub.add_parser("stat", help="show cache counters of a file or mount")
-    st.add_argument("--json", action="store_true", help="print JSON")
+    fmt = st.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--prometheus", action="store_true",
+                     help="print the mount's counters in the Prometheus text format "
+                          "(for node_exporter's textfile collector)")
     st.add_argument("path")
     return p
 
 
+COMMANDS = ("mount", "umount", "sync", "refresh", "prefetch", "stat")
+
+
+def _helper_form(argv: list[str]) -> list[str]:
+    """``SOURCE MOUNTPOINT [-o OPTIONS]...`` (how mount.fuse3 runs the
+    command of a ``fuse.shimfs`` mount) as ``mount -o OPTIONS MOUNTPOINT``."""
+    p = argparse.ArgumentParser(prog=PROG, usage="%(prog)s SOURCE MOUNTPOINT [-o OPTIONS]")
+    p.add_argument("source")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    args = p.parse_args(argv)
+    out = ["mount"]
+    for o in args.options:
+        out += ["-o", o]
+    return out + [args.mountpoint]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        argv = _helper_form(argv)
     args = _parser().parse_args(argv)
     try:
         return {"mount": cmd_mount, "umount": cmd_umount, "sync": cmd_sync,
@@ -321,6 +355,9 @@ def cmd_prefetch(args) -> int:
 
 def cmd_stat(args) -> int:
     data = api.stats(args.path)
+    if args.prometheus:
+        sys.stdout.write(prometheus(data["mount"], api.mount_of(args.path)[0]))
+        return 0
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -330,6 +367,34 @@ def cmd_stat(args) -> int:
             for k, v in sorted(data[section].items()):
                 print("  %-24s %s" % (k, v))
     return 0
+
+
+#: Mount counters that are levels, not running totals (Prometheus gauges).
+_GAUGE_WORDS = ("in_flight", "dirty", "cached", "size", "window", "budget", "streams",
+                "threads", "pending", "queued", "files", "slots", "resident", "free",
+                "capacity", "known_zero", "used")
+
+
+def prometheus(mount: dict, mountpoint: str) -> str:
+    """The counters of one mount in the Prometheus text exposition format:
+    ``shimfs_<name>_total`` for running totals, ``shimfs_<name>`` for levels,
+    and ``shimfs_build_info{version=...} 1``; every sample labelled with the
+    mount point."""
+    label = 'mountpoint="%s"' % mountpoint.replace("\\", "\\\\").replace('"', '\\"')
+    lines = ["# HELP shimfs_build_info The shimfs version serving the mount.",
+             "# TYPE shimfs_build_info gauge",
+             'shimfs_build_info{%s,version="%s"} 1' % (label, mount.get("version", ""))]
+    for key, value in sorted(mount.items()):
+        gauge = isinstance(value, bool) or any(w in key for w in _GAUGE_WORDS)
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            continue
+        name = "shimfs_" + key + ("" if gauge else "_total")
+        lines.append("# HELP %s shimfs stat: %s." % (name, key))
+        lines.append("# TYPE %s %s" % (name, "gauge" if gauge else "counter"))
+        lines.append("%s{%s} %s" % (name, label, value))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -69,6 +69,9 @@ class Config:
     #: Append the daemon's log here (default: syslog when the daemon runs in
     #: the background, stderr in the foreground).
     log: str | None = None
+    #: Generic mount flags passed on to the FUSE mount (``ro``, ``nosuid``,
+    #: ``nodev``, ``noexec`` and their opposites), as mount(8) gives them.
+    mount_flags: tuple = ()
 
     @property
     def read_ahead_bytes(self) -> int:
@@ -91,6 +94,11 @@ def _parse_int(text: str, what: str) -> int:
 
 
 _FLAGS = {"verbose", "allow_other", "multiwrite", "push", "mirror", "fast_reads"}
+#: Generic options of mount(8), fstab and systemd: passed to the FUSE mount...
+_MOUNT_FLAGS = {"ro": "rw", "rw": "ro", "nosuid": "suid", "suid": "nosuid",
+                "nodev": "dev", "dev": "nodev", "noexec": "exec", "exec": "noexec"}
+#: ...or meaningless to the daemon (mount(8) and systemd act on them).
+_IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
 _VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots", "writeback_interval"}
 
 
@@ -103,7 +111,12 @@ def parse_options(opts: list[str]) -> Config:
             if not item:
                 continue
             key, sep, val = item.partition("=")
-            if key in _FLAGS:
+            if key in _MOUNT_FLAGS and not sep:
+                flags = values.setdefault("mount_flags", [])    # the last of a pair wins
+                flags[:] = [f for f in flags if f not in (key, _MOUNT_FLAGS[key])] + [key]
+            elif (key in _IGNORED and not sep) or key.startswith("x-"):
+                continue
+            elif key in _FLAGS:
                 if sep and val not in ("1", "0", "true", "false", "yes", "no"):
                     raise UserError("option %s takes no value (got %r)" % (key, val))
                 values[key] = (not sep) or val in ("1", "true", "yes")
@@ -112,8 +125,9 @@ def parse_options(opts: list[str]) -> Config:
                     raise UserError("option %s needs a value: %s=..." % (key, key))
                 values[key] = val
             else:
-                raise UserError("unknown mount option %r (known: %s)"
-                                % (key, ", ".join(sorted(_FLAGS | _VALUED))))
+                raise UserError("unknown mount option %r (known: %s; and the generic %s)"
+                                % (key, ", ".join(sorted(_FLAGS | _VALUED)),
+                                   ", ".join(sorted(_MOUNT_FLAGS))))
     kw: dict = {}
     if "backing" in values:
         kw["backing"] = values["backing"]
@@ -136,6 +150,8 @@ def parse_options(opts: list[str]) -> Config:
     for flag in _FLAGS:
         if flag in values:
             kw[flag] = values[flag]
+    if "mount_flags" in values:
+        kw["mount_flags"] = tuple(values["mount_flags"])
     cfg = Config(**kw)
     return dataclasses.replace(cfg, backing=check_backing(cfg.backing))
 

@@ -17,7 +17,7 @@ from .cache import AsyncCache
 from .coherence import Coherence
 from .errors import FsError
 from .files import OpenFiles
-from .names import (XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFETCH, XATTR_PREFIX,
+from .names import (VERSION, XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFETCH, XATTR_PREFIX,
                     XATTR_REFRESH, XATTR_STATS, XATTR_SYNC)
 from .namespace import Namespace
 from .nodes import Ctx, File, Node
@@ -109,6 +109,7 @@ class Control:
     def stats(self, node: Node) -> dict:
         cache, coh = self.cache, self.coherence
         out = {"mount": dict(cache.stats(),
+                             version=VERSION,
                              kernel_drops=coh.kernel_drops,
                              kernel_drops_pending=coh.kernel_drops_pending,
                              files=len(self.ns.by_fid))}

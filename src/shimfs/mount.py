@@ -68,6 +68,7 @@ def fuse_options(config: Config) -> set[str]:
     opts |= {"fsname=shimfs", "subtype=shimfs"}
     if config.allow_other:
         opts.add("allow_other")
+    opts.update(config.mount_flags)
     return opts
 
 

@@ -6,6 +6,9 @@ constants of the namespace that more than one room needs.
 """
 from __future__ import annotations
 
+#: The version of shimfs (``shimfs --version``, ``shimfs stat``, the package's).
+VERSION = "0.1.0"
+
 #: The control interface: extended attributes of the files in a mount (and of
 #: its root).  pyfuse3 has no ioctl handler, so control goes through xattrs.
 XATTR_PREFIX = "user.shimfs."
