@@ -82,6 +82,14 @@ MUTATIONS = [
              "            pthread_mutex_lock(&self.mu)\n            self._zero_clear(fr, p0, p1)\n",
              "            pthread_mutex_lock(&self.mu)\n",
              ("tests/test_checkpoint.py",)),
+    Mutation("a punched hole keeping the daemon's dirty pages", "src/shimcore/_engine.pyx",
+             "                    if f0 <= pg < f1:\n                        if self.slots[s].dirty:",
+             "                    if False:\n                        if self.slots[s].dirty:",
+             ("tests/test_fallocate.py", "-k", "dirty and local")),
+    Mutation("a punch leaving the cache as it was", "src/shimfs/files.py",
+             "                self.cache.punch(node.fid, offset, length)\n",
+             "                pass\n",
+             ("tests/test_fallocate.py", "-k", "local")),
 ]
 
 

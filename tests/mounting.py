@@ -120,3 +120,12 @@ def shim_mount(mnt: str, backing: str, *opts: str, log: str | None = None):
                 subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
         if pid and not wait_gone(pid, 10.0):
             os.kill(pid, 9)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode (Python's os has posix_fallocate only)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from mounting import shim_mount
+from mounting import fallocate, shim_mount
 from shimfs.names import TIMEOUT
 
 NAMES = st.sampled_from(["a", "b", "c", "d/x", "d/y", "e/z"])
@@ -124,6 +124,32 @@ class MountVsOracle(RuleBasedStateMachine):
     @rule(name=NAMES, size=OFFSETS)
     def truncate(self, name, size):
         self.both(lambda root, name: os.truncate(os.path.join(root, name), size), name)
+
+    @rule(name=NAMES, off=OFFSETS, size=SIZES,
+          mode=st.sampled_from([0, 0x01, 0x02 | 0x01]))   # allocate, KEEP_SIZE, punch a hole
+    def fallocate(self, name, off, size, mode):
+        def op(root, name):
+            fd = os.open(os.path.join(root, name), os.O_RDWR)
+            try:
+                fallocate(fd, mode, off, size)
+                return os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        self.both(op, name)
+
+    @rule(name=NAMES, off=OFFSETS)
+    def mapped_read(self, name, off):
+        """A punched hole must read as zeros through a mapping too."""
+        def op(root, name):
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    return b""
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                    return m[off % len(m):off % len(m) + 8192]
+            finally:
+                os.close(fd)
+        self.both(op, name)
 
     @rule(name=NAMES)
     def read(self, name):

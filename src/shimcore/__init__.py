@@ -11,11 +11,11 @@ import os
 from .fallback import PageCache as FallbackPageCache
 
 if os.environ.get("SHIMCORE_FALLBACK") == "1":
-    from .fallback import fs_magic
+    from .fallback import fallocate, fs_magic
     PageCache = FallbackPageCache
     IMPLEMENTATION = "fallback"
 else:
-    from ._engine import PageCache, fs_magic  # noqa: F401
+    from ._engine import PageCache, fallocate, fs_magic  # noqa: F401
     IMPLEMENTATION = "compiled"
 
 #: statfs f_type of file systems that keep their files in memory (tmpfs,
@@ -25,5 +25,5 @@ MEMORY_FS_MAGIC = frozenset({0x01021994, 0x858458F6})
 PAGE_SIZE = 4096
 EngineError = OSError
 
-__all__ = ["PageCache", "FallbackPageCache", "PAGE_SIZE", "IMPLEMENTATION", "fs_magic",
+__all__ = ["PageCache", "FallbackPageCache", "PAGE_SIZE", "IMPLEMENTATION", "fs_magic", "fallocate",
            "MEMORY_FS_MAGIC"]

@@ -4,6 +4,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 PAGE_SIZE: int
 
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) of an open file, without the GIL."""
 def fs_magic(fd: int) -> int:
     """The type of the file system holding open file ``fd`` (statfs ``f_type``)."""
 
@@ -55,6 +57,9 @@ class PageCache:
         """Set the size, drop pages past it and zero the tail of the last page; with
         zeros_from >= 0 (this node extended the backing file from there), the pages
         wholly past zeros_from become known zeros."""
+    def punch(self, fid: int, offset: int, length: int) -> None:
+        """The backing range became a hole: whole pages in it are dropped (dirty
+        or not) and become known zeros; the edge pages' punched bytes are zeroed."""
     def invalidate(self, fid: int, offset: int, length: int) -> int:
         """Drop clean pages overlapping the range and forget its known zeros;
         return how many pages were dropped."""

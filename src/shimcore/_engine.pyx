@@ -1720,6 +1720,46 @@ cdef class PageCache:
             fr.size = size
             pthread_mutex_unlock(&self.mu)
 
+    def punch(self, int64_t fid, int64_t offset, int64_t length):
+        """The backing file's [offset, offset+length) has just become a hole
+        (fallocate PUNCH_HOLE): cached pages wholly inside it are dropped,
+        dirty or not (their writes were punched away), and become known
+        zeros; the punched bytes of the pages at its edges are zeroed in
+        their slots (and twins), which keep their other bytes and their
+        dirty bits.  The size does not change."""
+        cdef FileRec *fr = self.record(fid)
+        cdef int64_t s, pg, end, f0, f1, a, b
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            end = offset + length
+            if end > fr.size:
+                end = fr.size
+            if end > offset:
+                f0 = (offset + PAGE - 1) >> PAGE_SHIFT      # the whole pages inside
+                f1 = end >> PAGE_SHIFT
+                if end == fr.size:
+                    f1 = (end + PAGE - 1) >> PAGE_SHIFT     # the last page, to EOF
+                for s in range(self.nslots):
+                    if self.slots[s].file != fid or self.slots[s].orphan:
+                        continue
+                    pg = self.slots[s].page
+                    if f0 <= pg < f1:
+                        if self.slots[s].dirty:
+                            self._clear_dirty(fr, pg)
+                            self.slots[s].dirty = 0
+                        self._drop(s)
+                    elif pg * PAGE < end and (pg + 1) * PAGE > offset \
+                            and self.slots[s].state == S_VALID:
+                        _clip(pg, offset, end, &a, &b)
+                        memset(self.arena + s * PAGE + (a - pg * PAGE), 0, b - a)
+                        if fr.multiwrite and self.twins:
+                            memset(self.twins + s * PAGE + (a - pg * PAGE), 0, b - a)
+                if f1 > f0:
+                    self._zero_set(fr, f0, f1)
+            pthread_mutex_unlock(&self.mu)
+
     def invalidate(self, int64_t fid, int64_t offset, int64_t length):
         """Drop clean cached pages overlapping [offset, offset+length); return how many.
 
@@ -1824,6 +1864,19 @@ def fs_magic(int fd):
     if r != 0:
         raise OSError(errno, os.strerror(errno))
     return <unsigned long>sf.f_type & 0xFFFFFFFF
+
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_fallocate "fallocate" (int fd, int mode, long offset, long length)
+
+
+def fallocate(int fd, int mode, int64_t offset, int64_t length):
+    """fallocate(2) of open file ``fd``, without the GIL; raises OSError."""
+    cdef int r
+    with nogil:
+        r = c_fallocate(fd, mode, offset, length)
+    if r != 0:
+        raise OSError(errno, os.strerror(errno))
 
 
 PAGE_SIZE = PAGE

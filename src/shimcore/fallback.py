@@ -35,6 +35,15 @@ def fs_magic(fd: int) -> int:
                               buf.raw)[0] & 0xFFFFFFFF
 
 
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) of open file ``fd``; raises OSError."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 class _Ranges:
     """Disjoint sorted half-open page ranges: the pages known to be zeros."""
     __slots__ = ("spans",)
@@ -525,6 +534,32 @@ class PageCache:
             if tail and buf is not None:
                 buf[tail:] = bytes(PAGE - tail)
             f.size = size
+
+    def punch(self, fid: int, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        with self._lock:
+            f = self._file(fid)
+            end = min(offset + length, f.size)
+            if end <= offset:
+                return
+            f0, f1 = -(-offset // PAGE), end // PAGE
+            if end == f.size:
+                f1 = -(-end // PAGE)
+            for key in [k for k in self._pages if k[0] == fid]:
+                pg = key[1]
+                if f0 <= pg < f1:
+                    self._forget(key)
+                    f.dirty.discard(pg)
+                    f.twins.pop(pg, None)
+                elif pg * PAGE < end and (pg + 1) * PAGE > offset:
+                    a, b = max(offset, pg * PAGE) - pg * PAGE, min(end, (pg + 1) * PAGE) - pg * PAGE
+                    self._pages[key][a:b] = bytes(b - a)
+                    twin = f.twins.get(pg)
+                    if twin is not None:
+                        f.twins[pg] = twin[:a] + bytes(b - a) + twin[b:]
+            if f1 > f0:
+                f.zeros.add(f0, f1)
 
     def invalidate(self, fid: int, offset: int, length: int) -> int:
         with self._lock:

@@ -106,6 +106,13 @@ cdef struct ReadIn:          # fuse_read_in
     uint32_t flags
     uint32_t padding
 
+cdef struct FallocateIn:     # fuse_fallocate_in
+    uint64_t fh
+    uint64_t offset
+    uint64_t length
+    uint32_t mode
+    uint32_t padding
+
 cdef struct OutHeader:       # fuse_out_header
     uint32_t len
     int32_t error
@@ -113,6 +120,7 @@ cdef struct OutHeader:       # fuse_out_header
 
 cdef enum:
     FUSE_READ = 15
+    FUSE_FALLOCATE = 43
     # One request: at most max_pages (256, the kernel's limit) of data and
     # its headers; the kernel refuses smaller read buffers.
     BUFSIZE = (256 + 2) * PAGE
@@ -257,6 +265,10 @@ cdef class Wire:
     cdef Handle *tab
     cdef int64_t cap, used, live
     cdef pthread_t t_out
+    cdef int side_w
+    #: Readable when requests that pyfuse3 cannot handle (FALLOCATE) wait
+    #: for :meth:`take`.
+    cdef readonly int side_fd
     cdef bint running
     cdef char *zeros
     cdef char *outbuf
@@ -271,6 +283,7 @@ cdef class Wire:
         self.pfd = -1
         self.stop_r = self.stop_w = -1
         self.ended_fd = self.end_w = -1
+        self.side_fd = self.side_w = -1
         pthread_mutex_init(&self.mu, NULL)
         pthread_cond_init(&self.idle, NULL)
 
@@ -318,6 +331,10 @@ cdef class Wire:
         if pipe(fds) < 0:
             raise OSError(errno, "pipe: " + os.strerror(errno))
         self.ended_fd, self.end_w = fds[0], fds[1]
+        if socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) < 0:
+            raise OSError(errno, "socketpair: " + os.strerror(errno))
+        self.side_fd, self.side_w = fds[0], fds[1]
+        fcntl(self.side_fd, F_SETFL, fcntl(self.side_fd, F_GETFL) | O_NONBLOCK)
         self.kernel_fd = fcntl(session_fd, F_DUPFD_CLOEXEC, 3)
         if self.kernel_fd < 0 or dup2(sv[0], session_fd) < 0:
             raise OSError(errno, "moving the session descriptor: " + os.strerror(errno))
@@ -340,7 +357,8 @@ cdef class Wire:
         free(self.tab)
         free(self.zeros)
         free(self.outbuf)
-        for fd in (self.kernel_fd, self.pfd, self.stop_r, self.stop_w, self.ended_fd, self.end_w):
+        for fd in (self.kernel_fd, self.pfd, self.stop_r, self.stop_w, self.ended_fd, self.end_w,
+                   self.side_fd, self.side_w):
             if fd >= 0:
                 close(fd)
         pthread_cond_destroy(&self.idle)
@@ -463,6 +481,36 @@ cdef class Wire:
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
                 "fast_read_passed_trigger": pt, "fast_read_passed_missing": pm,
                 "forward_errors": fe, "reply_errors": re}
+
+    def take(self) -> list:
+        """The FALLOCATE requests waiting (pyfuse3 has no handler for them),
+        as (unique, fh, offset, length, mode, uid, gid, pid); answer each
+        with :meth:`reply_error`."""
+        cdef char msg[256]
+        cdef ssize_t n
+        cdef InHeader *h = <InHeader *>msg
+        cdef FallocateIn *f = <FallocateIn *>(msg + sizeof(InHeader))
+        out = []
+        while True:
+            n = recv(self.side_fd, msg, sizeof(msg), 0)
+            if n < 0:
+                break
+            if n < <ssize_t>(sizeof(InHeader) + sizeof(FallocateIn)):
+                continue
+            out.append((h.unique, f.fh, f.offset, f.length, f.mode, h.uid, h.gid, h.pid))
+        return out
+
+    def reply_error(self, uint64_t unique, int err):
+        """Answer request ``unique`` with errno ``err`` (0: success, no data)."""
+        cdef OutHeader out
+        cdef ssize_t w
+        out.len = sizeof(OutHeader)
+        out.error = -err
+        out.unique = unique
+        with nogil:
+            w = write(self.kernel_fd, &out, sizeof(OutHeader))
+        if w < 0 and errno != ENOENT:
+            raise OSError(errno, os.strerror(errno))
 
     def opcodes(self) -> dict:
         """Requests the kernel sent, by FUSE opcode (63: 63 and above)."""
@@ -647,6 +695,8 @@ cdef class Wire:
             pthread_mutex_unlock(&self.mu)
             if h.opcode == FUSE_READ and self._answer(h, n):
                 continue
+            if h.opcode == FUSE_FALLOCATE and send(self.side_w, buf, n, MSG_NOSIGNAL) == n:
+                continue            # for the daemon's Python (Wire.take)
             self._forward(buf, n)
         free(buf)
 

@@ -210,6 +210,15 @@ class AsyncCache:
         file grew."""
         self.engine.truncate(fid, size, zeros_from)
 
+    def punch(self, fid: int, offset: int, length: int) -> None:
+        """The backing range became a hole: the cache follows (PageCache.punch)."""
+        self.engine.punch(fid, offset, length)
+
+    @staticmethod
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) of a backing file (blocking: call from a worker)."""
+        shimcore.fallocate(fd, mode, offset, length)
+
     def invalidate(self, fid: int, offset: int, length: int) -> int:
         """Drop the clean cached pages of a range."""
         return self.engine.invalidate(fid, offset, length)

@@ -21,6 +21,7 @@ from .cache import AsyncCache
 from .config import Config
 from .credentials import Credentials
 from .errors import FsError
+from .names import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOCATE_MODES
 from .namespace import Namespace
 from .nodes import Attr, Ctx, Dir, File, Handle
 from .writeback import WriteBack
@@ -159,6 +160,37 @@ class OpenFiles:
             # may have grown elsewhere): what lies past it is zeros that this
             # node made, and a fault there need not read them (FileRec.zero).
             self.cache.truncate(node.fid, size, max(before, self.cache.size(node.fid)))
+            node.seen = (st.st_size, st.st_mtime_ns)
+        node.touch()
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        """FUSE FALLOCATE.  The modes a backing file system may support are
+        passed on: 0 (allocate; the file grows to cover the range),
+        KEEP_SIZE, and PUNCH_HOLE|KEEP_SIZE (the range reads as zeros: the
+        kernel has written its dirty pages of it back and drops them after;
+        the daemon's are punched too).  Any other mode is EOPNOTSUPP."""
+        h = self.handle(fh)
+        node = h.node
+        if mode not in FALLOCATE_MODES:
+            raise FsError(errno.EOPNOTSUPP, "fallocate mode %#x is not passed on" % mode)
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        if not h.writable or not node.writable:
+            raise FsError(errno.EBADF)
+        fd = node.fd
+
+        def allocate():
+            before = os.fstat(fd).st_size
+            self.cache.fallocate(fd, mode, offset, length)
+            return before, os.fstat(fd)
+        async with self.cache.pushes_paused(node.fid), node.io_lock:
+            before, st = await self.cache.run(allocate)
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                self.cache.punch(node.fid, offset, length)
+            elif not mode & FALLOC_FL_KEEP_SIZE and offset + length > self.cache.size(node.fid):
+                # grown with zeros, as by a truncate up (known zeros)
+                self.cache.truncate(node.fid, offset + length,
+                                    max(before, self.cache.size(node.fid)))
             node.seen = (st.st_size, st.st_mtime_ns)
         node.touch()
 

@@ -197,6 +197,12 @@ class ShimOperations(pyfuse3.Operations):
         await self.vfs.fsync(fh, datasync)
 
     @_errors
+    async def fallocate(self, fh, offset, length, mode):
+        """Not a pyfuse3 handler (it has none): the compiled reader hands
+        FALLOCATE requests over (mount._side_requests)."""
+        await self.vfs.fallocate(fh, offset, length, mode)
+
+    @_errors
     async def getxattr(self, inode, name, ctx):
         return self.vfs.getxattr(inode, os.fsdecode(name))
 

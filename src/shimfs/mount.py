@@ -94,7 +94,7 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
         # Refresh, multiwrite and pushes reach the kernel through it.
         vfs.attach_kernel(SessionKernel(wire.kernel_fd if wire is not None else fd))
     try:
-        trio.run(_main, vfs, mountpoint, config, ready, wire)
+        trio.run(_main, vfs, mountpoint, config, ready, wire, ops)
     finally:
         unmount = True
         if wire is not None:
@@ -113,12 +113,14 @@ def _attach_wire(vfs: Vfs, config: Config, fd: int):
     return vfs.cache.attach_wire(fd)
 
 
-async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None) -> None:
+async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
+                ops: ShimOperations | None = None) -> None:
     async with trio.open_nursery() as nursery:
         vfs.cache.nursery = nursery
         nursery.start_soon(_signals, vfs)
         if wire is not None:
             nursery.start_soon(_kernel_gone, wire)
+            nursery.start_soon(_side_requests, wire, ops, nursery)
         nursery.start_soon(_after_mount, mountpoint, config, ready)
         nursery.start_soon(vfs.flusher)
         try:
@@ -129,6 +131,22 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None) -> 
     if wire is not None:
         wire.clear()            # before the engine forgets the files
     await vfs.close_all()
+
+
+async def _side_requests(wire, ops: ShimOperations, nursery) -> None:
+    """Serve the requests pyfuse3 has no handler for (FALLOCATE), which the
+    compiled reader sets aside (Wire.take), each in a task of its own."""
+    async def one(unique, fh, offset, length, mode) -> None:
+        try:
+            await ops.fallocate(fh, offset, length, mode)
+            err = 0
+        except pyfuse3.FUSEError as exc:
+            err = exc.errno
+        wire.reply_error(unique, err)
+    while True:
+        await trio.lowlevel.wait_readable(wire.side_fd)
+        for unique, fh, offset, length, mode, _uid, _gid, _pid in wire.take():
+            nursery.start_soon(one, unique, fh, offset, length, mode)
 
 
 async def _kernel_gone(wire) -> None:

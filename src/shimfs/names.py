@@ -36,3 +36,8 @@ REFRESH_CHUNK = 4 << 20
 
 #: The file system type of a shimfs mount in /proc/self/mounts.
 FSTYPE = "fuse.shimfs"
+
+#: fallocate(2) modes (<linux/falloc.h>), and those passed to backing files.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOCATE_MODES = frozenset({0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE})

@@ -59,7 +59,7 @@ class Vfs:
         self.statfs = ns.statfs
         self.open, self.read, self.write = files.open, files.read, files.write
         self.flush, self.fsync, self.release = files.flush, files.fsync, files.release
-        self.setattr = files.setattr
+        self.setattr, self.fallocate = files.setattr, files.fallocate
         self.revalidate = coh.revalidate
         self.listxattr, self.getxattr = ctl.listxattr, ctl.getxattr
         self.setxattr, self.removexattr = ctl.setxattr, ctl.removexattr
