@@ -187,3 +187,30 @@ def test_full_cache_reads_zeros_through(tmp_path, impl):
         assert pc.read(fid, 0, 256 * PAGE) == head + bytes(240 * PAGE)
         assert stats(pc, fid)["bytes_fetched"] == 0
         pc.writeback(fid)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IDS)
+@pytest.mark.parametrize("multiwrite", [False, True], ids=["plain", "multiwrite"])
+def test_a_punched_hole_drops_dirty_pages_and_zeros_the_edges(tmp_path, impl, multiwrite):
+    """What files.OpenFiles.fallocate does for PUNCH_HOLE: the backing file
+    is punched, then the engine; dirty bytes outside the hole still reach
+    the backing file, those inside never do."""
+    from mounting import fallocate
+    data = os.urandom(32 * PAGE)
+    with cache_over(tmp_path, impl, data) as (pc, fid, fd):
+        if multiwrite:
+            pc.set_multiwrite(fid, True)
+        assert pc.read(fid, 0, 32 * PAGE) == data
+        pc.write(fid, 0, b"A" * (32 * PAGE))                # every page dirty
+        a, b = 3 * PAGE + 100, 20 * PAGE + 7
+        fallocate(fd, 0x02 | 0x01, a, b - a)
+        pc.punch(fid, a, b - a)
+        want = b"A" * a + bytes(b - a) + b"A" * (32 * PAGE - b)
+        assert pc.size(fid) == 32 * PAGE
+        assert pc.read(fid, 0, 32 * PAGE) == want
+        assert pc.dirty_bytes(fid) == (4 + 12) * PAGE         # pages 0-3 and 20-31
+        assert stats(pc, fid)["known_zero_bytes"] == 16 * PAGE  # pages 4-19
+        pc.writeback(fid)
+        assert os.pread(fd, 32 * PAGE, 0) == want
+        pc.punch(fid, 30 * PAGE, 10 * PAGE)                 # past the end: up to it
+        assert pc.read(fid, 30 * PAGE, 4 * PAGE) == bytes(2 * PAGE)
