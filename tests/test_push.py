@@ -62,20 +62,6 @@ def test_read_only_scan_is_pushed_and_exact(pmnt, data_dir):
         assert f.read() == data
 
 
-def test_a_default_mount_pushes(tmp_path, data_dir):
-    """Pushes are on by default (with the 16 KiB default read-ahead they
-    carry a scan)."""
-    src = os.path.join(data_dir, "big")
-    data = make_file(src, 16 * MIB)
-    with shim_mount(str(tmp_path / "m"), str(tmp_path)) as m:
-        os.symlink(src, os.path.join(m, "big"))
-        path = os.path.join(m, "big")
-        assert _scan(path, pause=0.02) == data
-        st = shimfs.stats(path)
-        assert st["file"]["bytes_pushed"] > 0
-        assert st["mount"]["read_request_bytes"] < len(data)
-
-
 def test_without_push_everything_comes_by_read(tmp_path, data_dir):
     src = os.path.join(data_dir, "big")
     data = make_file(src, 8 * MIB)

@@ -226,5 +226,7 @@ cdef class PageCache:
                             int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil
     cdef int64_t lend_loaded(self, FileRec *fr, int64_t fid, int64_t offset, int64_t size,
                              int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil
+    cdef void _lent_iov(self, int64_t p0, int64_t n, int64_t offset, int64_t end,
+                        int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil
     cdef void give_back_read(self, FileRec *fr, int64_t *slot_of, iovec *iov,
                              int64_t n, bint hits) noexcept nogil

@@ -1114,14 +1114,22 @@ cdef class PageCache:
         pthread_mutex_unlock(&self.mu)
         if not whole:
             return -1
+        self._lent_iov(p0, n, offset, end, slot_of, iov, zeros)
+        return n
+
+    cdef void _lent_iov(self, int64_t p0, int64_t n, int64_t offset, int64_t end,
+                        int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil:
+        """The iovecs of lent pages p0..p0+n, clipped to [offset, end); a
+        negative slot (a known-zero page) becomes -1 and points at ``zeros``."""
+        cdef int64_t i, a, b
         for i in range(n):
             _clip(p0 + i, offset, end, &a, &b)
             if slot_of[i] >= 0:
                 iov[i].iov_base = self.arena + slot_of[i] * PAGE + (a - (p0 + i) * PAGE)
             else:
+                slot_of[i] = -1
                 iov[i].iov_base = zeros
             iov[i].iov_len = b - a
-        return n
 
     cdef int64_t lend_loaded(self, FileRec *fr, int64_t fid, int64_t offset, int64_t size,
                              int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil:
@@ -1158,14 +1166,7 @@ cdef class PageCache:
                         self._unpin(slot_of[i])
                 pthread_mutex_unlock(&self.mu)
                 return -1
-        for i in range(n):
-            _clip(p0 + i, offset, end, &a, &b)
-            if slot_of[i] >= 0:
-                iov[i].iov_base = self.arena + slot_of[i] * PAGE + (a - (p0 + i) * PAGE)
-            else:
-                slot_of[i] = -1             # -3 from the fault-in: a known-zero page
-                iov[i].iov_base = zeros
-            iov[i].iov_len = b - a
+        self._lent_iov(p0, n, offset, end, slot_of, iov, zeros)   # -3: a known-zero page
         return n
 
     cdef void give_back_read(self, FileRec *fr, int64_t *slot_of, iovec *iov,

@@ -209,29 +209,19 @@ cdef void _only_wakeups() noexcept nogil:
 
 cdef int _wait(int fd, int stop) noexcept nogil:
     """Block until ``fd`` is readable (1) or ``stop`` is (0)."""
-    cdef pollfd p[2]
-    cdef int r
-    p[0].fd = fd
-    p[0].events = POLLIN
-    p[1].fd = stop
-    p[1].events = POLLIN
-    while True:
-        p[0].revents = 0
-        p[1].revents = 0
-        r = poll(p, 2, -1)
-        if r < 0 and errno == EINTR:
-            continue
-        if p[1].revents:
-            return 0
-        if r > 0:
-            return 1
+    return _wait_for(fd, POLLIN, stop)
+
 
 cdef int _wait_writable(int fd, int stop) noexcept nogil:
     """Block until ``fd`` is writable (1) or ``stop`` is readable (0)."""
+    return _wait_for(fd, POLLOUT, stop)
+
+
+cdef int _wait_for(int fd, short events, int stop) noexcept nogil:
     cdef pollfd p[2]
     cdef int r
     p[0].fd = fd
-    p[0].events = POLLOUT
+    p[0].events = events
     p[1].fd = stop
     p[1].events = POLLIN
     while True:

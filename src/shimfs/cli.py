@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "unless -f is given.",
                        epilog="options (-o, comma-separated): backing=DIR (where new files are "
                               "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
-                              "4), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
-                              "verbose, allow_other, multiwrite, push=0 (do not push prefetched "
+                              "1024; 4 for random access), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
+                              "verbose, allow_other, multiwrite, push (also push prefetched "
                               "pages into the kernel's cache), fast_reads=0 (every READ through "
                               "Python), mirror (show the backing directory's whole "
                               "tree), allowed_roots=DIR[:DIR...] (where link "

@@ -28,11 +28,11 @@ class Config:
     #: reads after which the daemon starts prefetching.  The daemon's own
     #: window then grows up to ``window_factor`` (16) times this, at least
     #: 64 MiB (readahead.ReadAheadConfig), within a quarter of the cache
-    #: shared by the mount's streams.  The default is small (16 KiB) so that
-    #: a random touch fetches what it touches; scans are carried by the
-    #: daemon's prefetch and pushes, and the compiled READ path makes the
-    #: many small READs cheap (docs/performance.md, "Defaults").
-    read_ahead: int = 4
+    #: shared by the mount's streams.  For random access set 4 (16 KiB): a
+    #: touch then fetches what it touches.  The default stays at 4 MiB:
+    #: with 16 KiB, mapped writes, checkpoints and scans of files in memory
+    #: ran 2-7x slower in the full bench (docs/performance.md, "Defaults").
+    read_ahead: int = 1024
     #: Bytes of the daemon's page cache (the bound of its data memory).
     cache_size: int = 256 << 20
     #: Log every operation (debug level).
@@ -45,11 +45,11 @@ class Config:
     multiwrite: bool = False
     #: Also copy prefetched pages straight into the kernel's page cache (FUSE
     #: NOTIFY_STORE) while no process has the file open for writing, so the
-    #: kernel asks for fewer of them: with the small default read-ahead, a
-    #: mapping copied out with memcpy runs 0.76x -> 0.98x native on the
-    #: stand-in, and a mapped scan is no slower (docs/performance.md).
-    #: ``push=0`` turns it off.
-    push: bool = True
+    #: kernel asks for fewer of them.  With ``read_ahead=4`` it carries a
+    #: scan (a memcpy copy of a mapping: 0.76x -> 0.98x native on the
+    #: stand-in); at the default read-ahead it cost 10-15% there
+    #: (docs/performance.md), hence off by default.
+    push: bool = False
     #: Show the backing directory's whole tree in the mount (built lazily:
     #: a lookup stats the backing path, a readdir lists the backing
     #: directory, a file is opened at its first open).  Off: the namespace

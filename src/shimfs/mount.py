@@ -142,7 +142,10 @@ async def _side_requests(wire, ops: ShimOperations, nursery) -> None:
             err = 0
         except pyfuse3.FUSEError as exc:
             err = exc.errno
-        wire.reply_error(unique, err)
+        try:
+            wire.reply_error(unique, err)
+        except OSError as exc:          # the session is ending
+            log.debug("fallocate reply: %s", exc)
     while True:
         await trio.lowlevel.wait_readable(wire.side_fd)
         for unique, fh, offset, length, mode, _uid, _gid, _pid in wire.take():
