@@ -58,6 +58,12 @@ from shimcore._engine cimport (PageCache, FileRec, iovec, writev, MAX_RUN, PAGE,
                                pthread_create, pthread_cond_t, pthread_cond_init, timespec,
                                pthread_cond_destroy, pthread_cond_broadcast, pthread_cond_signal)
 
+cdef extern from *:
+    """
+    #define SHIM_COUNT(p) __atomic_fetch_add((p), 1, __ATOMIC_RELAXED)
+    """
+    void SHIM_COUNT(uint64_t *p) nogil      # a counter nobody orders against
+
 cdef extern from "<pthread.h>" nogil:
     int pthread_join(pthread_t t, void **ret)
     int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
@@ -265,7 +271,8 @@ cdef class Wire:
     # counters (read under the mutex)
     cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
     cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
-    # requests by opcode (the last slot: any larger), under the mutex
+    # requests by opcode (the last slot: any larger); this and the forward
+    # counters are relaxed atomics (SHIM_COUNT), the rest under the mutex
     cdef uint64_t ops[64]
 
     def __cinit__(self):
@@ -539,14 +546,15 @@ cdef class Wire:
 
     # -- the threads ------------------------------------------------------------
 
-    cdef int _reply(self, uint64_t unique, iovec *iov, int64_t k) noexcept nogil:
-        """writev a READ reply whose data is ``iov[1..k]``; 0 or an errno."""
+    cdef int _reply(self, uint64_t unique, iovec *iov, int64_t k, int64_t *total) noexcept nogil:
+        """writev a READ reply whose data is ``iov[1..k]`` (``total`` gets its
+        bytes); 0 or an errno."""
         cdef OutHeader out
-        cdef int64_t i, total = 0
-        cdef ssize_t w
+        cdef int64_t i
+        total[0] = 0
         for i in range(k):
-            total += iov[i + 1].iov_len
-        out.len = sizeof(OutHeader) + total
+            total[0] += iov[i + 1].iov_len
+        out.len = sizeof(OutHeader) + total[0]
         out.error = 0
         out.unique = unique
         iov[0].iov_base = &out
@@ -557,8 +565,10 @@ cdef class Wire:
                 continue
             return errno if w < 0 else 0
 
-    cdef void _sent(self, int64_t k, iovec *iov, int64_t *slot_of, int err) noexcept nogil:
-        """Count a reply (mu held); if it failed, keep the pages unspent."""
+    cdef void _sent(self, int64_t k, iovec *iov, int64_t *slot_of, int err,
+                    int64_t total) noexcept nogil:
+        """Count a reply of ``total`` bytes (mu held); if it failed, keep the
+        pages unspent."""
         cdef int64_t i
         if err:
             # ENOENT: the request was interrupted and is gone.  Nothing
@@ -568,8 +578,7 @@ cdef class Wire:
                 if slot_of[i] >= 0:
                     iov[i + 1].iov_len = 0
         else:
-            for i in range(k):
-                self.fast_read_bytes += iov[i + 1].iov_len
+            self.fast_read_bytes += total
         self.fast_reads += 1
 
     cdef bint _answer(self, InHeader *h, ssize_t n) noexcept nogil:
@@ -580,7 +589,7 @@ cdef class Wire:
         cdef FileRec *fr
         cdef int64_t slot_of[MAX_RUN]
         cdef iovec iov[MAX_RUN + 1]
-        cdef int64_t k, off, end, fid
+        cdef int64_t k, off, end, fid, total = 0
         cdef bint run
         cdef int err = 0
         if n != REQ_LEN or sizeof(InHeader) + sizeof(ReadIn) != REQ_LEN:
@@ -602,8 +611,8 @@ cdef class Wire:
             return False
         k = self.pc.lend_whole(hd.fr, hd.fid, off, r.size, slot_of, &iov[1], self.zeros)
         if k >= 0:
-            err = self._reply(h.unique, iov, k)
-            self._sent(k, iov, slot_of, err)
+            err = self._reply(h.unique, iov, k, &total)
+            self._sent(k, iov, slot_of, err, total)
             self.pc.give_back_read(hd.fr, slot_of, &iov[1], k, True)
             pthread_mutex_unlock(&self.mu)
             return True
@@ -621,10 +630,10 @@ cdef class Wire:
         pthread_mutex_unlock(&self.mu)
         k = self.pc.lend_loaded(fr, fid, off, r.size, slot_of, &iov[1], self.zeros)
         if k >= 0:
-            err = self._reply(h.unique, iov, k)
+            err = self._reply(h.unique, iov, k, &total)
         pthread_mutex_lock(&self.mu)
         if k >= 0:
-            self._sent(k, iov, slot_of, err)
+            self._sent(k, iov, slot_of, err, total)
             self.fast_misses += 1
         else:
             self.miss_fallbacks += 1
@@ -650,12 +659,7 @@ cdef class Wire:
             if s < 0 and errno == EINTR:
                 continue
             break
-        pthread_mutex_lock(&self.mu)
-        if s < 0:
-            self.forward_errors += 1
-        else:
-            self.forwarded += 1
-        pthread_mutex_unlock(&self.mu)
+        SHIM_COUNT(&self.forward_errors if s < 0 else &self.forwarded)
 
     cdef void _pump_in(self) noexcept nogil:
         """An in thread: read requests until the session ends or the wire stops."""
@@ -680,9 +684,7 @@ cdef class Wire:
             if n < <ssize_t>sizeof(InHeader):
                 self._forward(buf, n)
                 continue
-            pthread_mutex_lock(&self.mu)
-            self.ops[h.opcode if h.opcode < 63 else 63] += 1
-            pthread_mutex_unlock(&self.mu)
+            SHIM_COUNT(&self.ops[h.opcode if h.opcode < 63 else 63])
             if h.opcode == FUSE_READ and self._answer(h, n):
                 continue
             if h.opcode == FUSE_FALLOCATE and send(self.side_w, buf, n, MSG_NOSIGNAL) == n:
