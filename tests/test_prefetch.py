@@ -55,7 +55,11 @@ def test_a_prefetched_file_is_touched_without_a_read(pre, how):
     assert st["prefetch_call_pushed_bytes"] == len(data)
     before = reads(path)
     assert touch_all(path) == data
-    assert reads(path) == before            # every page was in the kernel's cache
+    # Every page was in the kernel's cache.  Not quite always: during the
+    # full suite the kernel once dropped a few pushed pages before the touch
+    # (3 READs, where a touch without the prefetch takes 40 or more, one per
+    # MiB at least), so a handful is allowed.
+    assert reads(path) - before <= 4
 
 
 def test_a_range_and_its_edges(pre):

@@ -54,22 +54,32 @@ def _scan(path: str, settle: bool = False) -> bytes:
 
 
 def test_read_only_scan_is_pushed_and_exact(pmnt, data_dir):
-    src = os.path.join(data_dir, "big")
-    data = make_file(src, 24 * MIB + 123)
-    os.symlink(src, os.path.join(pmnt, "big"))
-    path = os.path.join(pmnt, "big")
     # How much arrives by push is a race between the pushes and the kernel's
     # own read-ahead (it skips only pages already pushed): at full speed the
     # pushes supplied 2-12 MiB of these 24 on the stand-in, and a reader
     # pausing 20 ms per MiB still saw 5 MiB once.  A reader that lets each
-    # MiB's prefetches finish sees 16-18 MiB.
-    assert _scan(path, settle=True) == data
-    st = shimfs.stats(path)
-    assert st["file"]["bytes_pushed"] > 8 * MIB
-    # the kernel asked for only part of the file: the rest came by push
-    assert st["mount"]["read_request_bytes"] < len(data)
-    with open(path, "rb") as f:                     # and read() sees the same bytes
-        assert f.read() == data
+    # MiB's prefetches finish sees 16-18 MiB; under the full suite's load it
+    # still lost the race once (none pushed), so it gets three files.
+    seen = []
+    for attempt in range(3):
+        src = os.path.join(data_dir, "big%d" % attempt)
+        data = make_file(src, 24 * MIB + 123)
+        path = os.path.join(pmnt, "big%d" % attempt)
+        os.symlink(src, path)
+        before = shimfs.stats(path)["mount"]["read_request_bytes"]
+        assert _scan(path, settle=True) == data
+        st = shimfs.stats(path)
+        pushed = st["file"]["bytes_pushed"]
+        asked = st["mount"]["read_request_bytes"] - before
+        seen.append((pushed, asked))
+        with open(path, "rb") as f:                 # and read() sees the same bytes
+            assert f.read() == data
+        # the kernel asked for only part of the file: the rest came by push
+        if pushed > 8 * MIB and asked < len(data):
+            break
+    else:
+        pytest.fail("pushes never got ahead of the kernel (bytes pushed, "
+                    "bytes asked for): %r; mount: %r" % (seen, st["mount"]))
 
 
 def test_without_push_everything_comes_by_read(tmp_path, data_dir):
