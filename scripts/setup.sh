@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install everything shimfs needs on a Debian machine, idempotently:
-# apt packages (FUSE, GlusterFS for the pvfs2 stand-in), a virtualenv in
-# .venv, and the build of the Cython engine.  Run as root.
+# apt packages (FUSE, GlusterFS for the pvfs2 stand-in, etcd for the
+# coherence tests), a virtualenv in .venv, and the build of the Cython
+# engine.  Run as root.  Nothing is started: the tests start their own etcd
+# (src/shimfs/etcdserver.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev glusterfs-server glusterfs-client attr procps passwd; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev glusterfs-server glusterfs-client etcd-server etcd-client attr procps passwd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,0 +1,103 @@
+"""A throw-away etcd server on loopback, for the tests and the demo.
+
+Debian's ``etcd-server`` package provides the binary (scripts/setup.sh
+installs it).  :class:`EtcdServer` starts one member on 127.0.0.1 with free
+ports and its own data directory, waits until it answers, and stops exactly
+the process it started, by pid, never by name (the machine may run other
+etcd servers)::
+
+    with EtcdServer(workdir) as srv:
+        srv.url                 # "etcd://127.0.0.1:PORT"
+
+``stop()`` and ``start()`` again reuse the same ports and data, which is how
+the fault tests take the service away and bring it back.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+ETCD = "etcd"
+HOST = "127.0.0.1"
+#: etcd listens without TLS on loopback here
+SCHEME = "http"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    """One etcd member on loopback, owned by whoever made it."""
+
+    def __init__(self, workdir: str, name: str = "shimfs-test"):
+        if shutil.which(ETCD) is None:
+            raise FileNotFoundError("etcd is not installed (Debian: etcd-server)")
+        self.workdir = workdir
+        self.name = name
+        self.data_dir = os.path.join(workdir, "etcd-data")
+        self.log_path = os.path.join(workdir, "etcd.log")
+        self.port = _free_port()
+        self.peer_port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return "%s:%d" % (HOST, self.port)
+
+    @property
+    def url(self) -> str:
+        """The value of ``-o coherence=``."""
+        return "etcd://" + self.endpoint
+
+    def start(self, timeout: float = 30.0) -> None:
+        client = "%s://%s" % (SCHEME, self.endpoint)
+        peer = "%s://%s:%d" % (SCHEME, HOST, self.peer_port)
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [ETCD, "--name", self.name, "--data-dir", self.data_dir,
+                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", "%s=%s" % (self.name, peer)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        from etcd3gw.client import Etcd3Client
+        probe = Etcd3Client(host=HOST, port=self.port, timeout=1, api_path="/v3/")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                probe.status()
+                return
+            except Exception:       # not answering yet: etcd3gw's errors, or requests'
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                with open(self.log_path, "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise RuntimeError("etcd did not start:\n" + tail)
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server this object started (SIGKILL: as if it crashed)."""
+        p, self.proc = self.proc, None
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(sig)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    def __enter__(self) -> "EtcdServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

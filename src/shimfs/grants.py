@@ -1,0 +1,425 @@
+"""Cluster-wide grants over etcd: Phillips' Shared and Exclusive states.
+
+This room only keeps the cluster's book of who may cache which file; what a
+node does to give a grant up (invalidate its kernel pages, write back and
+fsync, drop its daemon pages) is the caller's ``give_up`` callback.  It
+knows nothing of FUSE.  Everything here blocks: call it from worker
+threads, never from the trio thread.
+
+The book (every key under the prefix the mount names, ``PREFIX``):
+
+* ``PREFIX/g/FILE/E`` = node: the file's Exclusive holder;
+* ``PREFIX/g/FILE/S/NODE``: a Shared holder;
+* ``PREFIX/ask/NODE/FILE`` = "REQUESTER MODE": please give FILE up.
+
+Every key a node writes lives on that node's lease, so a node that dies
+loses its grants and its requests when the lease expires (``ttl``).  A grant
+is taken in one transaction: Shared if no Exclusive key exists, Exclusive if
+none exists (and the node's own Shared key goes in the same transaction);
+an Exclusive holder is granted only once no other Shared key is left.  A
+node that finds a conflicting holder writes an ask and waits for the
+holder's key to go, re-reading it at least every ``POLL`` seconds, so that
+neither a watch lost with a broken connection nor a missed event can make
+it wait for ever.
+
+Asks are served by one thread per node, in order: after the grant has been
+held for at least ``hold`` seconds (so that two writers make progress
+instead of handing a page back and forth, as Lustre's 10 ms), it calls
+``give_up(file, wanted)``, which returns the mode the node keeps (``S`` when
+an Exclusive holder with no writable handle left can downgrade, else
+``None``), and then deletes the keys.
+
+A node whose lease could not be refreshed for ``ttl`` seconds counts as
+having lost every grant: ``on_lost(files)`` is called (the caller drops its
+caches), and a new lease is taken once the service answers again.
+
+The granularity is the whole file: a file nobody writes costs each node
+one round trip, and the largest range that conflicts with nobody is the
+whole file whenever there is no conflict at all.  docs/coherence.md says
+why, and what finer extents would need.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable, Iterable
+
+from etcd3gw import exceptions as etcd_exceptions, utils as etcd_utils
+from etcd3gw.client import Etcd3Client
+from etcd3gw.lease import Lease
+
+log = logging.getLogger(__name__)
+
+S, E = "S", "E"
+
+#: Longest wait between two reads of a key somebody waits for (seconds).
+POLL = 0.5
+#: Default lease time-to-live (seconds): a dead node's grants go after this.
+TTL = 10
+#: Default minimum hold time (seconds) before a grant is given up.
+HOLD = 0.01
+#: Default bound on the wait for a grant (seconds), then ETIMEDOUT.
+WAIT = 60.0
+
+
+class GrantError(OSError):
+    """A grant could not be had: ``errno`` says why (ETIMEDOUT: a holder did
+    not give it up in time; ENOTCONN: the service cannot be reached)."""
+
+
+def parse_endpoints(value: str) -> list[tuple[str, int]]:
+    """``etcd://HOST:PORT[,HOST:PORT...]`` (several members of one cluster)."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme != "etcd" or not rest:
+        raise ValueError("coherence must be etcd://HOST:PORT[,HOST:PORT...], not %r" % value)
+    out = []
+    for part in rest.rstrip("/").split(","):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("bad etcd endpoint %r in %r (want HOST:PORT)" % (part, value))
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+class _Etcd:
+    """The etcd3gw clients of every endpoint; a call that cannot reach one
+    tries the next, and ``GrantError(ENOTCONN)`` when none answers."""
+
+    def __init__(self, endpoints: list[tuple[str, int]], timeout: float):
+        self.exc = etcd_exceptions
+        self.enc, self.dec = etcd_utils._encode, etcd_utils._decode
+        self.clients = [Etcd3Client(host=h, port=p, timeout=timeout, api_path="/v3/")
+                        for h, p in endpoints]
+        self.current = 0
+
+    def call(self, what: Callable):
+        last = None
+        for i in range(len(self.clients)):
+            c = self.clients[(self.current + i) % len(self.clients)]
+            try:
+                out = what(c)
+            except (self.exc.ConnectionFailedError, self.exc.ConnectionTimeoutError) as e:
+                last = e
+                continue
+            self.current = (self.current + i) % len(self.clients)
+            return out
+        raise GrantError(errno.ENOTCONN, "etcd unreachable: %s" % last)
+
+    # -- the few requests the book needs -----------------------------------
+    def txn(self, compare: list, success: list, failure: list) -> dict:
+        return self.call(lambda c: c.transaction(
+            {"compare": compare, "success": success, "failure": failure}))
+
+    def put_req(self, key: str, value: str, lease: int) -> dict:
+        return {"request_put": {"key": self.enc(key), "value": self.enc(value), "lease": lease}}
+
+    def del_req(self, key: str) -> dict:
+        return {"request_delete_range": {"key": self.enc(key)}}
+
+    def range_req(self, key: str, prefix: bool = False) -> dict:
+        r = {"key": self.enc(key)}
+        if prefix:
+            r["range_end"] = self.enc(_after(key))
+        return {"request_range": r}
+
+    def absent(self, key: str) -> dict:
+        return {"key": self.enc(key), "result": "EQUAL", "target": "VERSION", "version": "0"}
+
+    def kvs(self, resp: dict, i: int) -> list[tuple[str, str]]:
+        rr = resp.get("responses", [])[i].get("response_range", {})
+        return [(self.dec(kv["key"]).decode(), self.dec(kv.get("value", "")).decode())
+                for kv in rr.get("kvs", [])]
+
+    def get_prefix(self, prefix: str) -> tuple[list[tuple[str, str]], int]:
+        r = self.call(lambda c: c.post(c.get_url("/kv/range"), json={
+            "key": self.enc(prefix), "range_end": self.enc(_after(prefix))}))
+        kvs = [(self.dec(kv["key"]).decode(), self.dec(kv.get("value", "")).decode())
+               for kv in r.get("kvs", [])]
+        return kvs, int(r["header"]["revision"])
+
+    def wait_change(self, prefix: str, revision: int, timeout: float) -> None:
+        """Return at the first change under ``prefix`` after ``revision``, or
+        after ``timeout`` (the caller reads again either way)."""
+        def watch(c):
+            try:
+                c.watch_prefix_once(prefix, timeout=timeout, start_revision=revision + 1)
+            except self.exc.WatchTimedOut:
+                pass
+        try:
+            self.call(watch)
+        except GrantError:
+            time.sleep(min(timeout, POLL))
+            raise
+
+
+def _after(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class _State:
+    __slots__ = ("mode", "since", "busy")
+
+    def __init__(self):
+        self.mode: str | None = None     # what this node holds
+        self.since = 0.0                 # monotonic time it was granted
+        self.busy = False                # a give-up is under way
+
+
+class Grants:
+    """This node's side of the book.  ``give_up(file, wanted) -> kept mode``
+    and ``on_lost(files)`` are called on the grants' own threads."""
+
+    def __init__(self, endpoints: Iterable[tuple[str, int]] | str, prefix: str = "/shimfs/",
+                 node: str | None = None, ttl: int = TTL, hold: float = HOLD,
+                 wait: float = WAIT,
+                 give_up: Callable[[str, str], str | None] = lambda f, w: None,
+                 on_lost: Callable[[list[str]], None] = lambda files: None):
+        if isinstance(endpoints, str):
+            endpoints = parse_endpoints(endpoints)
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.node = node or "%s.%d" % (socket.gethostname(), os.getpid())
+        if "/" in self.node or " " in self.node:
+            raise ValueError("a node name has no '/' or space: %r" % self.node)
+        self.ttl, self.hold, self.wait = ttl, hold, wait
+        self.give_up_cb, self.on_lost = give_up, on_lost
+        self.etcd = _Etcd(list(endpoints), timeout=max(1.0, ttl / 3))
+        self.mu = threading.Lock()
+        self.changed = threading.Condition(self.mu)
+        self.files: dict[str, _State] = {}
+        self.lease = 0
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.counters = dict(grants_asked=0, grant_waits=0, grant_wait_seconds=0.0,
+                             grants_given_up=0, grants_lost=0, asks_sent=0, asks_served=0)
+
+    # -- life ----------------------------------------------------------------
+    def start(self) -> None:
+        """Take a lease (so a bad endpoint fails here, at mount time) and
+        start the keep-alive and ask threads."""
+        self.lease = self._new_lease()
+        for target, name in ((self._keep_alive, "grants-lease"), (self._serve_asks, "grants-asks")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def close(self) -> None:
+        """Stop the threads and revoke the lease: every grant goes at once."""
+        self.stopping.set()
+        for t in self.threads:
+            t.join()
+        self.threads.clear()
+        if self.lease:
+            try:
+                self.etcd.call(lambda c: c.post(c.get_url("/kv/lease/revoke"), json={"ID": self.lease}))
+            except (GrantError, Exception) as e:     # it expires on its own
+                log.debug("lease revoke failed: %s", e)
+            self.lease = 0
+
+    def _new_lease(self) -> int:
+        r = self.etcd.call(lambda c: c.post(c.get_url("/lease/grant"), json={"TTL": self.ttl, "ID": 0}))
+        return int(r["ID"])
+
+    # -- keys -----------------------------------------------------------------
+    def _ekey(self, f: str) -> str:
+        return "%sg/%s/E" % (self.prefix, f)
+
+    def _sdir(self, f: str) -> str:
+        return "%sg/%s/S/" % (self.prefix, f)
+
+    def _askdir(self, node: str) -> str:
+        return "%sask/%s/" % (self.prefix, node)
+
+    def _ask(self, holder: str, f: str, mode: str) -> None:
+        e = self.etcd
+        e.txn([], [e.put_req(self._askdir(holder) + f, "%s %s" % (self.node, mode), self.lease)], [])
+        self.counters["asks_sent"] += 1
+
+    # -- asking ------------------------------------------------------------------
+    def held(self, f: str) -> str | None:
+        st = self.files.get(f)
+        return st.mode if st is not None else None
+
+    def acquire(self, f: str, mode: str, wait: float | None = None) -> None:
+        """Return once this node holds ``mode`` (or Exclusive, which covers
+        Shared) on file ``f``; GrantError after ``wait`` seconds."""
+        if mode not in (S, E):
+            raise ValueError(mode)
+        with self.mu:
+            st = self.files.setdefault(f, _State())
+            while st.busy:                      # a give-up of f is under way
+                self.changed.wait()
+            if st.mode == E or st.mode == mode:
+                return
+        self.counters["grants_asked"] += 1
+        start = time.monotonic()
+        deadline = start + (self.wait if wait is None else wait)
+        waited = False
+        try:
+            while True:
+                granted, rev = self._try(f, mode)
+                if granted:
+                    return
+                waited = True
+                if time.monotonic() > deadline:
+                    raise GrantError(errno.ETIMEDOUT, "no %s grant of %s within %.0f s"
+                                     % (mode, f, deadline - start))
+                self.etcd.wait_change(self.prefix + "g/" + f + "/", rev,
+                                      min(POLL, max(0.0, deadline - time.monotonic())))
+        finally:
+            if waited:
+                self.counters["grant_waits"] += 1
+                self.counters["grant_wait_seconds"] += time.monotonic() - start
+
+    def _try(self, f: str, mode: str) -> tuple[bool, int]:
+        """One round: (True, rev) once granted; else asks the holders in the
+        way and returns (False, the revision read).  Every round asks again:
+        a holder may have been granted anew since it served the last ask,
+        and an ask that reached a node still waiting for its own grant was
+        dropped."""
+        e, ekey, sdir = self.etcd, self._ekey(f), self._sdir(f)
+        me = sdir + self.node
+        if mode == S:
+            r = e.txn([e.absent(ekey)], [e.put_req(me, "", self.lease)], [e.range_req(ekey)])
+            rev = int(r["header"]["revision"])
+            if r.get("succeeded"):
+                return self._granted(f, S), rev
+            holders = [v for _, v in e.kvs(r, 0)]
+        else:
+            r = e.txn([e.absent(ekey)], [e.put_req(ekey, self.node, self.lease), e.del_req(me)],
+                      [e.range_req(ekey)])
+            rev = int(r["header"]["revision"])
+            if r.get("succeeded") or [v for _, v in e.kvs(r, 0)] == [self.node]:
+                # the Exclusive key is ours: wait for the other Shared holders
+                r = e.txn([], [e.range_req(ekey), e.range_req(sdir, prefix=True)], [])
+                rev = int(r["header"]["revision"])
+                if [v for _, v in e.kvs(r, 0)] != [self.node]:
+                    return False, rev       # given up meanwhile (an ask came): again
+                holders = [k[len(sdir):] for k, _ in e.kvs(r, 1) if k != me]
+                if not holders:
+                    return self._granted(f, E), rev
+            else:
+                holders = [v for _, v in e.kvs(r, 0)]
+        for h in holders:
+            if h != self.node:
+                self._ask(h, f, mode)
+        return False, rev
+
+    def _granted(self, f: str, mode: str) -> bool:
+        with self.mu:
+            st = self.files.setdefault(f, _State())
+            st.mode, st.since = mode, time.monotonic()
+        return True
+
+    def release(self, f: str) -> None:
+        """Give ``f`` up of this node's own accord (nothing is cached any more)."""
+        with self.mu:
+            st = self.files.pop(f, None)
+        if st is not None and st.mode is not None:
+            self._drop_own(f)
+
+    # -- being asked ---------------------------------------------------------------
+    def _serve_asks(self) -> None:
+        mine = self._askdir(self.node)
+        rev = 0
+        while not self.stopping.is_set():
+            try:
+                kvs, rev = self.etcd.get_prefix(mine)
+                for key, value in kvs:
+                    self._serve_one(key[len(mine):], *value.split(" ", 1))
+                    self.etcd.txn([], [self.etcd.del_req(key)], [])
+                if not kvs:
+                    self.etcd.wait_change(mine, rev, POLL)
+            except GrantError as exc:
+                log.debug("asks: %s", exc)
+                self.stopping.wait(POLL)
+            except Exception:
+                log.exception("serving asks")
+                self.stopping.wait(POLL)
+
+    def _serve_one(self, f: str, requester: str, wanted: str) -> None:
+        self.counters["asks_served"] += 1
+        with self.mu:
+            st = self.files.get(f)
+            conflict = st is not None and st.mode is not None and not (st.mode == S and wanted == S)
+            if conflict:
+                st.busy = True
+        if not conflict:
+            # Nothing granted here, or no conflict.  Keys left by a give-up
+            # whose deletion failed, or an Exclusive key taken by an acquire
+            # still waiting for Shared holders, go now: two upgrading nodes
+            # would otherwise wait for each other.
+            if st is None or st.mode is None:
+                self._drop_own(f)
+            return
+        try:
+            left = st.since + self.hold - time.monotonic()
+            if left > 0:
+                time.sleep(left)
+            kept = S if self.give_up_cb(f, wanted) == S and wanted == S and st.mode == E else None
+            with self.mu:               # the caches are gone: so is the grant, here first
+                st.mode = kept
+            e = self.etcd
+            if kept == S:
+                e.txn([], [e.del_req(self._ekey(f)),
+                           e.put_req(self._sdir(f) + self.node, "", self.lease)], [])
+            else:
+                self._drop_own(f)
+            self.counters["grants_given_up"] += 1
+        finally:
+            with self.mu:
+                st.busy = False
+                if st.mode is None and self.files.get(f) is st:
+                    del self.files[f]
+                self.changed.notify_all()
+
+    def _drop_own(self, f: str) -> None:
+        """Delete this node's Shared key of ``f``, and its Exclusive key."""
+        e = self.etcd
+        e.txn([{"key": e.enc(self._ekey(f)), "result": "EQUAL", "target": "VALUE",
+                "value": e.enc(self.node)}],
+              [e.del_req(self._ekey(f)), e.del_req(self._sdir(f) + self.node)],
+              [e.del_req(self._sdir(f) + self.node)])
+
+    # -- the lease -----------------------------------------------------------------
+    def _keep_alive(self) -> None:
+        last_ok = time.monotonic()
+        while not self.stopping.wait(self.ttl / 3):
+            try:
+                lease = self.lease
+                ttl = self.etcd.call(lambda c: Lease(lease, c).refresh())
+            except GrantError:
+                ttl = None
+            now = time.monotonic()
+            if ttl is not None and ttl > 0:
+                last_ok = now
+                continue
+            if ttl is None and now - last_ok < self.ttl:
+                continue                    # not reachable, but the lease may still live
+            self._lost()
+            try:
+                self.lease = self._new_lease()
+                last_ok = time.monotonic()
+            except GrantError:
+                pass
+
+    def _lost(self) -> None:
+        with self.mu:
+            files = [f for f, st in self.files.items() if st.mode is not None]
+            self.files.clear()
+            self.changed.notify_all()
+        if files:
+            self.counters["grants_lost"] += len(files)
+            log.warning("lease lost: %d grants gone", len(files))
+            try:
+                self.on_lost(files)
+            except Exception:
+                log.exception("dropping the caches of lost grants")
+
+    def stats(self) -> dict:
+        with self.mu:
+            held = sum(1 for st in self.files.values() if st.mode is not None)
+        return dict(self.counters, grants_held=held)

@@ -1,0 +1,212 @@
+"""The cluster's book of grants (shimfs.grants) against a real etcd server.
+
+Several ``Grants`` objects in one process, each with its own node name and
+lease, stand for several nodes; the server is started by this module and
+stopped by pid.  No FUSE here: these tests prove the protocol's states,
+asks, leases and faults on their own.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shimfs.etcdserver import EtcdServer
+from shimfs.grants import E, S, GrantError, Grants, parse_endpoints
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    with EtcdServer(str(tmp_path_factory.mktemp("etcd"))) as srv:
+        yield srv
+
+
+@pytest.fixture
+def nodes(etcd, request):
+    """make(name, **kw) -> a started Grants under this test's own prefix."""
+    made = []
+    prefix = "/t/%s/" % request.node.name
+
+    def make(name, **kw):
+        g = Grants(etcd.url, prefix=prefix, node=name, ttl=kw.pop("ttl", 3), **kw)
+        g.start()
+        made.append(g)
+        return g
+    yield make
+    for g in made:
+        g.close()
+
+
+def test_endpoints_syntax():
+    assert parse_endpoints("etcd://127.0.0.1:2379") == [("127.0.0.1", 2379)]
+    assert parse_endpoints("etcd://a:1,b:2/") == [("a", 1), ("b", 2)]
+    assert parse_endpoints("etcd://[::1]:2379") == [("::1", 2379)]
+    for bad in ("127.0.0.1:2379", "http://h:1", "etcd://", "etcd://h", "etcd://h:x",
+                "etcd://h:0", "etcd://h:70000", "etcd://h:1,"):
+        with pytest.raises(ValueError):
+            parse_endpoints(bad)
+
+
+def test_readers_share_with_one_round_trip_each(nodes):
+    a, b = nodes("a"), nodes("b")
+    for g in (a, b):
+        g.acquire("f1", S)
+        g.acquire("f1", S)                  # held: no second request
+    assert a.held("f1") == S and b.held("f1") == S
+    for g in (a, b):
+        st = g.stats()
+        assert st["grants_asked"] == 1 and st["grant_waits"] == 0 and st["grants_held"] == 1
+
+
+def test_a_writer_takes_the_grant_from_readers(nodes):
+    asked = []
+    a = nodes("a", give_up=lambda f, w: asked.append(("a", f, w)))
+    b = nodes("b", give_up=lambda f, w: asked.append(("b", f, w)))
+    c = nodes("c")
+    a.acquire("f", S)
+    b.acquire("f", S)
+    c.acquire("f", E)
+    assert sorted(asked) == [("a", "f", E), ("b", "f", E)]
+    assert a.held("f") is None and b.held("f") is None and c.held("f") == E
+    assert c.stats()["grant_waits"] == 1
+    # and a reader takes it back: the writer gives it up whole (no downgrade)
+    a.acquire("f", S)
+    assert c.held("f") is None and a.held("f") == S
+    assert c.stats()["grants_given_up"] == 1
+
+
+def test_an_exclusive_holder_may_keep_a_shared_grant(nodes):
+    a = nodes("a", give_up=lambda f, w: S)          # no writable handle left
+    b = nodes("b")
+    a.acquire("f", E)
+    b.acquire("f", S)
+    assert a.held("f") == S and b.held("f") == S
+    b.acquire("f", E)                               # now a must let go entirely
+    assert a.held("f") is None and b.held("f") == E
+
+
+def test_files_are_independent(nodes):
+    a, b = nodes("a"), nodes("b")
+    a.acquire("x", E)
+    b.acquire("y", E)
+    assert a.held("x") == E and b.held("y") == E
+    assert a.stats()["grants_given_up"] == 0 and b.stats()["grants_given_up"] == 0
+
+
+def test_exclusive_is_exclusive_under_contention(nodes):
+    """Two nodes, two threads each, take turns in a critical section 100
+    times each; never two inside at once, and no turn lost."""
+    inside = []
+    count = [0]
+    locks = {}
+
+    def give_up(name):
+        def cb(f, wanted):
+            with locks[name]:            # wait for this node's section to end
+                return None
+        return cb
+
+    grants = {}
+    for name in ("a", "b"):
+        locks[name] = threading.Lock()
+        grants[name] = nodes(name, give_up=give_up(name), hold=0.001)
+    errors = []
+
+    def worker(name):
+        g, lock = grants[name], locks[name]
+        done = 0
+        try:
+            while done < 50:
+                g.acquire("ctr", E)
+                with lock:
+                    if g.held("ctr") != E:
+                        continue            # given up between the two lines
+                    inside.append(name)
+                    if len(inside) != 1:
+                        errors.append(list(inside))
+                    n = count[0]
+                    time.sleep(0.0005)
+                    count[0] = n + 1
+                    inside.remove(name)
+                    done += 1
+        except Exception as e:              # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b", "a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert count[0] == 200
+    # the grant moved between the nodes (how often depends on the scheduling)
+    assert grants["a"].stats()["grants_given_up"] + grants["b"].stats()["grants_given_up"] >= 1
+
+
+HOLDER = r"""
+import sys, time
+from shimfs.grants import Grants, E
+g = Grants(sys.argv[1], prefix=sys.argv[2], node="dead", ttl=2)
+g.start()
+g.acquire("f", E)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holder_loses_its_grant_with_its_lease(etcd, nodes, request):
+    prefix = "/t/%s/" % request.node.name
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, etcd.url, prefix],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        b = nodes("b")
+        b.acquire("f", E, wait=30)          # once the lease (2 s) has expired
+        assert b.held("f") == E
+        assert b.stats()["asks_sent"] >= 1
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_a_holder_that_never_gives_up_times_out_the_asker(nodes):
+    stuck = threading.Event()
+    a = nodes("a", give_up=lambda f, w: stuck.wait(30))
+    b = nodes("b")
+    a.acquire("f", E)
+    with pytest.raises(GrantError) as ei:
+        b.acquire("f", S, wait=1.5)
+    assert ei.value.errno == errno.ETIMEDOUT
+    stuck.set()
+    b.acquire("f", S, wait=30)
+    assert b.held("f") == S
+
+
+def test_an_unreachable_service(tmp_path):
+    with EtcdServer(str(tmp_path)) as srv:
+        url = srv.url
+        g = Grants(url, prefix="/down/", node="a", ttl=2)
+        g.start()
+        g.acquire("f", S)
+        srv.stop()
+        with pytest.raises(GrantError) as ei:
+            g.acquire("g", S, wait=5)
+        assert ei.value.errno == errno.ENOTCONN
+        srv.start()
+        g.acquire("g", S, wait=30)          # works again once it is back
+        assert g.held("g") == S
+        g.close()
+    # a port nobody listens on fails at start, not later
+    g = Grants(url, prefix="/down/", node="b", ttl=2)
+    with pytest.raises(GrantError) as ei:
+        g.start()
+    assert ei.value.errno == errno.ENOTCONN
