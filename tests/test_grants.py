@@ -47,7 +47,7 @@ def test_endpoints_syntax():
     assert parse_endpoints("etcd://127.0.0.1:2379") == [("127.0.0.1", 2379)]
     assert parse_endpoints("etcd://a:1,b:2/") == [("a", 1), ("b", 2)]
     assert parse_endpoints("etcd://[::1]:2379") == [("::1", 2379)]
-    for bad in ("127.0.0.1:2379", "http://h:1", "etcd://", "etcd://h", "etcd://h:x",
+    for bad in ("127.0.0.1:2379", "tcp://h:1", "etcd://", "etcd://h", "etcd://h:x",
                 "etcd://h:0", "etcd://h:70000", "etcd://h:1,"):
         with pytest.raises(ValueError):
             parse_endpoints(bad)
