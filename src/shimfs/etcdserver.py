@@ -36,7 +36,12 @@ def _free_port() -> int:
 class EtcdServer:
     """One etcd member on loopback, owned by whoever made it."""
 
-    def __init__(self, workdir: str, name: str = "shimfs-test"):
+    def __init__(self, workdir: str, name: str = "shimfs-test",
+                 tls: tuple[str, str, str] | None = None, client_certs: bool = False):
+        """``tls``: (CA, certificate, key): serve TLS only; ``client_certs``:
+        and ask every client for a certificate signed by the CA.  The
+        certificate must allow client use too: the start-up probe and
+        ``etcdctl`` use it."""
         if shutil.which(ETCD) is None:
             raise FileNotFoundError("etcd is not installed (Debian: etcd-server)")
         self.workdir = workdir
@@ -45,6 +50,8 @@ class EtcdServer:
         self.log_path = os.path.join(workdir, "etcd.log")
         self.port = _free_port()
         self.peer_port = _free_port()
+        self.tls = tls
+        self.client_certs = client_certs
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -57,18 +64,28 @@ class EtcdServer:
         return "etcd://" + self.endpoint
 
     def start(self, timeout: float = 30.0) -> None:
-        client = "%s://%s" % (SCHEME, self.endpoint)
+        client = "%s://%s" % ("https" if self.tls else SCHEME, self.endpoint)
         peer = "%s://%s:%d" % (SCHEME, HOST, self.peer_port)
+        extra = []
+        if self.tls:
+            ca, cert, key = self.tls
+            extra = ["--cert-file", cert, "--key-file", key]
+            if self.client_certs:       # (etcd 3.4 asks for them once it has a CA)
+                extra += ["--trusted-ca-file", ca, "--client-cert-auth"]
         os.makedirs(self.workdir, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [ETCD, "--name", self.name, "--data-dir", self.data_dir,
                  "--listen-client-urls", client, "--advertise-client-urls", client,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", "%s=%s" % (self.name, peer)],
+                 "--initial-cluster", "%s=%s" % (self.name, peer)] + extra,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         from etcd3gw.client import Etcd3Client
-        probe = Etcd3Client(host=HOST, port=self.port, timeout=1, api_path="/v3/")
+        from .grants import Security, session
+        ca, cert, key = self.tls or (None, None, None)
+        probe = Etcd3Client(host=HOST, port=self.port, timeout=1, api_path="/v3/",
+                            protocol="https" if self.tls else "http",
+                            session=session(Security(ca=ca, cert=cert, key=key)))
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -82,6 +99,20 @@ class EtcdServer:
                     tail = f.read()[-2000:].decode(errors="replace")
                 raise RuntimeError("etcd did not start:\n" + tail)
             time.sleep(0.1)
+
+    def etcdctl(self, *args: str, user: str | None = None) -> str:
+        """Run ``etcdctl`` against this server (as ``user``, "NAME:PASSWORD")."""
+        cmd = ["etcdctl", "--endpoints", "%s://%s" % ("https" if self.tls else SCHEME, self.endpoint)]
+        if self.tls:
+            ca, cert, key = self.tls
+            cmd += ["--cacert", ca, "--cert", cert, "--key", key]
+        if user:
+            cmd += ["--user", user]
+        r = subprocess.run(cmd + list(args), capture_output=True, text=True,
+                           env=dict(os.environ, ETCDCTL_API="3"))
+        if r.returncode:
+            raise RuntimeError("etcdctl %s: %s" % (" ".join(args), r.stderr.strip()))
+        return r.stdout
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server this object started (SIGKILL: as if it crashed)."""

@@ -10,7 +10,9 @@ The book (every key under the prefix the mount names, ``PREFIX``):
 
 * ``PREFIX/g/FILE/E`` = node: the file's Exclusive holder;
 * ``PREFIX/g/FILE/S/NODE``: a Shared holder;
-* ``PREFIX/ask/NODE/FILE`` = "REQUESTER MODE": please give FILE up.
+* ``PREFIX/ask/NODE/FILE`` = "REQUESTER MODE": please give FILE up;
+* ``PREFIX/nodes/NODE`` = host: the node is there (written at ``start``,
+  which so proves that the node may write the prefix).
 
 Every key a node writes lives on that node's lease, so a node that dies
 loses its grants and its requests when the lease expires (``ttl``).  A grant
@@ -40,7 +42,9 @@ why, and what finer extents would need.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import os
 import socket
@@ -48,6 +52,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
+import requests
 from etcd3gw import exceptions as etcd_exceptions, utils as etcd_utils
 from etcd3gw.client import Etcd3Client
 from etcd3gw.lease import Lease
@@ -85,28 +90,97 @@ def parse_endpoints(value: str) -> list[tuple[str, int]]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """How this node proves itself to etcd: TLS (``ca``: the CA that signed
+    the servers' certificates; ``cert``/``key``: this node's client
+    certificate, for servers run with ``--client-cert-auth``) and etcd's
+    user/password authentication.  All empty: plain, unauthenticated."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    def __post_init__(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("an etcd user needs a password, and a password a user")
+        if self.cert is not None and self.ca is None:
+            raise ValueError("a client certificate needs the CA (TLS)")
+
+
+def session(security: Security) -> requests.Session:
+    """An HTTP session for etcd that trusts only what ``security`` names:
+    no proxy and no CA bundle from the environment (REQUESTS_CA_BUNDLE
+    would otherwise override the CA given here)."""
+    s = requests.Session()
+    s.trust_env = False
+    if security.ca is not None:
+        s.verify = security.ca
+    if security.cert is not None:
+        s.cert = (security.cert, security.key)
+    return s
+
+
 class _Etcd:
     """The etcd3gw clients of every endpoint; a call that cannot reach one
-    tries the next, and ``GrantError(ENOTCONN)`` when none answers."""
+    tries the next, and ``GrantError(ENOTCONN)`` when none answers.  With a
+    user, each client authenticates first and again when its token expires;
+    a refusal is ``GrantError(EACCES)``."""
 
-    def __init__(self, endpoints: list[tuple[str, int]], timeout: float):
+    def __init__(self, endpoints: list[tuple[str, int]], timeout: float,
+                 security: Security = Security()):
         self.exc = etcd_exceptions
         self.enc, self.dec = etcd_utils._encode, etcd_utils._decode
-        self.clients = [Etcd3Client(host=h, port=p, timeout=timeout, api_path="/v3/")
+        self.security = security
+        tls = security.ca is not None
+        self.clients = [Etcd3Client(host=h, port=p, timeout=timeout, api_path="/v3/",
+                                    protocol="https" if tls else "http",
+                                    session=session(security))
                         for h, p in endpoints]
+        self.authenticated: set[int] = set()
         self.current = 0
+
+    def _authenticate(self, c: Etcd3Client) -> None:
+        sec = self.security
+        c.session.headers.pop("Authorization", None)
+        r = c.post(c.get_url("/auth/authenticate"), json={"name": sec.user, "password": sec.password})
+        c.session.headers["Authorization"] = r["token"]
+        self.authenticated.add(id(c))
 
     def call(self, what: Callable):
         last = None
         for i in range(len(self.clients)):
             c = self.clients[(self.current + i) % len(self.clients)]
             try:
-                out = what(c)
+                try:
+                    if self.security.user is not None and id(c) not in self.authenticated:
+                        self._authenticate(c)
+                    out = what(c)
+                except self.exc.Etcd3Exception as e:
+                    if self.security.user is None or "token" not in _reason(e):
+                        raise
+                    self._authenticate(c)           # the token expired: once more
+                    out = what(c)
             except (self.exc.ConnectionFailedError, self.exc.ConnectionTimeoutError) as e:
-                last = e
+                last = _reason(e)
+                continue
+            except self.exc.Etcd3Exception as e:
+                text = _reason(e)
+                if "permission denied" in text or "authentication failed" in text \
+                        or "user name is empty" in text or "token" in text:
+                    raise GrantError(errno.EACCES, "etcd refused: %s" % _reason(e)) from None
+                raise GrantError(errno.EIO, "etcd failed: %s" % _reason(e)) from None
+            except OSError as e:
+                last = str(e)
                 continue
             self.current = (self.current + i) % len(self.clients)
             return out
+        if last is not None and ("SSL" in last or "certificate" in last):
+            raise GrantError(errno.EACCES, "etcd refused the TLS connection: %s" % last)
         raise GrantError(errno.ENOTCONN, "etcd unreachable: %s" % last)
 
     # -- the few requests the book needs -----------------------------------
@@ -156,6 +230,16 @@ class _Etcd:
             raise
 
 
+def _reason(e: Exception) -> str:
+    """etcd's own words from an etcd3gw error (the JSON body it keeps in
+    ``detail_text``), else the error's."""
+    text = getattr(e, "detail_text", None) or str(e)
+    try:
+        return json.loads(text).get("error") or text
+    except (ValueError, AttributeError):
+        return text
+
+
 def _after(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
@@ -175,7 +259,7 @@ class Grants:
 
     def __init__(self, endpoints: Iterable[tuple[str, int]] | str, prefix: str = "/shimfs/",
                  node: str | None = None, ttl: int = TTL, hold: float = HOLD,
-                 wait: float = WAIT,
+                 wait: float = WAIT, security: Security = Security(),
                  give_up: Callable[[str, str], str | None] = lambda f, w: None,
                  on_lost: Callable[[list[str]], None] = lambda files: None):
         if isinstance(endpoints, str):
@@ -186,7 +270,7 @@ class Grants:
             raise ValueError("a node name has no '/' or space: %r" % self.node)
         self.ttl, self.hold, self.wait = ttl, hold, wait
         self.give_up_cb, self.on_lost = give_up, on_lost
-        self.etcd = _Etcd(list(endpoints), timeout=max(1.0, ttl / 3))
+        self.etcd = _Etcd(list(endpoints), timeout=max(2.0, ttl / 3), security=security)
         self.mu = threading.Lock()
         self.changed = threading.Condition(self.mu)
         self.files: dict[str, _State] = {}
@@ -201,6 +285,10 @@ class Grants:
         """Take a lease (so a bad endpoint fails here, at mount time) and
         start the keep-alive and ask threads."""
         self.lease = self._new_lease()
+        # this node's presence, which also proves it may write the prefix
+        e = self.etcd
+        e.txn([], [e.put_req("%snodes/%s" % (self.prefix, self.node), socket.gethostname(),
+                             self.lease)], [])
         for target, name in ((self._keep_alive, "grants-lease"), (self._serve_asks, "grants-asks")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -362,13 +450,14 @@ class Grants:
             kept = S if self.give_up_cb(f, wanted) == S and wanted == S and st.mode == E else None
             with self.mu:               # the caches are gone: so is the grant, here first
                 st.mode = kept
+            self.counters["grants_given_up"] += 1
+            # (keys a failed deletion leaves are deleted at the next ask)
             e = self.etcd
             if kept == S:
                 e.txn([], [e.del_req(self._ekey(f)),
                            e.put_req(self._sdir(f) + self.node, "", self.lease)], [])
             else:
                 self._drop_own(f)
-            self.counters["grants_given_up"] += 1
         finally:
             with self.mu:
                 st.busy = False
