@@ -76,6 +76,18 @@ class MountVsOracle(RuleBasedStateMachine):
         assert a == b, (fn.__name__, args, a, b)
         return a
 
+    def both_fd(self, name, flags, fn):
+        """``both`` for ``fn(fd)`` on ``name`` opened with ``flags`` (an
+        error from the open is an outcome too)."""
+        def op(root, name):
+            fd = os.open(os.path.join(root, name), flags)
+            try:
+                return fn(fd)
+            finally:
+                os.close(fd)
+        op.__name__ = fn.__name__
+        return self.both(op, name)
+
     @rule(d=DIRS)
     def mkdir(self, d):
         self.both(lambda root, d: os.mkdir(os.path.join(root, d)), d)
@@ -97,29 +109,21 @@ class MountVsOracle(RuleBasedStateMachine):
     def write(self, name, off, size):
         data = bytes((i * 13 + off) & 0xFF for i in range(size))
 
-        def op(root, name):
-            fd = os.open(os.path.join(root, name), os.O_WRONLY)
-            try:
-                return os.pwrite(fd, data, off)
-            finally:
-                os.close(fd)
-        self.both(op, name)
+        def pwrite(fd):
+            return os.pwrite(fd, data, off)
+        self.both_fd(name, os.O_WRONLY, pwrite)
 
     @rule(name=NAMES, off=OFFSETS)
     def mapped_write(self, name, off):
-        def op(root, name):
-            fd = os.open(os.path.join(root, name), os.O_RDWR)
-            try:
-                size = os.fstat(fd).st_size
-                if size == 0:
-                    return 0
-                with mmap.mmap(fd, 0) as m:
-                    m[off % size] = (off * 3 + 1) & 0xFF
-                    m.flush()
-                return size
-            finally:
-                os.close(fd)
-        self.both(op, name)
+        def store(fd):
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return 0
+            with mmap.mmap(fd, 0) as m:
+                m[off % size] = (off * 3 + 1) & 0xFF
+                m.flush()
+            return size
+        self.both_fd(name, os.O_RDWR, store)
 
     @rule(name=NAMES, size=OFFSETS)
     def truncate(self, name, size):
@@ -128,28 +132,20 @@ class MountVsOracle(RuleBasedStateMachine):
     @rule(name=NAMES, off=OFFSETS, size=SIZES,
           mode=st.sampled_from([0, 0x01, 0x02 | 0x01]))   # allocate, KEEP_SIZE, punch a hole
     def fallocate(self, name, off, size, mode):
-        def op(root, name):
-            fd = os.open(os.path.join(root, name), os.O_RDWR)
-            try:
-                fallocate(fd, mode, off, size)
-                return os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-        self.both(op, name)
+        def allocate(fd):
+            fallocate(fd, mode, off, size)
+            return os.fstat(fd).st_size
+        self.both_fd(name, os.O_RDWR, allocate)
 
     @rule(name=NAMES, off=OFFSETS)
     def mapped_read(self, name, off):
         """A punched hole must read as zeros through a mapping too."""
-        def op(root, name):
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                if os.fstat(fd).st_size == 0:
-                    return b""
-                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-                    return m[off % len(m):off % len(m) + 8192]
-            finally:
-                os.close(fd)
-        self.both(op, name)
+        def load(fd):
+            if os.fstat(fd).st_size == 0:
+                return b""
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                return m[off % len(m):off % len(m) + 8192]
+        self.both_fd(name, os.O_RDONLY, load)
 
     @rule(name=NAMES)
     def read(self, name):

@@ -312,11 +312,14 @@ class Grants:
         return int(r["ID"])
 
     # -- keys -----------------------------------------------------------------
+    def _gdir(self, f: str) -> str:
+        return "%sg/%s/" % (self.prefix, f)
+
     def _ekey(self, f: str) -> str:
-        return "%sg/%s/E" % (self.prefix, f)
+        return self._gdir(f) + "E"
 
     def _sdir(self, f: str) -> str:
-        return "%sg/%s/S/" % (self.prefix, f)
+        return self._gdir(f) + "S/"
 
     def _askdir(self, node: str) -> str:
         return "%sask/%s/" % (self.prefix, node)
@@ -324,7 +327,7 @@ class Grants:
     def _ask(self, holder: str, f: str, mode: str) -> None:
         e = self.etcd
         e.txn([], [e.put_req(self._askdir(holder) + f, "%s %s" % (self.node, mode), self.lease)], [])
-        self.counters["asks_sent"] += 1
+        self._count("asks_sent")
 
     # -- asking ------------------------------------------------------------------
     def held(self, f: str) -> str | None:
@@ -342,7 +345,7 @@ class Grants:
                 self.changed.wait()
             if st.mode == E or st.mode == mode:
                 return
-        self.counters["grants_asked"] += 1
+        self._count("grants_asked")
         start = time.monotonic()
         deadline = start + (self.wait if wait is None else wait)
         waited = False
@@ -355,12 +358,12 @@ class Grants:
                 if time.monotonic() > deadline:
                     raise GrantError(errno.ETIMEDOUT, "no %s grant of %s within %.0f s"
                                      % (mode, f, deadline - start))
-                self.etcd.wait_change(self.prefix + "g/" + f + "/", rev,
+                self.etcd.wait_change(self._gdir(f), rev,
                                       min(POLL, max(0.0, deadline - time.monotonic())))
         finally:
             if waited:
-                self.counters["grant_waits"] += 1
-                self.counters["grant_wait_seconds"] += time.monotonic() - start
+                self._count("grant_waits")
+                self._count("grant_wait_seconds", time.monotonic() - start)
 
     def _try(self, f: str, mode: str) -> tuple[bool, int]:
         """One round: (True, rev) once granted; else asks the holders in the
@@ -429,7 +432,7 @@ class Grants:
                 self.stopping.wait(POLL)
 
     def _serve_one(self, f: str, requester: str, wanted: str) -> None:
-        self.counters["asks_served"] += 1
+        self._count("asks_served")
         with self.mu:
             st = self.files.get(f)
             conflict = st is not None and st.mode is not None and not (st.mode == S and wanted == S)
@@ -450,7 +453,7 @@ class Grants:
             kept = S if self.give_up_cb(f, wanted) == S and wanted == S and st.mode == E else None
             with self.mu:               # the caches are gone: so is the grant, here first
                 st.mode = kept
-            self.counters["grants_given_up"] += 1
+            self._count("grants_given_up")
             # (keys a failed deletion leaves are deleted at the next ask)
             e = self.etcd
             if kept == S:
@@ -501,12 +504,17 @@ class Grants:
             self.files.clear()
             self.changed.notify_all()
         if files:
-            self.counters["grants_lost"] += len(files)
+            self._count("grants_lost", len(files))
             log.warning("lease lost: %d grants gone", len(files))
             try:
                 self.on_lost(files)
             except Exception:
                 log.exception("dropping the caches of lost grants")
+
+    def _count(self, name: str, n: float = 1) -> None:
+        """Counters move on several threads: under the mutex."""
+        with self.mu:
+            self.counters[name] += n
 
     def stats(self) -> dict:
         with self.mu:
