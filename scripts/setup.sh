@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev glusterfs-server glusterfs-client etcd-server etcd-client attr procps passwd; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev glusterfs-server glusterfs-client etcd-server etcd-client openssl attr procps passwd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

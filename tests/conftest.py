@@ -1,4 +1,5 @@
-"""Fixtures: real shimfs mounts over a local directory and the GlusterFS stand-in.
+"""Fixtures: real shimfs mounts over a local directory and the GlusterFS
+stand-in, and an etcd server run with TLS and users (``secured``).
 
 Every mount is torn down in a finally block, even when the test fails.  A
 test that cannot run here (no /dev/fuse, not root for gluster) is skipped,
@@ -13,8 +14,9 @@ import uuid
 import pytest
 
 from shimfs import standin
+from shimfs.etcdserver import EtcdServer
 
-from mounting import shim_mount, unavailable
+from mounting import make_certs, shim_mount, unavailable
 
 # A test fails when a daemon it mounted logged an unexpected warning or error.
 pytest_plugins = ["checklogs"]
@@ -64,3 +66,21 @@ def data_dir(request, tmp_path):
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# -- etcd with TLS and users (test_grants.py, test_cluster.py) ----------------
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """etcd with TLS and users: the node user may read and write only under
+    /site/.  (No client certificates here: etcd's JSON gateway, which
+    etcd3gw talks to, refuses requests that carry one once users are on.)"""
+    d = str(tmp_path_factory.mktemp("etcd-tls"))
+    c = make_certs(d)
+    with EtcdServer(d, tls=(c["ca"][0], *c["server"])) as srv:
+        srv.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+        srv.etcdctl("role", "add", "shimfs-node")
+        srv.etcdctl("role", "grant-permission", "shimfs-node", "--prefix=true", "readwrite", "/site/")
+        srv.etcdctl("user", "add", "node1:nodepw", "--interactive=false")
+        srv.etcdctl("user", "grant-role", "node1", "shimfs-node")
+        srv.etcdctl("auth", "enable")
+        yield srv, c

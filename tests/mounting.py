@@ -1,6 +1,6 @@
 """The suite's helpers, in one place: mounting shimfs with a guaranteed
-unmount, the daemon's pid and log, files with known bytes, and waiting for a
-condition with a deadline."""
+unmount, the daemon's pid and log, files with known bytes, waiting for a
+condition with a deadline, and TLS certificates for etcd."""
 from __future__ import annotations
 
 import contextlib
@@ -129,3 +129,25 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def openssl(*args: str, cwd: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certs(d: str) -> dict:
+    """A CA, a certificate for the server (and etcdctl) and one for a node
+    signed by it, and a node certificate from another CA."""
+    ext = os.path.join(d, "ext.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for ca in ("ca", "rogue-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=" + ca, "-keyout", ca + ".key", "-out", ca + ".pem", cwd=d)
+    for name, ca in (("server", "ca"), ("node", "ca"), ("rogue", "rogue-ca")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=" + name,
+                 "-keyout", name + ".key", "-out", name + ".csr", cwd=d)
+        openssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
+                 "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", name + ".pem", cwd=d)
+    return {n: (os.path.join(d, n + ".pem"), os.path.join(d, n + ".key"))
+            for n in ("ca", "rogue-ca", "server", "node", "rogue")}

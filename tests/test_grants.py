@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from mounting import make_certs
 from shimfs.etcdserver import EtcdServer
 from shimfs.grants import E, S, GrantError, Grants, Security, parse_endpoints
 
@@ -215,45 +216,6 @@ def test_an_unreachable_service(tmp_path):
     assert ei.value.errno == errno.ENOTCONN
 
 
-def _openssl(*args: str, cwd: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _certs(d: str) -> dict:
-    """A CA, a certificate for the server (and etcdctl) and one for a node
-    signed by it, and a node certificate from another CA."""
-    ext = os.path.join(d, "ext.cnf")
-    with open(ext, "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-    for ca in ("ca", "rogue-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                 "-subj", "/CN=" + ca, "-keyout", ca + ".key", "-out", ca + ".pem", cwd=d)
-    for name, ca in (("server", "ca"), ("node", "ca"), ("rogue", "rogue-ca")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=" + name,
-                 "-keyout", name + ".key", "-out", name + ".csr", cwd=d)
-        _openssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
-                 "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", name + ".pem", cwd=d)
-    return {n: (os.path.join(d, n + ".pem"), os.path.join(d, n + ".key"))
-            for n in ("ca", "rogue-ca", "server", "node", "rogue")}
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    """etcd with TLS and users: the node user may read and write only under
-    /site/.  (No client certificates here: etcd's JSON gateway, which
-    etcd3gw talks to, refuses requests that carry one once users are on.)"""
-    d = str(tmp_path_factory.mktemp("etcd-tls"))
-    c = _certs(d)
-    with EtcdServer(d, tls=(c["ca"][0], *c["server"])) as srv:
-        srv.etcdctl("user", "add", "root:rootpw", "--interactive=false")
-        srv.etcdctl("role", "add", "shimfs-node")
-        srv.etcdctl("role", "grant-permission", "shimfs-node", "--prefix=true", "readwrite", "/site/")
-        srv.etcdctl("user", "add", "node1:nodepw", "--interactive=false")
-        srv.etcdctl("user", "grant-role", "node1", "shimfs-node")
-        srv.etcdctl("auth", "enable")
-        yield srv, c
-
-
 def _secured_grants(srv, c, prefix="/site/", ca="ca", user="node1", password="nodepw", **kw):
     sec = Security(ca=c[ca][0], user=user, password=password, **kw)
     return Grants(srv.url, prefix=prefix, node="n1", ttl=3, security=sec)
@@ -289,7 +251,7 @@ def test_without_the_credentials_a_node_is_refused(secured):
 def test_client_certificates_without_users(tmp_path):
     """A server that asks for client certificates takes this node's and
     refuses one from another CA."""
-    c = _certs(str(tmp_path))
+    c = make_certs(str(tmp_path))
     with EtcdServer(str(tmp_path), tls=(c["ca"][0], *c["server"]), client_certs=True) as srv:
         g = Grants(srv.url, prefix="/c/", node="n1", ttl=3,
                    security=Security(ca=c["ca"][0], cert=c["node"][0], key=c["node"][1]))

@@ -52,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                               "Python), mirror (show the backing directory's whole "
                               "tree), allowed_roots=DIR[:DIR...] (where link "
                               "targets may point), writeback_interval=SECONDS (default 30), "
-                              "log=FILE; and the generic ro, rw, nosuid, suid, nodev, dev, noexec, "
+                              "log=FILE, coherence=etcd://HOST:PORT[,HOST:PORT...] (keep files "
+                              "coherent across nodes with no msync; docs/coherence.md) with "
+                              "coherence_prefix=/PREFIX/, coherence_ca=FILE, coherence_cert=FILE, "
+                              "coherence_key=FILE, coherence_user=NAME, "
+                              "coherence_password_file=FILE, coherence_ttl=SECONDS (default 10), "
+                              "coherence_wait=SECONDS (default 60), coherence_node=NAME; "
+                              "and the generic ro, rw, nosuid, suid, nodev, dev, noexec, "
                               "exec; defaults, auto, noauto, nofail, _netdev, user, users, "
                               "x-* (ignored)")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",

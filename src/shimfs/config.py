@@ -72,6 +72,33 @@ class Config:
     #: Generic mount flags passed on to the FUSE mount (``ro``, ``nosuid``,
     #: ``nodev``, ``noexec`` and their opposites), as mount(8) gives them.
     mount_flags: tuple = ()
+    #: Keep this mount's files coherent with other nodes' mounts of the same
+    #: shared file system, with no msync or refresh: the etcd cluster that
+    #: keeps the book of grants, ``etcd://HOST:PORT[,HOST:PORT...]`` (the
+    #: members of one cluster; a request that cannot reach one tries the
+    #: next).  docs/coherence.md.  None: no coherence, as the shim module.
+    coherence: str | None = None
+    #: The etcd key prefix of the book; every node mounting the same shared
+    #: file system names the same one, and one prefix serves one shared file
+    #: system (files are named by inode number).  etcd roles are granted on it.
+    coherence_prefix: str = "/shimfs/"
+    #: TLS: the CA that signed the etcd servers' certificates (turns TLS on).
+    coherence_ca: str | None = None
+    #: TLS client certificate and its key, for servers run with client
+    #: certificate authentication (needs coherence_ca).
+    coherence_cert: str | None = None
+    coherence_key: str | None = None
+    #: An etcd user, and a file holding its password (never the password in
+    #: an option: options show in /proc/mounts and in ps).
+    coherence_user: str | None = None
+    coherence_password_file: str | None = None
+    #: Seconds of the node's etcd lease: a node that dies or loses etcd loses
+    #: its grants this long after its last refresh.
+    coherence_ttl: int = 10
+    #: Seconds an operation waits for a grant before it fails with ETIMEDOUT.
+    coherence_wait: int = 60
+    #: This node's name in the book (default: host name and daemon pid).
+    coherence_node: str | None = None
 
     @property
     def read_ahead_bytes(self) -> int:
@@ -99,7 +126,11 @@ _MOUNT_FLAGS = {"ro": "rw", "rw": "ro", "nosuid": "suid", "suid": "nosuid",
                 "nodev": "dev", "dev": "nodev", "noexec": "exec", "exec": "noexec"}
 #: ...or meaningless to the daemon (mount(8) and systemd act on them).
 _IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
-_VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots", "writeback_interval"}
+_VALUED = {"backing", "read_ahead", "cache_size", "log", "allowed_roots", "writeback_interval",
+           "coherence", "coherence_prefix", "coherence_ca", "coherence_cert", "coherence_key",
+           "coherence_user", "coherence_password_file", "coherence_ttl", "coherence_wait",
+           "coherence_node"}
+_COHERENCE_FILES = ("coherence_ca", "coherence_cert", "coherence_key", "coherence_password_file")
 
 
 def parse_options(opts: list[str]) -> Config:
@@ -152,8 +183,56 @@ def parse_options(opts: list[str]) -> Config:
             kw[flag] = values[flag]
     if "mount_flags" in values:
         kw["mount_flags"] = tuple(values["mount_flags"])
+    kw.update(_coherence_options(values))
     cfg = Config(**kw)
     return dataclasses.replace(cfg, backing=check_backing(cfg.backing))
+
+
+def _coherence_options(values: dict) -> dict:
+    """The ``coherence*`` options, checked: a bad URL, a missing file or a
+    setting without ``coherence`` is one line."""
+    from .grants import parse_endpoints       # no etcd client needed for this
+    kw: dict = {}
+    given = sorted(k for k in values if k.startswith("coherence"))
+    if not given:
+        return kw
+    if "coherence" not in values:
+        raise UserError("option %s needs coherence=etcd://HOST:PORT" % given[0])
+    try:
+        parse_endpoints(values["coherence"])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    kw["coherence"] = values["coherence"]
+    if "coherence_prefix" in values:
+        prefix = values["coherence_prefix"]
+        if not prefix.startswith("/") or " " in prefix:
+            raise UserError("coherence_prefix: %r must start with / and hold no space" % prefix)
+        kw["coherence_prefix"] = prefix if prefix.endswith("/") else prefix + "/"
+    for key in _COHERENCE_FILES:
+        if key in values:
+            path = os.path.abspath(values[key])
+            if not os.path.isfile(path):
+                raise UserError("%s: %s is not a file" % (key, path))
+            kw[key] = path
+    for key in ("coherence_ttl", "coherence_wait"):
+        if key in values:
+            kw[key] = _parse_int(values[key], key)
+            if kw[key] < 2:
+                raise UserError("%s: at least 2 seconds (got %s)" % (key, values[key]))
+    if "coherence_user" in values:
+        kw["coherence_user"] = values["coherence_user"]
+    if "coherence_node" in values:
+        node = values["coherence_node"]
+        if "/" in node or " " in node:
+            raise UserError("coherence_node: %r may hold no '/' or space" % node)
+        kw["coherence_node"] = node
+    if ("coherence_cert" in kw) != ("coherence_key" in kw):
+        raise UserError("coherence_cert and coherence_key go together")
+    if "coherence_cert" in kw and "coherence_ca" not in kw:
+        raise UserError("coherence_cert needs coherence_ca (TLS)")
+    if ("coherence_user" in kw) != ("coherence_password_file" in kw):
+        raise UserError("coherence_user and coherence_password_file go together")
+    return kw
 
 
 def check_dir(path: str, what: str) -> str:

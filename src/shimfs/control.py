@@ -34,6 +34,7 @@ class Control:
         self.files = files
         self.wb = wb
         self.coherence = coherence
+        self.cluster = None                 # cluster.Cluster on a coherent mount
 
     def listxattr(self, ino: int) -> list[bytes]:
         node = self.ns.node(ino)
@@ -109,6 +110,7 @@ class Control:
     def stats(self, node: Node) -> dict:
         cache, coh = self.cache, self.coherence
         out = {"mount": dict(cache.stats(),
+                             **(self.cluster.stats() if self.cluster is not None else {}),
                              version=VERSION,
                              kernel_drops=coh.kernel_drops,
                              kernel_drops_pending=coh.kernel_drops_pending,
@@ -127,6 +129,8 @@ class Control:
                                random_reads=sum(s.random for s in streams),
                                pushing=cache.pushing(node.fid),
                                open_for_writing=node.writers)
+            if node.grant is not None:
+                out["file"]["grant"] = node.grant.mode or "none"
         return out
 
 

@@ -41,6 +41,8 @@ class OpenFiles:
         self.wb = wb
         self.handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
+        #: cluster.Cluster on a coherent mount (Vfs.attach_cluster), else None
+        self.cluster = None
 
     def handle(self, fh: int) -> Handle:
         try:
@@ -62,8 +64,19 @@ class OpenFiles:
         self.handles[fh] = Handle(fh, node, stream, writable)
         node.opens += 1
         node.writers += writable
-        self.cache.wire.add(fh, node.fid, stream is None)
+        g = node.grant
+        if g is None or g.covers(False):
+            self.cache.wire.add(fh, node.fid, stream is None)
         return fh
+
+    async def join(self, node: File, write: bool) -> None:
+        """On a coherent mount: enter ``node`` in the protocol, and hold the
+        grant an open needs (Exclusive for writing: a writable mapping
+        dirties pages without telling the daemon)."""
+        if self.cluster is not None:
+            g = await self.cluster.join(node)
+            if not g.covers(write):
+                await self.cluster.need(g, write)
 
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
         """Open a file; returns the handle.  See also ``Coherence.revalidate``."""
@@ -83,6 +96,7 @@ class OpenFiles:
         want = os.R_OK if not writable else (os.W_OK if flags & os.O_ACCMODE == os.O_WRONLY
                                              else os.R_OK | os.W_OK)
         await self.creds.check_reachable(node, ctx, want)
+        await self.join(node, writable)
         if flags & os.O_TRUNC and writable:
             await self.truncate(node, 0)
         return await self.open_handle(node, writable)
@@ -90,6 +104,8 @@ class OpenFiles:
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handle(fh)
         node = h.node
+        if node.grant is not None:
+            return await self._read_coherent(h, off, size)
         data = await self.wb.with_reopen(node, self.cache.read, node.fid, node.ino, h.stream,
                                          off, size, node.in_memory)
         if h.stream is not None:
@@ -98,10 +114,31 @@ class OpenFiles:
             self.cache.wire.set_trigger(fh, self.cache.trigger(h.stream))
         return data
 
+    async def _read_coherent(self, h: Handle, off: int, size: int) -> bytes:
+        """A READ of a coherent file: under its grant; during a give-up,
+        from the cache and without read-ahead (cluster.py)."""
+        node, g = h.node, h.node.grant
+        if not g.covers(False):
+            await self.cluster.need(g, False)
+        g.reads += 1
+        g.reading += 1
+        try:
+            stream = None if g.invalidating else h.stream
+            data = await self.wb.with_reopen(node, self.cache.read, node.fid, node.ino, stream,
+                                             off, size, node.in_memory)
+        finally:
+            g.reading -= 1
+        if stream is not None and g.covers(False):
+            self.cache.wire.set_trigger(h.fh, self.cache.trigger(stream))
+        return data
+
     async def write(self, fh: int, off: int, data: bytes) -> int:
         node = self.handle(fh).node
         if not node.writable:
             raise FsError(errno.EBADF)
+        g = node.grant
+        if g is not None and not g.covers(True):
+            await self.cluster.need(g, True)
         n = await self.wb.with_reopen(node, self.cache.write, node.fid, off, data)
         node.wrote()
         self.wb.note_written(node)
@@ -148,6 +185,9 @@ class OpenFiles:
             raise FsError(errno.EINVAL)
         if not node.writable:
             raise FsError(errno.EACCES)
+        g = node.grant
+        if g is not None and not g.covers(True):
+            await self.cluster.need(g, True)
         fd = node.fd
 
         def resize():
@@ -177,6 +217,9 @@ class OpenFiles:
             raise FsError(errno.EINVAL)
         if not h.writable or not node.writable:
             raise FsError(errno.EBADF)
+        g = node.grant
+        if g is not None and not g.covers(True):
+            await self.cluster.need(g, True)
         fd = node.fd
 
         def allocate():

@@ -83,7 +83,7 @@ class ShimOperations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode, ctx=None):
-        return _entry(self.vfs.getattr(inode))
+        return _entry(await self.vfs.stat(inode))
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):

@@ -82,10 +82,17 @@ def serve(mountpoint: str, config: Config, ready=lambda notices: None) -> None:
     _limit_malloc_arenas()
     _raise_fd_limit()
     vfs = Vfs(config)
+    grants = None
+    if config.coherence:
+        from .cluster import from_config
+        grants = from_config(config)        # a bad address fails here, before mounting
+        vfs.attach_cluster(grants)
     ops = ShimOperations(vfs)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(config))
     except RuntimeError as exc:
+        if grants is not None:
+            grants.close()
         raise UserError("cannot mount %s: %s" % (mountpoint, exc), 1) from None
     fd = find_session_fd()
     wire = None
@@ -115,6 +122,8 @@ def _attach_wire(vfs: Vfs, config: Config, fd: int):
 
 async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
                 ops: ShimOperations | None = None) -> None:
+    if vfs.cluster is not None:
+        vfs.cluster.start()
     async with trio.open_nursery() as nursery:
         vfs.cache.nursery = nursery
         nursery.start_soon(_signals, vfs)
@@ -130,6 +139,12 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
     vfs.cache.nursery = None
     if wire is not None:
         wire.clear()            # before the engine forgets the files
+    if vfs.cluster is not None:
+        # Write everything back, then let the grants go with the lease (in a
+        # thread: a give-up under way needs this, the trio, thread).
+        for path, exc in await vfs.sync_all():
+            log.error("could not write back %s at unmount: %s", path, exc)
+        await trio.to_thread.run_sync(vfs.cluster.grants.close)
     await vfs.close_all()
 
 

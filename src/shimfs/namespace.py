@@ -57,6 +57,8 @@ class Namespace:
         if config.allow_other:
             self.root.mode |= 0o777
         self.inodes[ROOT_INODE] = self.root
+        #: Called with a File whose engine file is about to go (cluster.py).
+        self.on_free = lambda node: None
 
     # -- finding nodes -----------------------------------------------------
     def node(self, ino: int) -> Node:
@@ -170,6 +172,7 @@ class Namespace:
                 return
             if self.cache.when_idle(node.fid, lambda: self.maybe_free(node)):
                 return      # a prefetch still reads into this file: free it after
+            self.on_free(node)
             self.cache.unregister(node.fid)
             self.by_fid.pop(node.fid, None)
             os.close(node.fd)

@@ -106,6 +106,7 @@ class File(Node):
         self.ident = (st.st_dev, st.st_ino)        # to reopen the very same file
         # tmpfs or ramfs: no read-ahead, misses read inline (cache.AsyncCache.read)
         self.in_memory = in_memory
+        self.grant = None           # cluster.Grant, on a coherent mount once opened
 
     def backing_path(self) -> str:
         return self.path

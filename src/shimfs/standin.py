@@ -45,6 +45,17 @@ HOSTS = "/etc/hosts"
 HOSTS_LINE = "%s %s  # shimfs stand-in" % (ADDR, HOST)
 
 
+#: GlusterFS client translators that keep data or attributes on a client for
+#: up to a second (io-cache, quick-read, md-cache, read-ahead) or delay an
+#: open: with them on, one client reads stale bytes another client has
+#: written and fsynced, which no protocol above the file system can see.
+#: pvfs2 keeps no such client cache; off, the stand-in behaves like it.
+#: write-behind stays: it is flushed by fsync, which every give-up calls.
+VOLUME_OPTIONS = {"performance.io-cache": "off", "performance.quick-read": "off",
+                  "performance.stat-prefetch": "off", "performance.read-ahead": "off",
+                  "performance.open-behind": "off"}
+
+
 class StandinError(RuntimeError):
     pass
 
@@ -239,6 +250,10 @@ def up(clients: int = 1) -> str:
         state["volume"] = True
         _save(state)
         info = _gluster("volume", "info", VOLUME)
+    if state.get("volume"):
+        for key, value in VOLUME_OPTIONS.items():
+            if "%s: %s" % (key, value) not in info.stdout:
+                _gluster("volume", "set", VOLUME, key, value)
     if "Status: Started" not in info.stdout:
         _gluster("volume", "start", VOLUME, "force")
     for n in range(clients):

@@ -7,7 +7,8 @@
 * :mod:`~shimfs.files`: open handles, READ, WRITE, truncate, attributes;
 * :mod:`~shimfs.writeback`: the flusher, background and durable write-back;
 * :mod:`~shimfs.coherence`: close-to-open reloads, refresh, multiwrite;
-* :mod:`~shimfs.control`: the ``user.shimfs.*`` xattrs and the stats.
+* :mod:`~shimfs.control`: the ``user.shimfs.*`` xattrs and the stats;
+* :mod:`~shimfs.cluster` (``-o coherence``): grants across nodes.
 
 Its attributes named after FUSE operations are the rooms' own methods, bound
 once here, so a request costs no extra call.  Every method takes plain
@@ -66,6 +67,7 @@ class Vfs:
         self.stats = ctl.stats
         self.flusher, self.sync_all, self.close_all = wb.flusher, wb.sync_all, wb.close_all
         self.publish_mtimes = wb.publish_mtimes
+        self.cluster = None                 # attach_cluster
 
     # Tables the tests and the stats look at.
     @property
@@ -80,6 +82,34 @@ class Vfs:
     def handles(self):
         return self.files.handles
 
+    def attach_cluster(self, grants) -> None:
+        """Coherence across nodes (``-o coherence``): every file opened or
+        created from now on is kept under the book ``grants`` (cluster.py)."""
+        from .cluster import Cluster
+        self.cluster = cl = Cluster(grants, self.cache, self.files, self.writeback)
+        self.files.cluster = cl
+        self.namespace.on_free = cl.leave
+        self.lookup = self._lookup_coherent
+        self.control.cluster = cl
+
+    async def stat(self, ino: int) -> Attr:
+        """GETATTR.  A coherent file's size and times are those of the
+        latest write on any node: they are answered under its grant."""
+        if self.cluster is not None:
+            node = self.namespace.inodes.get(ino)
+            g = getattr(node, "grant", None)
+            if g is not None and not g.covers(False):
+                await self.cluster.need(g, False)
+        return self.namespace.getattr(ino)
+
+    async def _lookup_coherent(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> Attr:
+        attr = await self.namespace.lookup(parent_ino, name, ctx)
+        g = getattr(self.namespace.inodes.get(attr.ino), "grant", None)
+        if g is not None and not g.covers(False):
+            await self.cluster.need(g, False)
+            attr = self.namespace.getattr(attr.ino)
+        return attr
+
     def attach_kernel(self, kernel: Kernel) -> None:
         """The mount's kernel: notifications and pushes go to it from now on."""
         self.coherence.kernel = kernel
@@ -90,6 +120,7 @@ class Vfs:
         """Open ``name``, making it first unless it exists; returns (handle, attr)."""
         node, made = await self.namespace.create(parent_ino, name, mode, flags, ctx)
         if made:
+            await self.files.join(node, True)
             fh = await self.files.open_handle(node, True)
         else:
             fh = await self.files.open(node.ino, flags, ctx)
