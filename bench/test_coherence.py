@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from benchlib import MIB, ROUNDS, SCAN_MIB, Rate, make_file, record
+from benchlib import MIB, ROUNDS, Rate, record
 from mounting import shim_mount
 from shimfs import standin
 from shimfs.etcdserver import EtcdServer

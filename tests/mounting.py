@@ -4,6 +4,7 @@ condition with a deadline, and TLS certificates for etcd."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -151,3 +152,29 @@ def make_certs(d: str) -> dict:
                  "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", name + ".pem", cwd=d)
     return {n: (os.path.join(d, n + ".pem"), os.path.join(d, n + ".key"))
             for n in ("ca", "rogue-ca", "server", "node", "rogue")}
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size="1m"):
+    if os.geteuid() != 0:
+        unavailable("mounting a small tmpfs needs root")
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def fill(directory):
+    """Fill a file system; return the filler's path."""
+    filler = os.path.join(directory, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xff" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler

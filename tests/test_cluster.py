@@ -22,7 +22,8 @@ import uuid
 
 import pytest
 
-from mounting import daemon_pid, read_file, shim_mount, shimfs_cmd, wait_gone, wait_until
+from mounting import (daemon_pid, fill, read_file, shim_mount, shimfs_cmd, small_tmpfs,
+                      wait_gone, wait_until)
 from shimfs import standin
 from shimfs.etcdserver import EtcdServer
 
@@ -280,6 +281,38 @@ def _reads(path: str) -> bytes | None:
         return read_file(path)
     except OSError:
         return None
+
+
+@pytest.mark.daemon_logs(r"could not give up the grant")
+def test_a_give_up_whose_write_back_fails_keeps_the_data(etcd, tmp_path, request):
+    """The holder's backing file system is full when another node asks: the
+    holder keeps the grant and the dirty data, the asker gets ETIMEDOUT
+    after coherence_wait; once there is space, the asker reads the
+    holder's bytes."""
+    with small_tmpfs(str(tmp_path / "small")) as small:
+        opts = _opts(etcd, request, "coherence_wait=4")
+        with shim_mount(str(tmp_path / "a"), small, *opts) as a, \
+                shim_mount(str(tmp_path / "b"), small, *opts) as b:
+            with open(a + "/d", "wb") as f:
+                f.truncate(256 * 1024)                 # sparse: no blocks yet
+            fd = os.open(a + "/d", os.O_RDWR)
+            m = mmap.mmap(fd, 0)
+            blob = os.urandom(256 * 1024)
+            m[:] = blob                                # dirty, not synced
+            filler = fill(small)
+            start = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                read_file(b + "/d")
+            assert exc.value.errno == errno.ETIMEDOUT, exc.value
+            assert time.monotonic() - start < 4 + 10
+            st = json.loads(shimfs_cmd("stat", "--json", a + "/d").stdout)
+            assert st["file"]["dirty_bytes"] > 0 and st["file"]["grant"] == "E"
+            assert st["mount"]["give_up_failures"] >= 1
+            assert m[:] == blob                        # A still reads its own bytes
+            os.unlink(filler)
+            assert read_file(b + "/d") == blob
+            m.close()
+            os.close(fd)
 
 
 @pytest.mark.parametrize("value, said", [

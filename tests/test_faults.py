@@ -15,34 +15,8 @@ import sys
 
 import pytest
 
-from mounting import (daemon_pid, is_mounted, read_file, shim_mount, shimfs_cmd, unavailable,
-                      wait_gone, wait_until)
-
-
-@contextlib.contextmanager
-def small_tmpfs(path, size="1m"):
-    if os.geteuid() != 0:
-        unavailable("mounting a small tmpfs needs root")
-    os.makedirs(path, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", path], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)
-
-
-def _fill(directory):
-    """Fill a file system; return the filler's path."""
-    filler = os.path.join(directory, "filler")
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\xff" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
+from mounting import (daemon_pid, fill, is_mounted, read_file, shim_mount, shimfs_cmd,
+                      small_tmpfs, wait_gone, wait_until)
 
 
 def test_enospc_msync_fails_keeps_data_and_retries(tmp_path, backing):
@@ -59,7 +33,7 @@ def test_enospc_msync_fails_keeps_data_and_retries(tmp_path, backing):
                 m = mmap.mmap(fd, 0)
                 blob = os.urandom(256 * 1024)
                 m[:] = blob
-                filler = _fill(small)
+                filler = fill(small)
                 with pytest.raises(OSError) as info:
                     m.flush()                          # msync(MS_SYNC)
                 assert info.value.errno == errno.ENOSPC
@@ -271,7 +245,7 @@ def test_umount_force_when_the_backing_is_gone(tmp_path, backing):
             os.symlink(src, os.path.join(m, "d"))
             fd = os.open(os.path.join(m, "d"), os.O_RDWR)
             os.pwrite(fd, os.urandom(64 * 1024), 0)          # dirty in the daemon
-            _fill(small)
+            fill(small)
             res = shimfs_cmd("umount", m, check=False)
             assert res.returncode != 0 and "--force" in res.stderr
             with contextlib.suppress(OSError):
@@ -294,7 +268,7 @@ def test_unlinked_shadow_keeps_unwritten_data_until_it_lands(tmp_path, backing):
             os.symlink(src, os.path.join(m, "d"))
             fd = os.open(os.path.join(m, "d"), os.O_RDWR)
             os.pwrite(fd, blob, 0)                           # dirty in the daemon
-            filler = _fill(small)
+            filler = fill(small)
             os.unlink(os.path.join(m, "d"))
             with pytest.raises(OSError) as info:
                 os.close(fd)                                 # write-back fails

@@ -8,7 +8,6 @@ asks, leases and faults on their own.
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import subprocess
 import sys

@@ -41,7 +41,7 @@ import trio
 
 from .cache import AsyncCache
 from .errors import FsError
-from .grants import E, S, GrantError, Grants
+from .grants import E, S, GiveUpFailed, GrantError, Grants
 from .nodes import File
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class Cluster:
         # the foreground workers.
         self.limiter = trio.CapacityLimiter(64)
         self.token: trio.lowlevel.TrioToken | None = None
+        self.failing: dict[str, str] = {}   # give-ups that failed, and why (logged once)
         self.counters = dict(give_up_bytes_written=0, give_up_seconds=0.0,
                              give_up_inval_passes=0, give_up_failures=0, grant_errors=0)
         grants.give_up_cb = self._give_up_thread
@@ -238,11 +239,28 @@ class Cluster:
 
     # -- giving up ------------------------------------------------------------
     def _give_up_thread(self, key: str, wanted: str) -> str | None:
-        """The book's callback, on its thread."""
+        """The book's callback, on its thread.  A give-up that fails (its
+        write-back met ENOSPC, EIO, a lost backing file) keeps the grant,
+        the pages and the dirty data: GiveUpFailed has the book serve the
+        ask again at its next round, and the asker times out if it never
+        succeeds.  Logged once per kind of failure."""
         serial = self.grants.serial(key)
         if self.token is None:
             return None
-        return trio.from_thread.run(self._give_up, key, wanted, serial, trio_token=self.token)
+        try:
+            kept = trio.from_thread.run(self._give_up, key, wanted, serial, trio_token=self.token)
+        except Exception as exc:
+            g = self.by_key.get(key)
+            what = "%s: %s" % (type(exc).__name__, exc)
+            if self.failing.get(key) != what:
+                self.failing[key] = what
+                log.warning("could not give up the grant of %s (%s): it is kept, with the "
+                            "dirty data, and given up once the write-back succeeds",
+                            g.nodes[0].path if g is not None and g.nodes else key, what)
+            raise GiveUpFailed(what) from None
+        if self.failing.pop(key, None) is not None:
+            log.info("gave up the grant of %s after all", key)
+        return kept
 
     async def _give_up(self, key: str, wanted: str | None, serial: int) -> str | None:
         g = self.by_key.get(key)

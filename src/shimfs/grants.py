@@ -77,6 +77,12 @@ class GrantError(OSError):
     not give it up in time; ENOTCONN: the service cannot be reached)."""
 
 
+class GiveUpFailed(Exception):
+    """Raised by a ``give_up`` callback that could not let go now (its
+    write-back failed): the node keeps the grant, and the ask is served
+    again at the next round."""
+
+
 def parse_endpoints(value: str) -> list[tuple[str, int]]:
     """``etcd://HOST:PORT[,HOST:PORT...]`` (several members of one cluster)."""
     scheme, sep, rest = value.partition("://")
@@ -531,6 +537,8 @@ class Grants:
                     self.etcd.wait_change(mine, rev, POLL)
             except GrantError as exc:
                 log.debug("asks: %s", exc)
+                self.stopping.wait(POLL)
+            except GiveUpFailed:            # the caller said why; again next round
                 self.stopping.wait(POLL)
             except Exception:
                 log.exception("serving asks")
