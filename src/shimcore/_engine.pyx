@@ -1794,7 +1794,8 @@ cdef class PageCache:
                     backing_writes=fr.write_ops, errors=fr.errors,
                     bytes_pushed=fr.bytes_pushed, pushes=fr.push_ops,
                     zero_fills=fr.zero_fills, zero_fill_bytes=fr.zero_fill_pages * PAGE,
-                    known_zero_bytes=self._known_zero_pages(fr) * PAGE)
+                    known_zero_bytes=self._known_zero_pages(fr) * PAGE,
+                    prefetch_pending=fr.pf_pending)
 
     cdef int64_t _known_zero_pages(self, FileRec *fr):
         cdef int64_t w, n = 0

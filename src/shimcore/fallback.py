@@ -118,6 +118,7 @@ class PageCache:
         self._pf_max = 0
         self._pf_pool = None
         self._pf = dict(pending=0, done=0, errors=0, refused=0)
+        self._pf_files: dict[int, int] = {}     # queued or running prefetches per file
         self._zero = dict(zero_fills=0, zero_fill_bytes=0)
         self._zero_call = False     # the current call has filled a page with zeros
 
@@ -283,6 +284,7 @@ class PageCache:
                 from concurrent.futures import ThreadPoolExecutor
                 self._pf_pool = ThreadPoolExecutor(self._pf_max, "shimcore-prefetch")
             self._pf["pending"] += 1
+            self._pf_files[fid] = self._pf_files.get(fid, 0) + 1
 
         def work():
             ok = True
@@ -293,6 +295,9 @@ class PageCache:
                 ok = False
             with self._lock:
                 self._pf["pending"] -= 1
+                self._pf_files[fid] -= 1
+                if not self._pf_files[fid]:
+                    del self._pf_files[fid]
                 self._pf["done"] += 1
                 self._pf["errors"] += not ok
         self._pf_pool.submit(work)
@@ -580,7 +585,8 @@ class PageCache:
             cached = sum(1 for k in self._pages if k[0] == fid)
             return dict(size=f.size, cached_bytes=cached * PAGE, dirty_bytes=len(f.dirty) * PAGE,
                         multiwrite=f.multiwrite, twin_bytes=cached * PAGE if f.multiwrite else 0,
-                        known_zero_bytes=f.zeros.pages() * PAGE, **f.counters)
+                        known_zero_bytes=f.zeros.pages() * PAGE,
+                        prefetch_pending=self._pf_files.get(fid, 0), **f.counters)
 
     def stats(self) -> dict:
         return dict(capacity_bytes=self._nslots * PAGE, used_bytes=len(self._pages) * PAGE,

@@ -305,6 +305,10 @@ class AsyncCache:
         """Failed prefetches of either kind (they are retried by the read that needs them)."""
         return self.prefetch_errors + self.engine.stats()["prefetch_errors"]
 
+    def prefetches_of(self, fid: int) -> int:
+        """Prefetches of ``fid`` queued or under way, of either kind."""
+        return self.prefetching.get(fid, 0) + self.engine.file_stats(fid)["prefetch_pending"]
+
     def when_idle(self, fid: int, callback) -> bool:
         """Call ``callback()`` once no prefetch of ``fid`` is in flight; False
         (and no call) if none is in flight now."""

@@ -323,7 +323,8 @@ class Cluster:
         land pages read before the other node's writes."""
         cache = self.cache
         deadline = trio.current_time() + PREFETCH_DRAIN
-        while cache.prefetches_in_flight and trio.current_time() < deadline:
+        while any(cache.prefetches_of(n.fid) for n in g.nodes) \
+                and trio.current_time() < deadline:
             await trio.sleep(0.005)
         for node in list(g.nodes):
             cache.invalidate(node.fid, 0, cache.size(node.fid) + 1)
