@@ -103,6 +103,29 @@ def test_an_unsynced_mapped_write_is_read_on_the_other_node(two):
     assert sb["grant_waits"] >= 1 and sb["grant_wait_seconds"] > 0
 
 
+def test_shadows_of_one_file_at_two_paths_are_one_file(etcd, dirs, tmp_path, request):
+    """Each node links the shared file from its own client's path (``ln -s``,
+    no mirror): the book names it by inode, so both are one file."""
+    with open(os.path.join(dirs[0], "shared.bin"), "wb") as f:
+        f.write(bytes(8192))
+    opts = _opts(etcd, request)[1:]                   # no mirror
+    with shim_mount(str(tmp_path / "a"), str(tmp_path), *opts) as a, \
+            shim_mount(str(tmp_path / "b"), str(tmp_path), *opts) as b:
+        os.symlink(os.path.join(dirs[0], "shared.bin"), a + "/x")
+        os.symlink(os.path.join(dirs[1], "shared.bin"), b + "/y")
+        fd = os.open(a + "/x", os.O_RDWR)
+        m = mmap.mmap(fd, 8192)
+        m[5000:5005] = b"via A"
+        with open(b + "/y", "r+b") as f:
+            assert f.read()[5000:5005] == b"via A"
+            f.seek(100)
+            f.write(b"via B")
+        assert m[100:105] == b"via B"
+        m.close()
+        os.close(fd)
+        assert mount_stats(a)["coherent_files"] == 1
+
+
 def test_writes_on_both_nodes_meet_in_one_file(two):
     """plain write() on B, a mapped read on A, a grow on B seen by A's stat."""
     a, b = two
