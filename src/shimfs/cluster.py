@@ -83,7 +83,7 @@ class Grant:
     """This node's view of one backing file's grant, shared by every File
     node of that backing file in the mount.  Trio-thread data."""
     __slots__ = ("key", "nodes", "mode", "invalidating", "reads", "reading", "lock",
-                 "given", "serial", "waiting")
+                 "given", "waiting")
 
     def __init__(self, key: str):
         self.key = key
@@ -94,7 +94,6 @@ class Grant:
         self.reading = 0                 # READs under way
         self.lock = trio.Lock()          # one acquire at a time
         self.given = 0                   # the newest grant serial a give-up took away
-        self.serial = 0                  # the serial of the grant held
         self.waiting: set[trio.CancelScope] = set()    # waits a give-up cancels
 
     def covers(self, write: bool) -> bool:
@@ -108,11 +107,12 @@ class Grant:
 class Cluster:
     """What a coherent mount does with its grants."""
 
-    def __init__(self, grants: Grants, cache: AsyncCache, files, wb):
+    def __init__(self, grants: Grants, cache: AsyncCache, files, wb, coherence):
         self.grants = grants
         self.cache = cache
         self.files = files
         self.wb = wb
+        self.coherence = coherence
         self.by_key: dict[str, Grant] = {}
         # Waits for grants may last up to coherence_wait: keep them out of
         # the foreground workers.
@@ -127,6 +127,11 @@ class Cluster:
     def start(self) -> None:
         """On the trio thread, before the first request."""
         self.token = trio.lowlevel.current_trio_token()
+
+    async def close(self) -> None:
+        """Unmount, once everything is written back: the grants go with the
+        lease.  In a thread: a give-up under way needs the trio thread."""
+        await trio.to_thread.run_sync(self.grants.close)
 
     # -- joining -----------------------------------------------------------
     async def join(self, node: File) -> Grant:
@@ -199,29 +204,22 @@ class Cluster:
                     await self._fresh(g)
                     if serial <= g.given:
                         continue
-                g.mode, g.serial = held, serial
+                g.mode = held
                 self._wire_add(g)
 
     async def _fresh(self, g: Grant) -> None:
         """Granted after holding nothing: what this node knew of the file
-        may be old.  Drop the daemon's pages and take the size and mtime
-        from the backing file (the kernel's pages and attributes went at
-        the give-up)."""
+        may be old.  Take it again from the backing file, as a close-to-open
+        reload does (the kernel's pages and attributes went at the give-up;
+        invalidating its attributes again here would make it throw away the
+        GETATTR reply this grant may be taken for, since
+        fuse_change_attributes drops a reply older than the last
+        invalidation, and a mapping would keep the old size)."""
         cache = self.cache
         for node in list(g.nodes):
             size, mtime_ns = await cache.run(backing_stat, node.fd)
             if not cache.dirty_bytes(node.fid):
-                cache.invalidate(node.fid, 0, max(size, cache.size(node.fid)) + 1)
-                if size != cache.size(node.fid):
-                    cache.truncate(node.fid, size)
-            if (size, mtime_ns) != node.seen:
-                # The kernel's attributes went with the give-up.  Invalidating
-                # them again here would make it throw away the GETATTR reply
-                # this grant is taken for (fuse_change_attributes drops a reply
-                # older than the last invalidation), and a mapping would keep
-                # the old size.
-                node.seen = (size, mtime_ns)
-                node.mtime_ns = mtime_ns
+                self.coherence.adopt(node, size, mtime_ns)
 
     def _wire_add(self, g: Grant) -> None:
         wire = self.cache.wire

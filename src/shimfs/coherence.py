@@ -58,11 +58,18 @@ class Coherence:
             return True
         log.debug("%s changed under us: reloading", node.path)
         async with cache.pushes_paused(node.fid):     # no stale pages land late
-            node.seen = (st.st_size, st.st_mtime_ns)
-            cache.invalidate(node.fid, 0, max(st.st_size, cache.size(node.fid)))
-            cache.truncate(node.fid, st.st_size)
-            node.mtime_ns = st.st_mtime_ns
+            self.adopt(node, st.st_size, st.st_mtime_ns)
         return False
+
+    def adopt(self, node: File, size: int, mtime_ns: int) -> None:
+        """Forget the daemon's clean pages (and known zeros) of ``node`` and
+        take the backing file's size and mtime; nothing of it is dirty.
+        For close-to-open reloads and new grants (cluster.py)."""
+        cache = self.cache
+        node.seen = (size, mtime_ns)
+        cache.invalidate(node.fid, 0, max(size, cache.size(node.fid)))
+        cache.truncate(node.fid, size)
+        node.mtime_ns = mtime_ns
 
     async def refresh(self, node: File, offset: int, length: int | None) -> int:
         """See :meth:`_refresh`; prefetch pushes wait until it is done."""

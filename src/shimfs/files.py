@@ -104,32 +104,27 @@ class OpenFiles:
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handle(fh)
         node = h.node
-        if node.grant is not None:
-            return await self._read_coherent(h, off, size)
-        data = await self.wb.with_reopen(node, self.cache.read, node.fid, node.ino, h.stream,
-                                         off, size, node.in_memory)
-        if h.stream is not None:
-            # the compiled path answers cached READs until the policy wants
-            # to see the reader again (readahead.Stream.trigger)
-            self.cache.wire.set_trigger(fh, self.cache.trigger(h.stream))
-        return data
-
-    async def _read_coherent(self, h: Handle, off: int, size: int) -> bytes:
-        """A READ of a coherent file: under its grant; during a give-up,
-        from the cache and without read-ahead (cluster.py)."""
-        node, g = h.node, h.node.grant
-        if not g.covers(False):
-            await self.cluster.need(g, False)
-        g.reads += 1
-        g.reading += 1
+        stream = h.stream
+        g = node.grant
+        if g is not None:
+            # A coherent file: under its grant; during a give-up, from the
+            # cache and without read-ahead, counted (cluster.py).
+            if not g.covers(False):
+                await self.cluster.need(g, False)
+            if g.invalidating:
+                stream = None
+            g.reads += 1
+            g.reading += 1
         try:
-            stream = None if g.invalidating else h.stream
             data = await self.wb.with_reopen(node, self.cache.read, node.fid, node.ino, stream,
                                              off, size, node.in_memory)
         finally:
-            g.reading -= 1
-        if stream is not None and g.covers(False):
-            self.cache.wire.set_trigger(h.fh, self.cache.trigger(stream))
+            if g is not None:
+                g.reading -= 1
+        if stream is not None:
+            # the compiled path answers cached READs until the policy wants
+            # to see the reader again (readahead.Stream.trigger)
+            self.cache.wire.set_trigger(fh, self.cache.trigger(stream))
         return data
 
     async def write(self, fh: int, off: int, data: bytes) -> int:

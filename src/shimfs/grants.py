@@ -234,9 +234,7 @@ class _Etcd:
                 "mod_revision": str(mod_revision)}
 
     def kvs(self, resp: dict, i: int) -> list[tuple[str, str]]:
-        rr = resp.get("responses", [])[i].get("response_range", {})
-        return [(self.dec(kv["key"]).decode(), self.dec(kv.get("value", "")).decode())
-                for kv in rr.get("kvs", [])]
+        return [(k, v) for k, v, _, _ in self.meta(resp, i)]
 
     def get_prefix(self, prefix: str) -> tuple[list[tuple[str, str]], int]:
         r = self.call(lambda c: c.post(c.get_url("/kv/range"), json={
@@ -403,16 +401,12 @@ class Grants:
                     if granted:
                         return self.serial(f)
                 waited = True
-                if rev is None:             # changed while deciding: again at once
-                    if time.monotonic() > deadline:
-                        raise GrantError(errno.ETIMEDOUT, "no %s grant of %s within %.0f s"
-                                         % (mode, f, deadline - start))
-                    continue
                 if time.monotonic() > deadline:
                     raise GrantError(errno.ETIMEDOUT, "no %s grant of %s within %.0f s"
                                      % (mode, f, deadline - start))
-                self.etcd.wait_change(self._gdir(f), rev,
-                                      min(POLL, max(0.0, deadline - time.monotonic())))
+                if rev is not None:         # (None: changed while deciding, again at once)
+                    self.etcd.wait_change(self._gdir(f), rev,
+                                          min(POLL, max(0.0, deadline - time.monotonic())))
         except BaseException:
             try:
                 self.etcd.txn([], [self.etcd.del_req(self._wdir(f) + self.node)], [])

@@ -139,13 +139,7 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
     vfs.cache.nursery = None
     if wire is not None:
         wire.clear()            # before the engine forgets the files
-    if vfs.cluster is not None:
-        # Write everything back, then let the grants go with the lease (in a
-        # thread: a give-up under way needs this, the trio, thread).
-        for path, exc in await vfs.sync_all():
-            log.error("could not write back %s at unmount: %s", path, exc)
-        await trio.to_thread.run_sync(vfs.cluster.grants.close)
-    await vfs.close_all()
+    await vfs.close_all(vfs.cluster.close if vfs.cluster is not None else None)
 
 
 async def _side_requests(wire, ops: ShimOperations, nursery) -> None:

@@ -86,7 +86,8 @@ class Vfs:
         """Coherence across nodes (``-o coherence``): every file opened or
         created from now on is kept under the book ``grants`` (cluster.py)."""
         from .cluster import Cluster
-        self.cluster = cl = Cluster(grants, self.cache, self.files, self.writeback)
+        self.cluster = cl = Cluster(grants, self.cache, self.files, self.writeback,
+                                     self.coherence)
         self.files.cluster = cl
         self.namespace.on_free = cl.leave
         self.lookup = self._lookup_coherent

@@ -137,11 +137,15 @@ class WriteBack:
                     failed.append((node.path, exc))
         return failed
 
-    async def close_all(self) -> None:
-        """Unmount: write everything back, then close every backing file."""
+    async def close_all(self, written=None) -> None:
+        """Unmount: write everything back, await ``written()`` if given (a
+        coherent mount lets its grants go there), then close every backing
+        file."""
         failed = await self.sync_all()
         for path, exc in failed:
             log.error("could not write back %s at unmount: %s", path, exc)
+        if written is not None:
+            await written()
         self.ns.close_all()
 
 
