@@ -2,9 +2,12 @@
 cache holds are answered without Python, with exact bytes at awkward sizes
 and at the end of the file, for known zeros, under a concurrent truncate
 and under eviction; everything else still reaches pyfuse3; ``-o
-fast_reads=0`` turns it off; unmounting ends both threads."""
+fast_reads=0`` turns it off; unmounting ends both threads.  GETXATTRs of
+names outside the control prefix and FLUSHes of clean files are answered
+there too, with what Python would answer."""
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -13,6 +16,7 @@ import threading
 import pytest
 
 import shimfs
+from shimfs.names import XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PREFIX, XATTR_STATS
 from mounting import daemon_pid, make_file, shim_mount, shimfs_cmd, wait_gone
 
 PAGE = 4096
@@ -236,6 +240,92 @@ def test_other_requests_still_reach_python(wired):
         assert f.read() == b"x" * 10000
     st = mount_stats(p + ".2")
     assert st["forwarded_requests"] > 0 and st["forward_errors"] == 0
+
+
+#: names getxattr asks a mount for: outside the control prefix, and in it
+OTHER_NAMES = (XATTR_PREFIX[:-1], XATTR_PREFIX[:-1] + "x", "security.selinux",
+               "security.capability", "system.posix_acl_access", "user.other", "trusted.t")
+CONTROL_NAMES = (XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PREFIX + "nope")
+
+
+def _xattr_answers(path: str) -> dict:
+    """What getxattr answers for control and other names: value or errno."""
+    out = {}
+    for name in OTHER_NAMES + CONTROL_NAMES:
+        try:
+            out[name] = os.getxattr(path, name)
+        except OSError as exc:
+            out[name] = exc.errno
+    return out
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_getxattr_answers_are_the_same_with_and_without_the_wire(tmp_path, backing, fast):
+    """GETXATTRs of names outside the control prefix are answered ENODATA
+    by the wire (ls -l asks for two per file): exactly what Python answers,
+    and the control names still reach Python."""
+    with shim_mount(str(tmp_path / "mnt"), backing, "fast_reads=" + fast) as mnt:
+        path, _ = linked(mnt, backing, "x.bin", 100)
+        before = mount_stats(path)["fast_getxattrs"]
+        got = _xattr_answers(path)
+        assert got == dict({n: errno.ENODATA for n in OTHER_NAMES + CONTROL_NAMES},
+                           **{XATTR_BACKING: os.fsencode(os.path.join(backing, "x.bin")),
+                              XATTR_MULTIWRITE: b"0"})
+        assert os.listxattr(path) == [XATTR_BACKING, XATTR_MULTIWRITE, XATTR_STATS]
+        answered = mount_stats(path)["fast_getxattrs"] - before
+        # the control names went to Python
+        assert answered == (0 if fast == "0" else len(OTHER_NAMES))
+
+
+def test_clean_flushes_are_answered_and_dirty_ones_write_back(wired):
+    """close() of a handle whose file has no dirty page is answered by the
+    wire; one with dirty pages still reaches Python, which writes them back
+    before close returns."""
+    mnt, backing = wired
+    path, data = linked(mnt, backing, "f.bin", 3 * PAGE + 5)
+    before = mount_stats(path)["fast_flushes"]
+    for _ in range(3):
+        with open(path, "rb") as f:
+            assert f.read() == data
+    assert mount_stats(path)["fast_flushes"] - before == 3
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"new bytes", PAGE)
+        assert shimfs.stats(path)["file"]["dirty_bytes"] > 0
+        before = mount_stats(path)["fast_flushes"]
+    finally:
+        os.close(fd)                                # FLUSH: write-back in Python
+    assert mount_stats(path)["fast_flushes"] == before
+    assert shimfs.stats(path)["file"]["dirty_bytes"] == 0
+    with open(os.path.join(backing, "f.bin"), "rb") as f:
+        assert f.read() == data[:PAGE] + b"new bytes" + data[PAGE + 9:]
+    # a mapped write: the kernel writes the page back (a WRITE) before it flushes
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as m:
+            m[7:12] = b"MAPPD"
+    finally:
+        os.close(fd)
+    with open(os.path.join(backing, "f.bin"), "rb") as f:
+        assert f.read(12) == data[:7] + b"MAPPD"
+
+
+def test_a_small_file_read_whole_is_loaded_in_the_wire(wired):
+    """A READ that reaches the end of the file has nothing after it to read
+    ahead: the wire loads it, even when it starts a run; a larger file's
+    first READ still goes to the read-ahead policy."""
+    mnt, backing = wired
+    small, sdata = linked(mnt, backing, "s.bin", 16 << 10)
+    big, bdata = linked(mnt, backing, "b.bin", 8 << 20)
+    before = mount_stats(small)
+    with open(small, "rb") as f:
+        assert f.read() == sdata
+    mid = mount_stats(small)
+    assert mid["fast_read_misses"] - before["fast_read_misses"] == 1
+    assert mid["fast_read_passed_missing"] == before["fast_read_passed_missing"]
+    with open(big, "rb") as f:
+        assert f.read() == bdata
+    assert mount_stats(big)["fast_read_passed_missing"] > mid["fast_read_passed_missing"]
 
 
 def test_unmount_ends_the_daemon(tmp_path, backing):

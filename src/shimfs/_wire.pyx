@@ -47,9 +47,9 @@ until they leave their blocking ``read``.
 import os
 
 from libc.stdint cimport int64_t, uint64_t, uint32_t, int32_t, uint16_t
-from libc.errno cimport errno, EINTR, ENOENT, EAGAIN, ENOBUFS
+from libc.errno cimport errno, EINTR, ENOENT, EAGAIN, ENOBUFS, ENODATA
 from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset, memcpy
+from libc.string cimport memset, memcpy, memcmp
 from posix.unistd cimport read, write, close, pipe, dup, dup2
 
 from shimcore._engine cimport (PageCache, FileRec, iovec, writev, MAX_RUN, PAGE,
@@ -119,6 +119,16 @@ cdef struct FallocateIn:     # fuse_fallocate_in
     uint32_t mode
     uint32_t padding
 
+cdef struct GetxattrIn:      # fuse_getxattr_in; the name follows, NUL-terminated
+    uint32_t size
+    uint32_t padding
+
+cdef struct FlushIn:         # fuse_flush_in
+    uint64_t fh
+    uint32_t unused
+    uint32_t padding
+    uint64_t lock_owner
+
 cdef struct OutHeader:       # fuse_out_header
     uint32_t len
     int32_t error
@@ -126,6 +136,8 @@ cdef struct OutHeader:       # fuse_out_header
 
 cdef enum:
     FUSE_READ = 15
+    FUSE_GETXATTR = 22
+    FUSE_FLUSH = 25
     FUSE_FALLOCATE = 43
     # One request: at most max_pages (256, the kernel's limit) of data and
     # its headers; the kernel refuses smaller read buffers.
@@ -138,6 +150,8 @@ cdef enum:
     H_GONE = 2
     NO_TRIGGER = 0x7fffffffffffffff
     MAX_THREADS = 64
+    # The control xattrs' prefix (names.XATTR_PREFIX) fits in this.
+    PREFIX_MAX = 32
     # A READ request: fuse_in_header and fuse_read_in (checked below).
     REQ_LEN = 80
 
@@ -271,6 +285,9 @@ cdef class Wire:
     # counters (read under the mutex)
     cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
     cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
+    cdef uint64_t fast_getxattrs, fast_flushes
+    cdef char prefix[PREFIX_MAX]    # control xattrs: GETXATTRs of other names get ENODATA here
+    cdef int prefix_len             # 0: every GETXATTR goes to Python
     # requests by opcode (the last slot: any larger); this and the forward
     # counters are relaxed atomics (SHIM_COUNT), the rest under the mutex
     cdef uint64_t ops[64]
@@ -285,7 +302,7 @@ cdef class Wire:
         pthread_cond_init(&self.idle, NULL)
 
     def __init__(self, PageCache engine, int session_fd, int64_t slack=32 << 10,
-                 int threads=8):
+                 int threads=8, bytes control_prefix=b""):
         """Take over ``session_fd`` (pyfuse3's /dev/fuse descriptor).  Raises
         OSError, changing nothing, when the socket pair cannot carry a whole
         request (its buffers are capped for users without CAP_NET_ADMIN).
@@ -294,7 +311,9 @@ cdef class Wire:
         one ended (either side: READs in flight arrive in any order) may
         continue a run, which the read-ahead policy must see;
         ``threads``: in threads, which are also how many random misses are
-        loaded at once."""
+        loaded at once; ``control_prefix``: the only xattr names the daemon
+        answers (``user.shimfs.``): a GETXATTR of any other name gets
+        ENODATA here, as Python would answer it."""
         cdef int sv[2]
         cdef int fds[2]
         cdef int val = SOCKBUF, got = 0, i
@@ -307,6 +326,10 @@ cdef class Wire:
         self.slack = slack
         if threads < 1 or threads > MAX_THREADS:
             raise ValueError("threads: 1 to %d" % MAX_THREADS)
+        if len(control_prefix) >= PREFIX_MAX:
+            raise ValueError("control_prefix: at most %d bytes" % (PREFIX_MAX - 1))
+        memcpy(self.prefix, <const char *>control_prefix, len(control_prefix))
+        self.prefix_len = len(control_prefix)
         if not self.tab or not self.zeros or not self.outbuf:
             raise MemoryError()
         if socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0:
@@ -466,18 +489,21 @@ cdef class Wire:
         workers loaded; requests passed to pyfuse3, and among them READs past
         their trigger, misses that continue a run, and misses a worker could
         not serve (a full cache, a backing error: Python retries them);
-        writes to the pair or the device that failed."""
+        writes to the pair or the device that failed; GETXATTRs and FLUSHes
+        answered here."""
         with nogil:
             pthread_mutex_lock(&self.mu)
             r, b, f = self.fast_reads, self.fast_read_bytes, self.forwarded
             fe, re = self.forward_errors, self.reply_errors
             pt, pm = self.pass_trigger, self.pass_missing
             fm, mf = self.fast_misses, self.miss_fallbacks
+            fx, ff = self.fast_getxattrs, self.fast_flushes
             pthread_mutex_unlock(&self.mu)
         return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
                 "fast_read_passed_trigger": pt, "fast_read_passed_missing": pm,
-                "forward_errors": fe, "reply_errors": re}
+                "forward_errors": fe, "reply_errors": re,
+                "fast_getxattrs": fx, "fast_flushes": ff}
 
     def take(self) -> list:
         """The FALLOCATE requests waiting (pyfuse3 has no handler for them),
@@ -617,8 +643,11 @@ cdef class Wire:
             pthread_mutex_unlock(&self.mu)
             return True
         # A miss.  One that continues a run goes to the read-ahead policy
-        # (a scan starting); so does every miss of a stream that prefetches.
-        if hd.trigger != NO_TRIGGER or (run and not hd.own_misses) or self.stopping:
+        # (a scan starting), unless it reaches the end of the file (a small
+        # file read whole: nothing to read ahead); so does every miss of a
+        # stream that prefetches.
+        if hd.trigger != NO_TRIGGER or self.stopping or (
+                run and not hd.own_misses and end < hd.fr.size):
             self.pass_missing += 1
             pthread_mutex_unlock(&self.mu)
             return False
@@ -645,6 +674,50 @@ cdef class Wire:
         if k < 0:
             return False                # Python reads it, and reports errors
         self.pc.give_back_read(fr, slot_of, &iov[1], k, False)
+        return True
+
+    cdef void _status(self, uint64_t unique, int err) noexcept nogil:
+        """Answer request ``unique`` with no data: errno ``err``, or 0."""
+        cdef OutHeader out
+        out.len = sizeof(OutHeader)
+        out.error = -err
+        out.unique = unique
+        while write(self.kernel_fd, &out, sizeof(OutHeader)) < 0 and errno == EINTR:
+            pass
+
+    cdef bint _answer_getxattr(self, InHeader *h, ssize_t n) noexcept nogil:
+        """ENODATA for an xattr that is not a control one (``ls -l`` asks
+        for two per file, and a write for ``security.capability``); False
+        to pass a control name on."""
+        cdef const char *name = <const char *>h + sizeof(InHeader) + sizeof(GetxattrIn)
+        cdef ssize_t room = n - <ssize_t>(sizeof(InHeader) + sizeof(GetxattrIn))
+        if self.prefix_len == 0 or h.total_extlen != 0 or room < 1 or name[room - 1] != 0:
+            return False
+        if room > self.prefix_len and memcmp(name, self.prefix, self.prefix_len) == 0:
+            return False
+        self._status(h.unique, ENODATA)
+        SHIM_COUNT(&self.fast_getxattrs)
+        return True
+
+    cdef bint _answer_flush(self, InHeader *h, ssize_t n) noexcept nogil:
+        """Success for the FLUSH of a registered handle whose file has no
+        dirty page here: the kernel has written its dirty pages back (as
+        WRITEs, answered) before it flushes, so Python would find nothing to
+        write (WriteBack.writeback_if_dirty).  False to pass it on."""
+        cdef FlushIn *f
+        cdef Handle *hd
+        cdef bint clean
+        if n < <ssize_t>(sizeof(InHeader) + sizeof(FlushIn)):
+            return False
+        f = <FlushIn *>(<char *>h + sizeof(InHeader))
+        pthread_mutex_lock(&self.mu)
+        hd = self._find(f.fh)
+        clean = hd != NULL and hd.fr.ndirty == 0 and not self.stopping
+        pthread_mutex_unlock(&self.mu)
+        if not clean:
+            return False
+        self._status(h.unique, 0)
+        SHIM_COUNT(&self.fast_flushes)
         return True
 
     cdef void _forward(self, const char *msg, ssize_t n) noexcept nogil:
@@ -686,6 +759,10 @@ cdef class Wire:
                 continue
             SHIM_COUNT(&self.ops[h.opcode if h.opcode < 63 else 63])
             if h.opcode == FUSE_READ and self._answer(h, n):
+                continue
+            if h.opcode == FUSE_GETXATTR and self._answer_getxattr(h, n):
+                continue
+            if h.opcode == FUSE_FLUSH and self._answer_flush(h, n):
                 continue
             if h.opcode == FUSE_FALLOCATE and send(self.side_w, buf, n, MSG_NOSIGNAL) == n:
                 continue            # for the daemon's Python (Wire.take)

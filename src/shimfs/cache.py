@@ -140,15 +140,17 @@ class AsyncCache:
         cimport it: shimfs._notify, shimfs._wire)."""
         return shimcore.IMPLEMENTATION == "compiled"
 
-    def attach_wire(self, session_fd: int, threads: int = 8):
+    def attach_wire(self, session_fd: int, threads: int = 8, control_prefix: bytes = b""):
         """Put the compiled READ path (shimfs._wire) in front of pyfuse3 on
         ``session_fd``; returns it, or None where it cannot run (the fallback
-        engine, socket buffers capped for a daemon that is not root)."""
+        engine, socket buffers capped for a daemon that is not root).
+        ``control_prefix``: the xattr names the daemon answers; GETXATTRs of
+        others get ENODATA in the wire."""
         if not self.compiled:
             return None
         from ._wire import Wire as CompiledWire
         try:
-            wire = CompiledWire(self.engine, session_fd, self.near, threads)
+            wire = CompiledWire(self.engine, session_fd, self.near, threads, control_prefix)
         except OSError as exc:
             log.info("READs go through Python only: %s", exc)
             return None

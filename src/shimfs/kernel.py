@@ -54,7 +54,8 @@ class Wire(Protocol):
         """``fast_reads``, ``fast_read_bytes``, ``forwarded_requests``,
         ``fast_read_misses``, ``fast_read_miss_fallbacks``,
         ``fast_read_passed_trigger``, ``fast_read_passed_missing``,
-        ``forward_errors``, ``reply_errors``."""
+        ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
+        ``fast_flushes``."""
 
 
 class NullWire:
@@ -76,7 +77,7 @@ class NullWire:
         return dict(fast_reads=0, fast_read_bytes=0, forwarded_requests=0,
                     fast_read_misses=0, fast_read_miss_fallbacks=0,
                     fast_read_passed_trigger=0, fast_read_passed_missing=0,
-                    forward_errors=0, reply_errors=0)
+                    forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0)
 
 
 class NullKernel:

@@ -20,6 +20,7 @@ from .config import Config
 from .errors import UserError
 from ._notify import SessionKernel
 from .fuseops import ShimOperations
+from .names import XATTR_PREFIX
 from .tuning import tune
 from .vfs import Vfs
 
@@ -117,7 +118,7 @@ def _attach_wire(vfs: Vfs, config: Config, fd: int):
     """Put the compiled READ path (shimfs._wire) in front of pyfuse3, or None."""
     if not config.fast_reads:
         return None
-    return vfs.cache.attach_wire(fd)
+    return vfs.cache.attach_wire(fd, control_prefix=XATTR_PREFIX.encode())
 
 
 async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
