@@ -4,7 +4,7 @@ and at the end of the file, for known zeros, under a concurrent truncate
 and under eviction; everything else still reaches pyfuse3; ``-o
 fast_reads=0`` turns it off; unmounting ends both threads.  GETXATTRs of
 names outside the control prefix and FLUSHes of clean files are answered
-there too, with what Python would answer."""
+there too, with what Python would answer, and WRITEs that need no I/O."""
 from __future__ import annotations
 
 import errno
@@ -326,6 +326,86 @@ def test_a_small_file_read_whole_is_loaded_in_the_wire(wired):
     with open(big, "rb") as f:
         assert f.read() == bdata
     assert mount_stats(big)["fast_read_passed_missing"] > mid["fast_read_passed_missing"]
+
+
+def test_writes_of_cached_pages_are_taken_in_c(wired):
+    """WRITEs that need no I/O (pages cached, or covered whole; no growth)
+    are taken by the wire, exact to the byte at awkward offsets and sizes;
+    those that do need I/O or grow the file still reach Python; a stat
+    right after them shows their ctime (OpenFiles.take_written)."""
+    mnt, backing = wired
+    size = 3 * (1 << 20) + 1234
+    path, data = linked(mnt, backing, "w.bin", size)
+    model = bytearray(data)
+    with open(path, "rb") as f:
+        assert f.read() == data                 # every page cached
+    before = mount_stats(path)
+    st0 = os.stat(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        rng = random.Random(7)
+        for _ in range(200):
+            off = rng.randrange(size)
+            n = min(rng.choice([1, 7, PAGE - 1, PAGE, PAGE + 1, 3 * PAGE + 5, 1 << 20]),
+                    size - off)
+            chunk = rng.randbytes(n)
+            assert os.pwrite(fd, chunk, off) == n
+            model[off:off + n] = chunk
+        mid = mount_stats(path)
+        assert mid["fast_writes"] - before["fast_writes"] >= 200   # an unaligned MiB is two
+        assert mid["fast_write_bytes"] > before["fast_write_bytes"]
+        assert mid["write_requests"] - before["write_requests"] >= 200
+        assert os.stat(path).st_ctime_ns > st0.st_ctime_ns
+        assert os.pread(fd, size, 0) == bytes(model)
+        # growing the file: Python's write
+        assert os.pwrite(fd, b"tail", size) == 4
+        model += b"tail"
+        assert mount_stats(path)["fast_writes"] == mid["fast_writes"]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(os.path.join(backing, "w.bin"), "rb") as f:
+        assert f.read() == bytes(model)
+
+
+def test_a_write_into_an_uncached_page_goes_to_python(wired):
+    mnt, backing = wired
+    path, data = linked(mnt, backing, "u.bin", 8 * PAGE)
+    before = mount_stats(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"part", PAGE + 100)      # a part of a page never read
+        os.pwrite(fd, b"P" * PAGE, 4 * PAGE)    # a whole page: no old bytes needed
+        after = mount_stats(path)
+        assert after["fast_writes"] - before["fast_writes"] == 1
+        assert after["write_requests"] - before["write_requests"] == 2
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want = data[:PAGE + 100] + b"part" + data[PAGE + 104:4 * PAGE] + b"P" * PAGE + data[5 * PAGE:]
+    with open(os.path.join(backing, "u.bin"), "rb") as f:
+        assert f.read() == want
+
+
+def test_a_checkpoint_through_the_wire_is_exact(wired):
+    """A new file sized with ftruncate and filled through a mapping: the
+    fault-in READs are known zeros, the write-back WRITEs are taken in C."""
+    mnt, backing = wired
+    path = os.path.join(mnt, "ck.bin")
+    size = 4 * (1 << 20) + 3 * PAGE + 17
+    blob = random.Random(3).randbytes(size)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as m:
+            m[:] = blob
+            m.flush()
+    finally:
+        os.close(fd)
+    st = mount_stats(path)
+    assert st["fast_writes"] > 0 and st["bytes_fetched"] == 0
+    with open(os.path.join(backing, "ck.bin"), "rb") as f:
+        assert f.read() == blob
 
 
 def test_unmount_ends_the_daemon(tmp_path, backing):

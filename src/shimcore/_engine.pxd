@@ -5,7 +5,8 @@
 :meth:`PageCache.give_back` to hand cached pages to the kernel straight from
 the arena, with no Python in between; ``shimfs._wire`` answers READs with
 :meth:`PageCache.lend_whole` (cached pages), :meth:`PageCache.lend_loaded`
-(loading the missing ones) and :meth:`PageCache.give_back_read`.
+(loading the missing ones) and :meth:`PageCache.give_back_read`, and takes
+WRITEs that need no I/O with :meth:`PageCache.take_write`.
 Everything else here is the engine's own state and helpers, declared once: the C declarations it needs, its
 constants, its structs and the fields and C methods of :class:`PageCache`.
 The rules for the mutex are at the top of _engine.pyx.
@@ -230,3 +231,5 @@ cdef class PageCache:
                         int64_t *slot_of, iovec *iov, char *zeros) noexcept nogil
     cdef void give_back_read(self, FileRec *fr, int64_t *slot_of, iovec *iov,
                              int64_t n, bint hits) noexcept nogil
+    cdef int64_t take_write(self, FileRec *fr, int64_t fid, int64_t offset, const char *src,
+                            int64_t length) noexcept nogil

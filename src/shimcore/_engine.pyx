@@ -1271,79 +1271,85 @@ cdef class PageCache:
         mapped write faults each page in (a READ) before the kernel writes it
         back, so its WRITEs skip the hop to a worker thread, even when the
         page was evicted in between (spent pages go first, see _spend).
+        The same as :meth:`take_write`, which the compiled wire calls.
         """
         cdef FileRec *fr = self.record(fid)
         cdef Py_buffer view
-        cdef int64_t end, p0, p1, i, s, a, b, n, fresh = 0
-        cdef bint ok = True
-        cdef const char *src
-        cdef int64_t slot_of[MAX_RUN]
+        cdef int64_t n
         if offset < 0:
             raise ValueError("negative offset")
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            end = offset + view.len
-            if view.len == 0:
-                return None
-            src = <const char *>view.buf
-            p0 = offset >> PAGE_SHIFT
-            p1 = (end + PAGE - 1) >> PAGE_SHIFT
-            n = p1 - p0
-            if n > MAX_RUN:
-                return None         # larger than any FUSE WRITE: the long way
             with nogil:
-                pthread_mutex_lock(&self.mu)
-                # growing the file is left to write(): it may have to evict
-                ok = end <= fr.size and self._bitmap_fit(fr, p1 - 1) == 0
-                # pin the cached pages first, so that taking slots for the
-                # missing ones cannot evict them
-                for i in range(n):
-                    s = -1
-                    if ok:
-                        s = self._find(fid, p0 + i)
-                        if s >= 0:
-                            ok = self.slots[s].state == S_VALID
-                            if ok:
-                                self.slots[s].pins += 1
-                            else:
-                                s = -1
-                        else:
-                            # a page written whole needs no old bytes; multiwrite
-                            # needs them (its twin), so it goes the long way
-                            ok = not fr.multiwrite and (p0 + i) * PAGE >= offset \
-                                and (p0 + i + 1) * PAGE <= end
-                    slot_of[i] = s
-                for i in range(n):
-                    if ok and slot_of[i] < 0:
-                        s = self._alloc(fid, p0 + i)
-                        if s < 0:
-                            ok = False
-                        else:
-                            slot_of[i] = s
-                            fresh += 1
-                            fr.misses += 1
-                for i in range(n):
-                    s = slot_of[i]
-                    if s < 0:
-                        continue
-                    if ok:
-                        _clip(p0 + i, offset, end, &a, &b)
-                        memcpy(self.arena + s * PAGE + (a - (p0 + i) * PAGE), src + (a - offset), b - a)
-                        self.slots[s].state = S_VALID
-                        self.slots[s].ref = 1
-                        self._set_dirty(fr, s)
-                        self._unpin(s)
-                    elif self.slots[s].state == S_LOADING:
-                        self._discard(s)
-                    else:
-                        self._unpin(s)
-                if ok:
-                    fr.hits += n - fresh
-                    fr.bytes_written += end - offset
-                pthread_mutex_unlock(&self.mu)
-            return view.len if ok else None
+                n = self.take_write(fr, fid, offset, <const char *>view.buf, view.len)
+            return n if n >= 0 else None
         finally:
             PyBuffer_Release(&view)
+
+    cdef int64_t take_write(self, FileRec *fr, int64_t fid, int64_t offset, const char *src,
+                            int64_t length) noexcept nogil:
+        """:meth:`write_cached` in C: the bytes taken, or -1 (nothing written)."""
+        cdef int64_t end, p0, p1, i, s, a, b, n, fresh = 0
+        cdef bint ok = True
+        cdef int64_t slot_of[MAX_RUN]
+        end = offset + length
+        if length <= 0 or offset < 0:
+            return -1
+        p0 = offset >> PAGE_SHIFT
+        p1 = (end + PAGE - 1) >> PAGE_SHIFT
+        n = p1 - p0
+        if n > MAX_RUN:
+            return -1               # larger than any FUSE WRITE: the long way
+        pthread_mutex_lock(&self.mu)
+        # growing the file is left to write(): it may have to evict
+        ok = end <= fr.size and self._bitmap_fit(fr, p1 - 1) == 0
+        # pin the cached pages first, so that taking slots for the
+        # missing ones cannot evict them
+        for i in range(n):
+            s = -1
+            if ok:
+                s = self._find(fid, p0 + i)
+                if s >= 0:
+                    ok = self.slots[s].state == S_VALID
+                    if ok:
+                        self.slots[s].pins += 1
+                    else:
+                        s = -1
+                else:
+                    # a page written whole needs no old bytes; multiwrite
+                    # needs them (its twin), so it goes the long way
+                    ok = not fr.multiwrite and (p0 + i) * PAGE >= offset \
+                        and (p0 + i + 1) * PAGE <= end
+            slot_of[i] = s
+        for i in range(n):
+            if ok and slot_of[i] < 0:
+                s = self._alloc(fid, p0 + i)
+                if s < 0:
+                    ok = False
+                else:
+                    slot_of[i] = s
+                    fresh += 1
+                    fr.misses += 1
+        for i in range(n):
+            s = slot_of[i]
+            if s < 0:
+                continue
+            if ok:
+                _clip(p0 + i, offset, end, &a, &b)
+                memcpy(self.arena + s * PAGE + (a - (p0 + i) * PAGE), src + (a - offset), b - a)
+                self.slots[s].state = S_VALID
+                self.slots[s].ref = 1
+                self._set_dirty(fr, s)
+                self._unpin(s)
+            elif self.slots[s].state == S_LOADING:
+                self._discard(s)
+            else:
+                self._unpin(s)
+        if ok:
+            fr.hits += n - fresh
+            fr.bytes_written += end - offset
+        pthread_mutex_unlock(&self.mu)
+        return length if ok else -1
 
     cdef _write_piece(self, int64_t fid, int64_t offset, const char *src, int64_t length):
         cdef FileRec *fr = self.record(fid)

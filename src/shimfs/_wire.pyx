@@ -17,7 +17,12 @@
   (``PageCache.lend_whole``, _engine.pxd), written to the device with one
   ``writev`` and handed back.  No GIL, no Python, no copy.  A random miss
   is loaded by the same thread (``PageCache.lend_loaded``) and answered.
-  Every other request goes to pyfuse3 unchanged.
+  A WRITE of a handle registered for writes that needs no I/O is taken
+  into the cache (``PageCache.take_write``) and answered; the first such
+  WRITE since Python last looked is noted on the side pair (:meth:`take`).
+  A GETXATTR of a name outside the control prefix gets ENODATA, and a
+  FLUSH of a registered handle whose file has no dirty page gets success:
+  what Python would answer.  Every other request goes to pyfuse3 unchanged.
 * The *out* thread copies what pyfuse3 writes (replies) to the device.
 * Notifications do not take the pair: :class:`shimfs._notify.SessionKernel`
   writes them to ``kernel_fd`` itself, since they block until the kernel is
@@ -119,6 +124,19 @@ cdef struct FallocateIn:     # fuse_fallocate_in
     uint32_t mode
     uint32_t padding
 
+cdef struct WriteIn:         # fuse_write_in; the data follows
+    uint64_t fh
+    uint64_t offset
+    uint32_t size
+    uint32_t write_flags
+    uint64_t lock_owner
+    uint32_t flags
+    uint32_t padding
+
+cdef struct WriteOut:        # fuse_write_out
+    uint32_t size
+    uint32_t padding
+
 cdef struct GetxattrIn:      # fuse_getxattr_in; the name follows, NUL-terminated
     uint32_t size
     uint32_t padding
@@ -136,6 +154,8 @@ cdef struct OutHeader:       # fuse_out_header
 
 cdef enum:
     FUSE_READ = 15
+    FUSE_WRITE = 16
+    FUSE_WRITE_KILL_SUIDGID = 1 << 2
     FUSE_GETXATTR = 22
     FUSE_FLUSH = 25
     FUSE_FALLOCATE = 43
@@ -154,6 +174,9 @@ cdef enum:
     PREFIX_MAX = 32
     # A READ request: fuse_in_header and fuse_read_in (checked below).
     REQ_LEN = 80
+    # A note on the side pair that WRITEs of a handle were taken: a
+    # fuse_in_header (opcode FUSE_WRITE) and the handle.
+    NOTE_LEN = 48
 
 cdef struct Handle:
     uint64_t fh
@@ -162,6 +185,8 @@ cdef struct Handle:
     int64_t trigger
     int64_t last_end        # end of the last READ of this handle
     int own_misses          # no read-ahead policy: every miss is served here
+    int writes              # WRITEs that need no I/O are taken here
+    int wrote               # one was, since Python last took note (Wire.written)
     int busy                # misses of this handle being loaded and answered
     int state
 
@@ -285,7 +310,7 @@ cdef class Wire:
     # counters (read under the mutex)
     cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
     cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
-    cdef uint64_t fast_getxattrs, fast_flushes
+    cdef uint64_t fast_getxattrs, fast_flushes, fast_writes, fast_write_bytes
     cdef char prefix[PREFIX_MAX]    # control xattrs: GETXATTRs of other names get ENODATA here
     cdef int prefix_len             # 0: every GETXATTR goes to Python
     # requests by opcode (the last slot: any larger); this and the forward
@@ -316,7 +341,7 @@ cdef class Wire:
         ENODATA here, as Python would answer it."""
         cdef int sv[2]
         cdef int fds[2]
-        cdef int val = SOCKBUF, got = 0, i
+        cdef int val = SOCKBUF, got = 0, i, opt, force
         cdef socklen_t sl = sizeof(int)
         self.pc = engine
         self.cap = 64
@@ -415,10 +440,13 @@ cdef class Wire:
         free(old)
         return 0
 
-    def add(self, uint64_t fh, int64_t fid, bint own_misses=False):
+    def add(self, uint64_t fh, int64_t fid, bint own_misses=False, bint writes=False):
         """Answer READs of handle ``fh`` (a file of the engine) from the cache.
         ``own_misses``: the handle has no read-ahead policy, so its misses
-        are all served here; else a miss that continues a run goes to Python."""
+        are all served here; else a miss that continues a run goes to Python.
+        ``writes``: its WRITEs that need no I/O (``PageCache.take_write``)
+        are taken here too; the first after each :meth:`written` is also
+        reported on the side pair (:meth:`take`)."""
         cdef FileRec *fr = self.pc.record(fid)
         cdef int64_t i
         cdef int err = 0
@@ -442,24 +470,44 @@ cdef class Wire:
                 h.trigger = NO_TRIGGER
                 h.last_end = 0
                 h.own_misses = own_misses
+                h.writes = writes
+                h.wrote = 0
                 h.busy = 0
                 h.state = H_USED
             pthread_mutex_unlock(&self.mu)
         if err:
             raise MemoryError()
 
-    def remove(self, uint64_t fh):
-        """Forget handle ``fh``; once this returns no reply of it is being written."""
+    def remove(self, uint64_t fh) -> bool:
+        """Forget handle ``fh``; once this returns no reply of it is being
+        written.  True if a WRITE was taken here since the last
+        :meth:`written`."""
+        cdef bint wrote = False
         with nogil:
             pthread_mutex_lock(&self.mu)
             h = self._find(fh)
             if h != NULL:
                 while h.busy:
                     pthread_cond_wait(&self.idle, &self.mu)
+                wrote = h.wrote
                 h.state = H_GONE
                 h.fr = NULL
                 self.live -= 1
             pthread_mutex_unlock(&self.mu)
+        return wrote
+
+    def written(self, uint64_t fh) -> bool:
+        """Whether a WRITE of ``fh`` was taken here since the last call (or
+        since :meth:`add`); the next one is reported on the side pair again."""
+        cdef bint wrote = False
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            h = self._find(fh)
+            if h != NULL:
+                wrote = h.wrote
+                h.wrote = 0
+            pthread_mutex_unlock(&self.mu)
+        return wrote
 
     def clear(self):
         """Forget every handle: the session is ending, and the engine may
@@ -490,7 +538,7 @@ cdef class Wire:
         their trigger, misses that continue a run, and misses a worker could
         not serve (a full cache, a backing error: Python retries them);
         writes to the pair or the device that failed; GETXATTRs and FLUSHes
-        answered here."""
+        answered here; WRITEs taken here and their bytes."""
         with nogil:
             pthread_mutex_lock(&self.mu)
             r, b, f = self.fast_reads, self.fast_read_bytes, self.forwarded
@@ -498,30 +546,37 @@ cdef class Wire:
             pt, pm = self.pass_trigger, self.pass_missing
             fm, mf = self.fast_misses, self.miss_fallbacks
             fx, ff = self.fast_getxattrs, self.fast_flushes
+            fw, fwb = self.fast_writes, self.fast_write_bytes
             pthread_mutex_unlock(&self.mu)
         return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
                 "fast_read_passed_trigger": pt, "fast_read_passed_missing": pm,
                 "forward_errors": fe, "reply_errors": re,
-                "fast_getxattrs": fx, "fast_flushes": ff}
+                "fast_getxattrs": fx, "fast_flushes": ff,
+                "fast_writes": fw, "fast_write_bytes": fwb}
 
-    def take(self) -> list:
-        """The FALLOCATE requests waiting (pyfuse3 has no handler for them),
-        as (unique, fh, offset, length, mode, uid, gid, pid); answer each
-        with :meth:`reply_error`."""
+    def take(self) -> tuple:
+        """What waits on the side pair: the FALLOCATE requests (pyfuse3 has
+        no handler for them), as (unique, fh, offset, length, mode, uid,
+        gid, pid), each to be answered with :meth:`reply_error`; and the
+        handles whose WRITEs were taken here (see :meth:`written`)."""
         cdef char msg[256]
         cdef ssize_t n
         cdef InHeader *h = <InHeader *>msg
         cdef FallocateIn *f = <FallocateIn *>(msg + sizeof(InHeader))
-        out = []
+        cdef uint64_t *wfh = <uint64_t *>(msg + sizeof(InHeader))
+        out, wrote = [], []
         while True:
             n = recv(self.side_fd, msg, sizeof(msg), 0)
             if n < 0:
                 break
+            if h.opcode == FUSE_WRITE and n == NOTE_LEN:
+                wrote.append(wfh[0])
+                continue
             if n < <ssize_t>(sizeof(InHeader) + sizeof(FallocateIn)):
                 continue
             out.append((h.unique, f.fh, f.offset, f.length, f.mode, h.uid, h.gid, h.pid))
-        return out
+        return out, wrote
 
     def reply_error(self, uint64_t unique, int err):
         """Answer request ``unique`` with errno ``err`` (0: success, no data)."""
@@ -720,6 +775,69 @@ cdef class Wire:
         SHIM_COUNT(&self.fast_flushes)
         return True
 
+    cdef bint _answer_write(self, InHeader *h, ssize_t n) noexcept nogil:
+        """Take a WRITE of a handle registered for it into the cache when
+        that needs no I/O (every page it covers in part cached, no growth:
+        ``PageCache.take_write``) and answer it; False to pass it on.  The
+        first such WRITE since Python last looked is reported to it on the
+        side pair (mtime bookkeeping, background write-back), before the
+        reply."""
+        cdef WriteIn *r
+        cdef Handle *hd
+        cdef FileRec *fr
+        cdef int64_t fid, got
+        cdef bint note
+        cdef char msg[NOTE_LEN]
+        cdef InHeader *nh = <InHeader *>msg
+        cdef OutHeader out[2]           # the header and fuse_write_out, in one
+        cdef WriteOut *wo = <WriteOut *>(<char *>out + sizeof(OutHeader))
+        if n < <ssize_t>(sizeof(InHeader) + sizeof(WriteIn)) or \
+                sizeof(InHeader) + sizeof(uint64_t) != NOTE_LEN:
+            return False
+        r = <WriteIn *>(<char *>h + sizeof(InHeader))
+        if h.total_extlen != 0 or r.write_flags & FUSE_WRITE_KILL_SUIDGID or \
+                n != <ssize_t>(sizeof(InHeader) + sizeof(WriteIn) + r.size):
+            return False
+        pthread_mutex_lock(&self.mu)
+        hd = self._find(r.fh)
+        if hd == NULL or not hd.writes or self.stopping:
+            pthread_mutex_unlock(&self.mu)
+            return False
+        hd.busy += 1
+        self.inflight += 1
+        fr, fid = hd.fr, hd.fid
+        pthread_mutex_unlock(&self.mu)
+        got = self.pc.take_write(fr, fid, r.offset,
+                                 <const char *>r + sizeof(WriteIn), r.size)
+        pthread_mutex_lock(&self.mu)
+        hd = self._find(r.fh)
+        note = got >= 0 and not hd.wrote
+        if got >= 0:
+            hd.wrote = 1
+            self.fast_writes += 1
+            self.fast_write_bytes += got
+        hd.busy -= 1
+        self.inflight -= 1
+        pthread_cond_broadcast(&self.idle)
+        pthread_mutex_unlock(&self.mu)
+        if got < 0:
+            return False
+        if note:
+            memset(msg, 0, sizeof(msg))
+            nh.len = sizeof(msg)
+            nh.opcode = FUSE_WRITE
+            (<uint64_t *>(msg + sizeof(InHeader)))[0] = r.fh
+            send(self.side_w, msg, sizeof(msg), MSG_NOSIGNAL)
+        out[0].len = sizeof(OutHeader) + sizeof(WriteOut)
+        out[0].error = 0
+        out[0].unique = h.unique
+        wo.size = <uint32_t>got
+        wo.padding = 0
+        while write(self.kernel_fd, out, sizeof(OutHeader) + sizeof(WriteOut)) < 0 \
+                and errno == EINTR:
+            pass
+        return True
+
     cdef void _forward(self, const char *msg, ssize_t n) noexcept nogil:
         """Pass a request on to pyfuse3."""
         cdef ssize_t s
@@ -759,6 +877,8 @@ cdef class Wire:
                 continue
             SHIM_COUNT(&self.ops[h.opcode if h.opcode < 63 else 63])
             if h.opcode == FUSE_READ and self._answer(h, n):
+                continue
+            if h.opcode == FUSE_WRITE and self._answer_write(h, n):
                 continue
             if h.opcode == FUSE_GETXATTR and self._answer_getxattr(h, n):
                 continue

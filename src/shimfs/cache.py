@@ -243,6 +243,8 @@ class AsyncCache:
         c["read_requests"] += wire["fast_reads"]
         c["read_request_bytes"] += wire["fast_read_bytes"]
         c["reads_from_cache"] += wire["fast_reads"] - wire["fast_read_misses"]
+        c["write_requests"] += wire["fast_writes"]
+        c["writes_to_cache"] += wire["fast_writes"]
         return dict(self.engine.stats(), **c, **wire,
                     prefetch_errors=self.prefetch_failures,
                     prefetches_in_flight=self.prefetches_in_flight,

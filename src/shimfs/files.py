@@ -66,8 +66,26 @@ class OpenFiles:
         node.writers += writable
         g = node.grant
         if g is None or g.covers(False):
-            self.cache.wire.add(fh, node.fid, stream is None)
+            # WRITEs in C only off coherence: a coherent WRITE needs its grant
+            self.cache.wire.add(fh, node.fid, stream is None,
+                                writes=writable and node.writable and g is None)
         return fh
+
+    def written(self, fh: int) -> None:
+        """The compiled wire took WRITEs of ``fh`` (Wire.take): what
+        :meth:`write` does after each, done once for all of them."""
+        h = self.handles.get(fh)
+        if h is not None and self.cache.wire.written(fh):
+            h.node.wrote()
+            self.wb.note_written(h.node)
+
+    def take_written(self, node: File) -> None:
+        """:meth:`written` for every writable handle of ``node`` now,
+        before its note arrives: a GETATTR shows the ctime of every WRITE
+        answered before it."""
+        for h in self.handles.values():
+            if h.node is node and h.writable:
+                self.written(h.fh)
 
     async def join(self, node: File, write: bool) -> None:
         """On a coherent mount: enter ``node`` in the protocol, and hold the
@@ -149,7 +167,8 @@ class OpenFiles:
         h = self.handles.pop(fh, None)
         if h is None:
             return
-        self.cache.wire.remove(fh)
+        if self.cache.wire.remove(fh):
+            h.node.wrote()              # WRITEs the wire took that Python has not seen
         if h.stream is not None:
             h.stream.close()
         node = h.node

@@ -36,13 +36,18 @@ class Wire(Protocol):
     """The compiled reader in front of pyfuse3 (:class:`shimfs._wire.Wire`):
     it answers READs of registered handles whose pages the engine holds."""
 
-    def add(self, fh: int, fid: int, own_misses: bool = False) -> None:
+    def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False) -> None:
         """Answer READs of handle ``fh`` (of engine file ``fid``) from the
         cache, and its random misses with compiled workers (all its misses:
-        ``own_misses``, for a handle with no read-ahead policy)."""
+        ``own_misses``, for a handle with no read-ahead policy); with
+        ``writes``, take its WRITEs that need no I/O too."""
 
-    def remove(self, fh: int) -> None:
-        """Stop; once this returns, no reply of ``fh`` is being written."""
+    def remove(self, fh: int) -> bool:
+        """Stop; once this returns, no reply of ``fh`` is being written.
+        True if WRITEs were taken since the last :meth:`written`."""
+
+    def written(self, fh: int) -> bool:
+        """Whether WRITEs of ``fh`` were taken since the last call."""
 
     def set_trigger(self, fh: int, offset: int) -> None:
         """READs of ``fh`` ending past ``offset`` go to Python (negative: none)."""
@@ -55,17 +60,20 @@ class Wire(Protocol):
         ``fast_read_misses``, ``fast_read_miss_fallbacks``,
         ``fast_read_passed_trigger``, ``fast_read_passed_missing``,
         ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
-        ``fast_flushes``."""
+        ``fast_flushes``, ``fast_writes``, ``fast_write_bytes``."""
 
 
 class NullWire:
     """No compiled reader: every READ reaches Python."""
 
-    def add(self, fh: int, fid: int, own_misses: bool = False) -> None:
+    def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False) -> None:
         pass
 
-    def remove(self, fh: int) -> None:
-        pass
+    def remove(self, fh: int) -> bool:
+        return False
+
+    def written(self, fh: int) -> bool:
+        return False
 
     def set_trigger(self, fh: int, offset: int) -> None:
         pass
@@ -77,7 +85,8 @@ class NullWire:
         return dict(fast_reads=0, fast_read_bytes=0, forwarded_requests=0,
                     fast_read_misses=0, fast_read_miss_fallbacks=0,
                     fast_read_passed_trigger=0, fast_read_passed_missing=0,
-                    forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0)
+                    forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0,
+                    fast_writes=0, fast_write_bytes=0)
 
 
 class NullKernel:

@@ -145,7 +145,8 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
 
 async def _side_requests(wire, ops: ShimOperations, nursery) -> None:
     """Serve the requests pyfuse3 has no handler for (FALLOCATE), which the
-    compiled reader sets aside (Wire.take), each in a task of its own."""
+    compiled reader sets aside (Wire.take), each in a task of its own; and
+    take note of the handles whose WRITEs it took (OpenFiles.written)."""
     async def one(unique, fh, offset, length, mode) -> None:
         try:
             await ops.fallocate(fh, offset, length, mode)
@@ -158,7 +159,10 @@ async def _side_requests(wire, ops: ShimOperations, nursery) -> None:
             log.debug("fallocate reply: %s", exc)
     while True:
         await trio.lowlevel.wait_readable(wire.side_fd)
-        for unique, fh, offset, length, mode, _uid, _gid, _pid in wire.take():
+        fallocates, wrote = wire.take()
+        for fh in wrote:
+            ops.vfs.files.written(fh)
+        for unique, fh, offset, length, mode, _uid, _gid, _pid in fallocates:
             nursery.start_soon(one, unique, fh, offset, length, mode)
 
 

@@ -101,6 +101,9 @@ class Vfs:
             g = getattr(node, "grant", None)
             if g is not None and not g.covers(False):
                 await self.cluster.need(g, False)
+        node = self.namespace.inodes.get(ino)
+        if getattr(node, "writers", 0):
+            self.files.take_written(node)   # ctime of WRITEs the wire took
         return self.namespace.getattr(ino)
 
     async def _lookup_coherent(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> Attr:
