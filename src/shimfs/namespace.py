@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import time
+from typing import NamedTuple
 
 from .cache import AsyncCache
 from .config import Config
@@ -101,12 +102,10 @@ class Namespace:
             raise FsError(errno.ENAMETOOLONG)
 
     # -- adding and freeing ------------------------------------------------
-    def _add_file(self, parent: Dir, name: bytes, fd: int, path: str, shadow: bool,
-                  writable: bool) -> File:
-        st = os.fstat(fd)
-        fid = self.cache.register(fd, st.st_size, multiwrite=self.config.multiwrite)
-        node = File(next(self._ino), parent, name, st, fd, fid, path, shadow, writable,
-                    in_memory=self.cache.in_memory(fd))
+    def _add_file(self, parent: Dir, name: bytes, b: Opened, path: str, shadow: bool) -> File:
+        fid = self.cache.register(b.fd, b.st.st_size, multiwrite=self.config.multiwrite)
+        node = File(next(self._ino), parent, name, b.st, b.fd, fid, path, shadow, b.writable,
+                    in_memory=b.in_memory)
         self.inodes[node.ino] = node
         self.by_fid[fid] = node
         parent.children[name] = node
@@ -132,25 +131,25 @@ class Namespace:
         if node.opened:
             return
         try:
-            fd, writable = await self.creds.as_user(ctx, _open_backing, node.path)
+            b = await self.creds.as_user(ctx, _open_backing, node.path)
         except FileNotFoundError:
-            fd = None
+            b = None
         if node.opened:                     # another open won the race
-            if fd is not None:
-                os.close(fd)
+            if b is not None:
+                os.close(b.fd)
             return
-        st = os.fstat(fd) if fd is not None else None
-        if st is None or (st.st_dev, st.st_ino) != node.ident:
+        if b is None or (b.st.st_dev, b.st.st_ino) != node.ident:
             # Removed or replaced since it was found: take the name from it
             # (the open answers ESTALE, and the kernel looks the name up again).
-            if fd is not None:
-                os.close(fd)
+            if b is not None:
+                os.close(b.fd)
             if node.parent is not None:
                 await self.still_bound(node, ctx)
             raise FsError(errno.ESTALE, "backing file %s was removed or replaced" % node.path)
-        node.fd, node.writable = fd, writable
-        node.fid = self.cache.register(fd, st.st_size, multiwrite=self.config.multiwrite)
-        node.in_memory = self.cache.in_memory(fd)
+        st = b.st
+        node.fd, node.writable = b.fd, b.writable
+        node.fid = self.cache.register(b.fd, st.st_size, multiwrite=self.config.multiwrite)
+        node.in_memory = b.in_memory
         node.seen = (st.st_size, st.st_mtime_ns)
         node.fresh = True                   # just read from the backing file: see revalidate
         self.by_fid[node.fid] = node
@@ -227,14 +226,13 @@ class Namespace:
             return self._add_found(parent, name, st) if name not in parent.children \
                 else parent.children[name]
         try:
-            fd, writable = await self.creds.as_user(ctx, _open_backing, node.path)
+            b = await self.creds.as_user(ctx, _open_backing, node.path)
         except (OSError, FsError):
             return None                     # not the user's to see: the name is gone
         if name in parent.children:         # raced with another lookup
-            os.close(fd)
+            os.close(b.fd)
             return parent.children[name]
-        return self._add_file(parent, name, fd, node.path, shadow=node.shadow,
-                              writable=writable)
+        return self._add_file(parent, name, b, node.path, shadow=node.shadow)
 
     async def _follow(self, node: File, st: os.stat_result) -> None:
         """The backing file changed in place (another node wrote it): while
@@ -387,15 +385,15 @@ class Namespace:
         if name in parent.children:
             raise FsError(errno.EEXIST)
         path = await self.creds.check_target(_resolve_target(os.fsdecode(target), ctx), ctx)
-        fd, writable = await self.creds.as_user(ctx, _open_backing, path)
+        b = await self.creds.as_user(ctx, _open_backing, path)
         try:
             if name in parent.children:        # raced with another create
                 raise FsError(errno.EEXIST)
-            node = self._add_file(parent, name, fd, path, shadow=True, writable=writable)
+            node = self._add_file(parent, name, b, path, shadow=True)
         except BaseException:
-            os.close(fd)
+            os.close(b.fd)
             raise
-        log.debug("shadow %s -> %s (%s)", name, path, "rw" if writable else "ro")
+        log.debug("shadow %s -> %s (%s)", name, path, "rw" if b.writable else "ro")
         ino = next(self._ino)
         link = Attr(ino, stat.S_IFLNK | 0o777, 1, node.uid, node.gid, len(target),
                     node.atime_ns, node.mtime_ns, node.ctime_ns, timeout=0)
@@ -424,28 +422,29 @@ class Namespace:
 
         def work():
             try:
-                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     return None
-                return os.open(path, os.O_RDWR | os.O_CLOEXEC | (flags & os.O_TRUNC))
-        fd = await self.creds.as_user(ctx, work)
-        if fd is None:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (flags & os.O_TRUNC))
+            return _probe(fd, True)
+        b = await self.creds.as_user(ctx, work)
+        if b is None:
             # Another node made it first.  Show it, so that ls, stat and
             # O_EXCL agree that the name exists, and refuse.
             await self._adopt(parent, name, path, ctx)
             raise FsError(errno.EEXIST, "%s exists in the backing directory" % path)
         if name in parent.children:          # raced with another create
-            os.close(fd)
+            os.close(b.fd)
             node = parent.children[name]
             if flags & os.O_EXCL or isinstance(node, Dir):
                 raise FsError(errno.EEXIST)
             node.nlookup += 1
             return node, False
         try:
-            node = self._add_file(parent, name, fd, path, shadow=False, writable=True)
+            node = self._add_file(parent, name, b, path, shadow=False)
         except BaseException:
-            os.close(fd)
+            os.close(b.fd)
             raise
         node.nlookup += 1
         return node, True
@@ -454,13 +453,13 @@ class Namespace:
         """Add the backing file ``path``, which another node made, as ``name``
         (if it is a regular file the user can open)."""
         try:
-            fd, writable = await self.creds.as_user(ctx, _open_backing, path)
+            b = await self.creds.as_user(ctx, _open_backing, path)
         except (OSError, FsError):
             return
         if name in parent.children:
-            os.close(fd)
+            os.close(b.fd)
             return
-        self._add_file(parent, name, fd, path, shadow=False, writable=writable)
+        self._add_file(parent, name, b, path, shadow=False)
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
         parent = self.dir(parent_ino)
@@ -637,7 +636,26 @@ def _walk_files(d: Dir):
             yield child
 
 
-def _open_backing(path: str) -> tuple[int, bool]:
+class Opened(NamedTuple):
+    """A backing file just opened, with what the daemon needs to know of it,
+    all found in the worker thread that opened it (each is a round trip on
+    a network file system)."""
+    fd: int
+    writable: bool
+    st: os.stat_result
+    in_memory: bool         # tmpfs or ramfs (AsyncCache.in_memory)
+
+
+def _probe(fd: int, writable: bool) -> Opened:
+    """fstat and fstatfs of a backing file just opened (closed on error)."""
+    try:
+        return Opened(fd, writable, os.fstat(fd), AsyncCache.in_memory(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_backing(path: str) -> Opened:
     """Open a link target for a shadow: read/write if allowed, else read-only.
 
     O_NONBLOCK keeps a FIFO from blocking the open; anything but a regular
@@ -654,12 +672,12 @@ def _open_backing(path: str) -> tuple[int, bool]:
             raise
         fd = os.open(path, os.O_RDONLY | base)
         writable = False
+    b = _probe(fd, writable)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(b.st.st_mode):
             raise FsError(errno.EINVAL, "%s is not a regular file" % path)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
-    return fd, writable
+    return b
