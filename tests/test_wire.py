@@ -288,6 +288,9 @@ def test_clean_flushes_are_answered_and_dirty_ones_write_back(wired):
         with open(path, "rb") as f:
             assert f.read() == data
     assert mount_stats(path)["fast_flushes"] - before == 3
+    # another file, which no other handle has: a reader's RELEASE (which the
+    # kernel sends after close returns) writes back dirty pages too
+    path, data = linked(mnt, backing, "g.bin", 3 * PAGE + 5)
     fd = os.open(path, os.O_RDWR)
     try:
         os.pwrite(fd, b"new bytes", PAGE)
@@ -297,7 +300,7 @@ def test_clean_flushes_are_answered_and_dirty_ones_write_back(wired):
         os.close(fd)                                # FLUSH: write-back in Python
     assert mount_stats(path)["fast_flushes"] == before
     assert shimfs.stats(path)["file"]["dirty_bytes"] == 0
-    with open(os.path.join(backing, "f.bin"), "rb") as f:
+    with open(os.path.join(backing, "g.bin"), "rb") as f:
         assert f.read() == data[:PAGE] + b"new bytes" + data[PAGE + 9:]
     # a mapped write: the kernel writes the page back (a WRITE) before it flushes
     fd = os.open(path, os.O_RDWR)
@@ -306,7 +309,7 @@ def test_clean_flushes_are_answered_and_dirty_ones_write_back(wired):
             m[7:12] = b"MAPPD"
     finally:
         os.close(fd)
-    with open(os.path.join(backing, "f.bin"), "rb") as f:
+    with open(os.path.join(backing, "g.bin"), "rb") as f:
         assert f.read(12) == data[:7] + b"MAPPD"
 
 
