@@ -708,10 +708,8 @@ cdef class Wire:
             return False
         # A random miss: loaded here, without the mutex; the handle is busy
         # meanwhile, so it stays (Wire.remove waits).
-        hd.busy += 1
-        self.inflight += 1
         fr, fid = hd.fr, hd.fid
-        pthread_mutex_unlock(&self.mu)
+        self._hold(hd)
         k = self.pc.lend_loaded(fr, fid, off, r.size, slot_of, &iov[1], self.zeros)
         if k >= 0:
             err = self._reply(h.unique, iov, k, &total)
@@ -721,15 +719,27 @@ cdef class Wire:
             self.fast_misses += 1
         else:
             self.miss_fallbacks += 1
-        hd = self._find(r.fh)
-        hd.busy -= 1
-        self.inflight -= 1
-        pthread_cond_broadcast(&self.idle)
+        self._unhold(r.fh)
         pthread_mutex_unlock(&self.mu)
         if k < 0:
             return False                # Python reads it, and reports errors
         self.pc.give_back_read(fr, slot_of, &iov[1], k, False)
         return True
+
+    cdef void _hold(self, Handle *hd) noexcept nogil:
+        """Mark ``hd`` busy and let the mutex go (held on entry): its file
+        record stays while the caller works without the mutex."""
+        hd.busy += 1
+        self.inflight += 1
+        pthread_mutex_unlock(&self.mu)
+
+    cdef Handle *_unhold(self, uint64_t fh) noexcept nogil:
+        """The end of :meth:`_hold` (the mutex held again); the handle."""
+        cdef Handle *hd = self._find(fh)
+        hd.busy -= 1
+        self.inflight -= 1
+        pthread_cond_broadcast(&self.idle)
+        return hd
 
     cdef void _status(self, uint64_t unique, int err) noexcept nogil:
         """Answer request ``unique`` with no data: errno ``err``, or 0."""
@@ -803,22 +813,17 @@ cdef class Wire:
         if hd == NULL or not hd.writes or self.stopping:
             pthread_mutex_unlock(&self.mu)
             return False
-        hd.busy += 1
-        self.inflight += 1
         fr, fid = hd.fr, hd.fid
-        pthread_mutex_unlock(&self.mu)
+        self._hold(hd)
         got = self.pc.take_write(fr, fid, r.offset,
                                  <const char *>r + sizeof(WriteIn), r.size)
         pthread_mutex_lock(&self.mu)
-        hd = self._find(r.fh)
+        hd = self._unhold(r.fh)
         note = got >= 0 and not hd.wrote
         if got >= 0:
             hd.wrote = 1
             self.fast_writes += 1
             self.fast_write_bytes += got
-        hd.busy -= 1
-        self.inflight -= 1
-        pthread_cond_broadcast(&self.idle)
         pthread_mutex_unlock(&self.mu)
         if got < 0:
             return False
