@@ -580,15 +580,11 @@ cdef class Wire:
 
     def reply_error(self, uint64_t unique, int err):
         """Answer request ``unique`` with errno ``err`` (0: success, no data)."""
-        cdef OutHeader out
-        cdef ssize_t w
-        out.len = sizeof(OutHeader)
-        out.error = -err
-        out.unique = unique
+        cdef int e
         with nogil:
-            w = write(self.kernel_fd, &out, sizeof(OutHeader))
-        if w < 0 and errno != ENOENT:
-            raise OSError(errno, os.strerror(errno))
+            e = self._status(unique, err)
+        if e and e != ENOENT:
+            raise OSError(e, os.strerror(e))
 
     def opcodes(self) -> dict:
         """Requests the kernel sent, by FUSE opcode (63: 63 and above)."""
@@ -627,16 +623,18 @@ cdef class Wire:
 
     # -- the threads ------------------------------------------------------------
 
-    cdef int _reply(self, uint64_t unique, iovec *iov, int64_t k, int64_t *total) noexcept nogil:
-        """writev a READ reply whose data is ``iov[1..k]`` (``total`` gets its
-        bytes); 0 or an errno."""
+    cdef int _reply(self, uint64_t unique, int err, iovec *iov, int64_t k,
+                    int64_t *total) noexcept nogil:
+        """writev a reply with errno ``err`` (0: success) whose data is
+        ``iov[1..k]`` (``total`` gets its bytes); 0 or the write's errno
+        (ENOENT: the request was interrupted and is gone)."""
         cdef OutHeader out
         cdef int64_t i
         total[0] = 0
         for i in range(k):
             total[0] += iov[i + 1].iov_len
         out.len = sizeof(OutHeader) + total[0]
-        out.error = 0
+        out.error = -err
         out.unique = unique
         iov[0].iov_base = &out
         iov[0].iov_len = sizeof(OutHeader)
@@ -692,7 +690,7 @@ cdef class Wire:
             return False
         k = self.pc.lend_whole(hd.fr, hd.fid, off, r.size, slot_of, &iov[1], self.zeros)
         if k >= 0:
-            err = self._reply(h.unique, iov, k, &total)
+            err = self._reply(h.unique, 0, iov, k, &total)
             self._sent(k, iov, slot_of, err, total)
             self.pc.give_back_read(hd.fr, slot_of, &iov[1], k, True)
             pthread_mutex_unlock(&self.mu)
@@ -712,7 +710,7 @@ cdef class Wire:
         self._hold(hd)
         k = self.pc.lend_loaded(fr, fid, off, r.size, slot_of, &iov[1], self.zeros)
         if k >= 0:
-            err = self._reply(h.unique, iov, k, &total)
+            err = self._reply(h.unique, 0, iov, k, &total)
         pthread_mutex_lock(&self.mu)
         if k >= 0:
             self._sent(k, iov, slot_of, err, total)
@@ -741,14 +739,12 @@ cdef class Wire:
         pthread_cond_broadcast(&self.idle)
         return hd
 
-    cdef void _status(self, uint64_t unique, int err) noexcept nogil:
-        """Answer request ``unique`` with no data: errno ``err``, or 0."""
-        cdef OutHeader out
-        out.len = sizeof(OutHeader)
-        out.error = -err
-        out.unique = unique
-        while write(self.kernel_fd, &out, sizeof(OutHeader)) < 0 and errno == EINTR:
-            pass
+    cdef int _status(self, uint64_t unique, int err) noexcept nogil:
+        """Answer request ``unique`` with no data: errno ``err``, or 0
+        (:meth:`_reply`'s result)."""
+        cdef iovec iov[1]
+        cdef int64_t total
+        return self._reply(unique, err, iov, 0, &total)
 
     cdef bint _answer_getxattr(self, InHeader *h, ssize_t n) noexcept nogil:
         """ENODATA for an xattr that is not a control one (``ls -l`` asks
@@ -799,8 +795,9 @@ cdef class Wire:
         cdef bint note
         cdef char msg[NOTE_LEN]
         cdef InHeader *nh = <InHeader *>msg
-        cdef OutHeader out[2]           # the header and fuse_write_out, in one
-        cdef WriteOut *wo = <WriteOut *>(<char *>out + sizeof(OutHeader))
+        cdef WriteOut wo
+        cdef iovec iov[2]
+        cdef int64_t total
         if n < <ssize_t>(sizeof(InHeader) + sizeof(WriteIn)) or \
                 sizeof(InHeader) + sizeof(uint64_t) != NOTE_LEN:
             return False
@@ -833,14 +830,11 @@ cdef class Wire:
             nh.opcode = FUSE_WRITE
             (<uint64_t *>(msg + sizeof(InHeader)))[0] = r.fh
             send(self.side_w, msg, sizeof(msg), MSG_NOSIGNAL)
-        out[0].len = sizeof(OutHeader) + sizeof(WriteOut)
-        out[0].error = 0
-        out[0].unique = h.unique
         wo.size = <uint32_t>got
         wo.padding = 0
-        while write(self.kernel_fd, out, sizeof(OutHeader) + sizeof(WriteOut)) < 0 \
-                and errno == EINTR:
-            pass
+        iov[1].iov_base = &wo
+        iov[1].iov_len = sizeof(WriteOut)
+        self._reply(h.unique, 0, iov, 1, &total)
         return True
 
     cdef void _forward(self, const char *msg, ssize_t n) noexcept nogil:

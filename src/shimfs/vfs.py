@@ -96,12 +96,11 @@ class Vfs:
     async def stat(self, ino: int) -> Attr:
         """GETATTR.  A coherent file's size and times are those of the
         latest write on any node: they are answered under its grant."""
+        node = self.namespace.inodes.get(ino)
         if self.cluster is not None:
-            node = self.namespace.inodes.get(ino)
             g = getattr(node, "grant", None)
             if g is not None and not g.covers(False):
                 await self.cluster.need(g, False)
-        node = self.namespace.inodes.get(ino)
         if getattr(node, "writers", 0):
             self.files.take_written(node)   # ctime of WRITEs the wire took
         return self.namespace.getattr(ino)
