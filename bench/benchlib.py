@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import mmap
 import os
 import statistics
@@ -67,8 +68,27 @@ def page_reporting_state() -> str:
     except OSError:
         return "free page reporting: not in this kernel"
     if order == _NO_REPORTING_ORDER:
-        return "free page reporting: stopped for the run"
-    return "free page reporting: on (blocks of order %s)" % order
+        state = "free page reporting: stopped for the run"
+    else:
+        state = "free page reporting: on (blocks of order %s)" % order
+    return state + "; " + damon_state()
+
+
+def damon_state() -> str:
+    """Whether a DAMON page-out scheme runs (scripts/run-env.sh pauses it)."""
+    running = []
+    for state in glob.glob("/sys/kernel/mm/damon/admin/kdamonds/*/state"):
+        kdamond = os.path.dirname(state)
+        with open(state) as f:
+            if f.read().strip() != "on":
+                continue
+        for action in glob.glob(os.path.join(kdamond, "contexts/*/schemes/*/action")):
+            with open(action) as f:
+                if f.read().strip() == "pageout":
+                    running.append(os.path.basename(kdamond))
+    if running:
+        return "DAMON page-out: running (kdamond %s)" % ", ".join(sorted(set(running)))
+    return "DAMON page-out: not running"
 
 
 @contextlib.contextmanager

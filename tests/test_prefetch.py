@@ -55,10 +55,10 @@ def test_a_prefetched_file_is_touched_without_a_read(pre, how):
     assert st["prefetch_call_pushed_bytes"] == len(data)
     before = reads(path)
     assert touch_all(path) == data
-    # Every page was in the kernel's cache.  Not quite always: during the
-    # full suite the kernel once dropped a few pushed pages before the touch
-    # (3 READs, where a touch without the prefetch takes 40 or more, one per
-    # MiB at least), so a handful is allowed.
+    # Every page was in the kernel's cache.  The kernel may still reclaim a
+    # few pushed pages before the touch (DAMON page-out did, 3 and 11 READs,
+    # until scripts/run-env.sh paused it; a touch without the prefetch takes
+    # 40 or more, one per MiB at least), so a handful is allowed.
     assert reads(path) - before <= 4
 
 
