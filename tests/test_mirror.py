@@ -82,3 +82,30 @@ def test_numpy_memmap_maps_an_existing_array(tmp_path, data_dir):
         del a
     b = np.load(path)
     assert float(b[5000]) == -1.0 and float(b[5001]) == 5001.0
+
+
+def test_a_large_directory_lists_whole_across_replies(tmp_path, data_dir):
+    """A listing longer than one READDIRPLUS reply (names.READDIR_ENTRIES)
+    comes back whole, each name once, with each file's own size, as a
+    reader that stats as it goes (ls -l) sees it; a shadow beside the
+    backing files is listed once too."""
+    big = os.path.join(data_dir, "big")
+    os.makedirs(big)
+    want = {}
+    for i in range(1000):
+        name = "f%04d" % i
+        with open(os.path.join(big, name), "wb") as f:
+            f.write(b"x" * (i % 97))
+        want[name] = i % 97
+    other = tmp_path / "elsewhere.bin"
+    other.write_bytes(b"shadowed")
+    with shim_mount(str(tmp_path / "mnt"), data_dir, "mirror") as m:
+        os.symlink(str(other), os.path.join(m, "big", "zz-shadow"))
+        want["zz-shadow"] = 8
+        seen = []
+        with os.scandir(os.path.join(m, "big")) as it:
+            for entry in it:
+                seen.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+        assert sorted(n for n, _ in seen) == sorted(want)        # each name once
+        assert dict(seen) == want
+        assert read_file(os.path.join(m, "big", "f0996")) == b"x" * (996 % 97)

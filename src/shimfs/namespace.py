@@ -29,7 +29,7 @@ from .cache import AsyncCache
 from .config import Config
 from .credentials import Credentials
 from .errors import FsError
-from .names import ROOT_INODE
+from .names import READDIR_ENTRIES, ROOT_INODE
 from .nodes import Attr, Ctx, Dir, DirHandle, File, Node
 
 log = logging.getLogger(__name__)
@@ -327,9 +327,10 @@ class Namespace:
 
     async def readdir(self, fh: int, start: int):
         """Entries after index ``start``, as an iterator of (name, attr, next
-        index): the adapter stops at a full reply buffer, and attributes are
-        made only for the entries it sends (a reply holds ~100 entries; making
-        them all for every reply made ``ls`` of 10,000 files quadratic).
+        index), at most ``READDIR_ENTRIES`` of them (names.py says why).  The
+        adapter stops at a full reply buffer too, and attributes are made
+        only for the entries it sends (making them all for every reply made
+        ``ls`` of 10,000 files quadratic).
 
         The listing is taken when reading starts (``start`` 0) and kept in
         the handle, so its later pages do not shift.  With ``-o mirror`` it
@@ -361,7 +362,7 @@ class Namespace:
         return self._entries(h.entries, start)
 
     def _entries(self, entries, start: int):
-        for i in range(start, len(entries)):
+        for i in range(start, min(len(entries), start + READDIR_ENTRIES)):
             name, child = entries[i]
             yield name, self.attr(child), i + 1
 
