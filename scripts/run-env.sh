@@ -11,13 +11,16 @@
 #   kernel's cache and not yet touched look cold, so tests and benchmarks that
 #   count the READs after a prefetch or a push saw a few, or dozens.  Such a
 #   kdamond is stopped for the run and started again, with the same settings,
-#   at exit.  SHIMFS_DAMON=keep leaves it running.
+#   at exit.  SHIMFS_DAMON=keep leaves it running.  SHIMFS_DAMON_STATE says
+#   which way it went (bench/results.md prints it).
 run_tmp=$(mktemp -d "/tmp/shimfs-$1.XXXXXX")
 chmod 755 "$run_tmp"          # the tests' unprivileged users reach their dirs in it
 export TMPDIR="$run_tmp"
 damon_paused=()
+export SHIMFS_DAMON_STATE   # what pause_damon did, for the bench's header
 
 pause_damon() {
+  SHIMFS_DAMON_STATE="left as it was (SHIMFS_DAMON=keep)"
   [ "${SHIMFS_DAMON:-pause}" = keep ] && return 0
   local k
   for k in /sys/kernel/mm/damon/admin/kdamonds/*/; do
@@ -28,6 +31,11 @@ pause_damon() {
       echo "run-env: DAMON page-out paused for the run (${k%/})"
     fi
   done
+  if [ ${#damon_paused[@]} -gt 0 ]; then
+    SHIMFS_DAMON_STATE="paused for the run"
+  else
+    SHIMFS_DAMON_STATE="none running"
+  fi
 }
 
 resume_damon() {
