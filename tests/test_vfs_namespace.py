@@ -18,7 +18,7 @@ import trio
 from shimfs.config import Config
 from shimfs.control import parse_range
 from shimfs.errors import FsError, fs_error
-from shimfs.names import (ROOT_INODE, XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFIX,
+from shimfs.names import (READDIR_ENTRIES, ROOT_INODE, XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PID, XATTR_PREFIX,
                           XATTR_REFRESH, XATTR_STATS, XATTR_SYNC)
 from shimfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE
 from shimfs.nodes import Ctx
@@ -73,8 +73,9 @@ async def made(fs, name: bytes, data: bytes):
 
 
 async def listdir(fs, ino) -> list[bytes]:
-    """The names readdir shows in directory ``ino``, in its order."""
-    return list(await listing(fs, ino))
+    """The names readdir shows in directory ``ino``, sorted (with ``-o
+    mirror`` readdir gives them in the backing directory's order)."""
+    return sorted(await listing(fs, ino))
 
 
 async def make(fs, parent, name, data=b""):
@@ -497,6 +498,45 @@ def test_mirror_shows_the_backing_tree_lazily(mirror, tmp_path):
         assert await fails(fs.lookup(ROOT_INODE, b"missing")) == errno.ENOENT
     run(go)
     assert (tmp_path / "b" / "sub" / "deeper" / "leaf").read_bytes() == b"leaf grown"
+
+
+def test_mirror_lists_in_chunks_while_the_reader_goes_and_shows_each_name_once(tmp_path):
+    """With the mount's nursery the backing directory is read in the
+    background; names made in the mount during the listing appear once,
+    whether the backing listing saw them or not, and a listing left
+    half-read stops."""
+    b = tmp_path / "b"
+    b.mkdir()
+    names = [b"f%04d" % i for i in range(1000)]
+    for name in names:
+        (b / os.fsdecode(name)).write_bytes(b"")
+    fs = Vfs(Config(backing=str(b), cache_size=16 << 20, mirror=True))
+
+    async def go():
+        async with trio.open_nursery() as n:
+            fs.cache.nursery = n
+            dh = fs.opendir(ROOT_INODE)
+            batch = list(await fs.readdir(dh, 0))
+            assert len(batch) == READDIR_ENTRIES
+            await make(fs, ROOT_INODE, b"f0000x")        # before and after the reader's place
+            await make(fs, ROOT_INODE, b"zzz")
+            os.unlink(b / "f0999")                       # the listing may have seen it or not
+            shown = []
+            while batch:
+                shown += [name for name, _, _ in batch]
+                batch = list(await fs.readdir(dh, batch[-1][2]))
+            fs.releasedir(dh)
+            assert len(shown) == len(set(shown))
+            assert set(shown) - {b"f0999"} == set(names[:-1]) | {b"f0000x", b"zzz"}
+            assert await fails(fs.lookup(ROOT_INODE, b"f0999")) == errno.ENOENT
+
+            dh = fs.opendir(ROOT_INODE)
+            await fs.readdir(dh, 0)
+            left = fs.namespace.dirhandles[dh].listing
+            fs.releasedir(dh)
+            assert left is None or left.closed
+            fs.cache.nursery = None
+    run(go)
 
 
 def test_mirror_follows_what_other_nodes_do(mirror, tmp_path):

@@ -18,6 +18,7 @@ before it changes them (docs/design.md, "Namespace").
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -29,6 +30,7 @@ from .cache import AsyncCache
 from .config import Config
 from .credentials import Credentials
 from .errors import FsError
+from .listing import Listing
 from .names import READDIR_ENTRIES, ROOT_INODE
 from .nodes import Attr, Ctx, Dir, DirHandle, File, Node
 
@@ -323,7 +325,9 @@ class Namespace:
         return fh
 
     def releasedir(self, fh: int) -> None:
-        self.dirhandles.pop(fh, None)
+        h = self.dirhandles.pop(fh, None)
+        if h is not None and h.listing is not None:
+            h.listing.close()
 
     async def readdir(self, fh: int, start: int):
         """Entries after index ``start``, as an iterator of (name, attr, next
@@ -334,32 +338,69 @@ class Namespace:
 
         The listing is taken when reading starts (``start`` 0) and kept in
         the handle, so its later pages do not shift.  With ``-o mirror`` it
-        is the backing directory's, listed as the user, merged with the
-        names the namespace holds (shadows)."""
+        is the backing directory's, read as the user in backing order while
+        the reader goes through the first replies (listing.py), and then the
+        names the namespace holds that the backing directory did not show
+        (shadows, files made since)."""
         h = self.dirhandles.get(fh)
         if h is None:
             raise FsError(errno.EBADF)
         node = h.node
         if h.entries is None or start == 0:
+            if h.listing is not None:
+                h.listing.close()
+                h.listing = None
             if self.config.mirror and (node.parent is not None or node is self.root):
-                found = await self.creds.as_user(h.ctx, _scan, node.backing_path())
-                present = {}
-                for name, st in found:
-                    present[name] = st
-                    if name not in node.children and self._name_ok(name):
-                        self._add_found(node, name, st)
-                for name, child in list(node.children.items()):
-                    if not isinstance(child, File) or child.shadow:
-                        continue        # shadows point elsewhere and stay
-                    st = present.get(name)
-                    if st is not None and (st.st_dev, st.st_ino) == child.ident:
-                        await self._follow(child, st)       # written in place elsewhere
-                    else:
-                        # gone from the backing directory, or another file
-                        # there now: checked (rebound or taken) as on lookup
-                        await self.still_bound(child, h.ctx)
-            h.entries = sorted(node.children.items())
+                h.entries, h.seen = [], set()
+                h.listing = Listing(node.backing_path())
+                await h.listing.start(functools.partial(self.creds.as_user, h.ctx),
+                                      self.cache.nursery)
+            else:
+                h.entries = sorted(node.children.items())
+        while h.listing is not None and len(h.entries) < start + READDIR_ENTRIES:
+            found = await h.listing.next()
+            if found is None:
+                h.listing = None
+                await self._listed_rest(h)
+            else:
+                await self._listed(h, found)
         return self._entries(h.entries, start)
+
+    async def _listed(self, h: DirHandle, found) -> None:
+        """Entries that the backing directory listing gave: new names join
+        the namespace; a file the namespace holds is followed if it is the
+        same file, else checked (rebound or taken) as on lookup."""
+        node = h.node
+        for name, st in found:
+            if name in h.seen or not self._name_ok(name):
+                continue
+            h.seen.add(name)
+            child = node.children.get(name)
+            if child is None:
+                child = self._add_found(node, name, st)
+            elif isinstance(child, File) and not child.shadow:     # shadows point elsewhere
+                if (st.st_dev, st.st_ino) == child.ident:
+                    await self._follow(child, st)       # written in place elsewhere
+                else:
+                    child = await self.still_bound(child, h.ctx)
+            if child is not None:
+                h.entries.append((name, child))
+
+    async def _listed_rest(self, h: DirHandle) -> None:
+        """After the backing listing: the names it did not show.  Shadows
+        stay; a file is kept only if its backing path still leads to it (it
+        was made after the listing passed its name), else it is gone."""
+        rest = []
+        for name, child in list(h.node.children.items()):
+            if name in h.seen:
+                continue
+            if isinstance(child, File) and not child.shadow:
+                child = await self.still_bound(child, h.ctx)
+                if child is None:
+                    continue
+            rest.append((name, child))
+        rest.sort(key=lambda e: e[0])
+        h.entries.extend(rest)
 
     def _entries(self, entries, start: int):
         for i in range(start, min(len(entries), start + READDIR_ENTRIES)):
@@ -612,21 +653,6 @@ def _lstat_or_none(path: str) -> os.stat_result | None:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-
-
-def _scan(path: str) -> list[tuple[bytes, os.stat_result]]:
-    """The regular files and directories in backing directory ``path``
-    (symlinks, devices and FIFOs are not shown)."""
-    out = []
-    with os.scandir(os.fsencode(path)) as it:
-        for entry in it:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-                out.append((entry.name, st))
-    return out
 
 
 def _walk_files(d: Dir):

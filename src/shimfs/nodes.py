@@ -147,14 +147,18 @@ class File(Node):
 
 
 class DirHandle:
-    """One opendir: whose it is, and (``-o mirror``) the listing taken when
-    reading starts, so that later pages of one readdir do not shift."""
-    __slots__ = ("node", "ctx", "entries")
+    """One opendir: whose it is, and the entries it has shown or will show
+    (taken when reading starts, so that later pages do not shift).  With
+    ``-o mirror`` they grow as the backing directory is read (``listing``,
+    a listing.Listing; ``seen``, the names it gave so far)."""
+    __slots__ = ("node", "ctx", "entries", "listing", "seen")
 
     def __init__(self, node, ctx):
         self.node = node
         self.ctx = ctx
         self.entries = None
+        self.listing = None
+        self.seen = None
 
 
 class Handle:
