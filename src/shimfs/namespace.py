@@ -676,7 +676,8 @@ class Opened(NamedTuple):
 def _probe(fd: int, writable: bool) -> Opened:
     """fstat and fstatfs of a backing file just opened (closed on error)."""
     try:
-        return Opened(fd, writable, os.fstat(fd), AsyncCache.in_memory(fd))
+        st = os.fstat(fd)
+        return Opened(fd, writable, st, AsyncCache.in_memory(fd, st.st_dev))
     except BaseException:
         os.close(fd)
         raise
