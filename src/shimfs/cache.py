@@ -196,18 +196,14 @@ class AsyncCache:
         self.gates.pop(fid, None)
 
     @staticmethod
-    def in_memory(fd: int, dev: int | None = None) -> bool:
-        """Whether backing file ``fd`` lives in memory (tmpfs, ramfs).  Given
-        the file's ``st_dev``, the answer is kept per device: an fstatfs is
-        a round trip to the server on a network file system (~260 us over
-        the stand-in, a tenth of opening a small file through -o mirror)."""
-        if dev is not None:
-            known = _IN_MEMORY.get(dev)
-            if known is not None:
-                return known
-        known = shimcore.fs_magic(fd) in shimcore.MEMORY_FS_MAGIC
-        if dev is not None:
-            _IN_MEMORY[dev] = known
+    def in_memory(fd: int, dev: int) -> bool:
+        """Whether backing file ``fd``, on device ``dev`` (its ``st_dev``),
+        lives in memory (tmpfs, ramfs).  Kept per device: an fstatfs is a
+        round trip to the server on a network file system (~260 us over the
+        stand-in, a tenth of opening a small file through -o mirror)."""
+        known = _IN_MEMORY.get(dev)
+        if known is None:
+            known = _IN_MEMORY[dev] = shimcore.fs_magic(fd) in shimcore.MEMORY_FS_MAGIC
         return known
 
     def size(self, fid: int) -> int:

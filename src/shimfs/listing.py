@@ -8,10 +8,11 @@ arrives.  A listing taken whole before the first READDIRPLUS reply makes
 the reader wait for all of it first.
 
 So one worker thread (with the user's credentials, as every backing access)
-reads the directory from start to end, handing over ``CHUNK`` entries at a
-time; the trio thread takes what has arrived when a reply needs more.  The
-names keep the backing order, so the offsets given to the kernel only ever
-grow into entries that are already known.
+reads the directory from start to end, handing over one reply's worth
+of entries at a time (``names.READDIR_ENTRIES``); the trio thread takes
+what has arrived when a reply needs more.  The names keep the backing
+order, so the offsets given to the kernel only ever grow into entries
+that are already known.
 
 Threads: the producer touches only the scandir iterator, its own list and
 ``closed``; it hands chunks over under ``_lock`` and wakes the trio thread
@@ -25,9 +26,7 @@ import threading
 
 import trio
 
-#: Entries per hand-over from the scanning thread (one READDIRPLUS reply's
-#: worth, names.READDIR_ENTRIES).
-CHUNK = 256
+from .names import READDIR_ENTRIES
 
 
 class Listing:
@@ -79,7 +78,7 @@ class Listing:
                     continue
                 if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                     chunk.append((entry.name, st))
-                    if len(chunk) >= CHUNK:
+                    if len(chunk) >= READDIR_ENTRIES:
                         self._hand_over(chunk)
                         chunk = []
         if chunk:
