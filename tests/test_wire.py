@@ -420,3 +420,126 @@ def test_unmount_ends_the_daemon(tmp_path, backing):
         pid = daemon_pid(m)
         shimfs_cmd("umount", m)
         assert wait_gone(pid, 20.0)
+
+
+# -- sparse faults: the kernel's read-around of random faults is refused ------
+
+BIG = 256 << 20             # 64 read-around windows of 4 MiB
+
+
+def touch_pages(path: str, pages: list[int], data: bytes, write: bool = False) -> None:
+    """Fault each page of a mapping of ``path`` in (and with ``write``
+    change its first byte, then msync), checking whole pages."""
+    fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    try:
+        access = mmap.ACCESS_WRITE if write else mmap.ACCESS_READ
+        with mmap.mmap(fd, 0, access=access) as mp:
+            for p in pages:
+                off = p * PAGE
+                assert mp[off:off + PAGE] == data[off:off + PAGE], "page %d" % p
+                if write:
+                    mp[off] = data[off] ^ 0xFF
+            if write:
+                mp.flush()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_random_faults_fetch_only_the_touched_pages(tmp_path, data_dir, sparse):
+    """Defaults: a random page fault of a mapping costs the backing file the
+    page, not the kernel's 4 MiB read-around; ``sparse_faults=0`` restores
+    the read-around (and its fetches).  Bytes exact either way."""
+    path_b = os.path.join(data_dir, "sparse.bin")
+    data = make_file(path_b, BIG)
+    opts = () if sparse else ("sparse_faults=0",)
+    with shim_mount(str(tmp_path / "mnt"), data_dir, *opts) as m:
+        os.symlink(path_b, os.path.join(m, "s"))
+        path = os.path.join(m, "s")
+        pages = random.Random(3).sample(range(BIG // PAGE), 150)
+        touch_pages(path, pages, data)
+        st = mount_stats(path)
+    touched = len(pages) * PAGE
+    if sparse:
+        assert st["read_arounds_refused"] >= len(pages)
+        assert st["reader_handles"] == 0
+        assert st["bytes_fetched"] <= 4 * touched
+    else:
+        assert st["read_arounds_refused"] == 0
+        assert st["bytes_fetched"] >= 32 * touched
+
+
+@pytest.mark.parametrize("size", [8 << 10, 64 << 10, 1 << 20, 4 << 20])
+def test_random_read_calls_are_served_as_asked(tmp_path, data_dir, size):
+    """read(2) at random offsets is not a page fault: its first READ may be
+    refused, the handle is then known as a reader, and from then on every
+    READ is served whole.  Bytes exact, nothing fetched twice over."""
+    path_b = os.path.join(data_dir, "reads.bin")
+    data = make_file(path_b, BIG)
+    with shim_mount(str(tmp_path / "mnt"), data_dir) as m:
+        os.symlink(path_b, os.path.join(m, "r"))
+        path = os.path.join(m, "r")
+        rnd = random.Random(size)
+        offs = [rnd.randrange((BIG - size) // PAGE) * PAGE + rnd.choice([0, 17])
+                for _ in range(40)]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for off in offs:
+                assert os.pread(fd, size, off) == data[off:off + size], off
+        finally:
+            os.close(fd)
+        st = mount_stats(path)
+    assert st["read_arounds_refused"] <= 4          # the first read's READs at most
+    assert st["reader_handles"] <= 1
+    assert st["bytes_fetched"] <= 2 * 40 * (size + 2 * PAGE) + (4 << 20)
+
+
+def test_a_mapped_scan_that_starts_inside_a_refused_window(tmp_path, data_dir):
+    """A scan that begins mid-file is a random fault first: the pages of its
+    refused window come back one by one, and the wire loads the rest of the
+    window at once.  Bytes exact; the scan is still one stream."""
+    path_b = os.path.join(data_dir, "mid.bin")
+    data = make_file(path_b, 64 << 20)
+    with shim_mount(str(tmp_path / "mnt"), data_dir) as m:
+        os.symlink(path_b, os.path.join(m, "s"))
+        path = os.path.join(m, "s")
+        start = (37 << 20) + 5 * PAGE
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mp:
+                for off in range(start, len(data), PAGE):
+                    assert mp[off:off + 8] == data[off:off + 8], off
+                assert mp[start:] == data[start:]
+        finally:
+            os.close(fd)
+        st = mount_stats(path)
+    assert st["read_arounds_refused"] >= 1
+    assert st["refused_range_loads"] >= 1
+    assert st["bytes_fetched"] <= len(data) - start + (8 << 20)
+
+
+def test_refused_read_arounds_leave_no_error_behind(tmp_path, data_dir):
+    """Random mapped writes after refused read-arounds: every msync, fsync
+    and close succeeds and the backing file gets exactly the new bytes;
+    read(2) of the refused pages returns the file's bytes."""
+    path_b = os.path.join(data_dir, "w.bin")
+    data = make_file(path_b, 64 << 20)
+    with shim_mount(str(tmp_path / "mnt"), data_dir) as m:
+        os.symlink(path_b, os.path.join(m, "w"))
+        path = os.path.join(m, "w")
+        pages = random.Random(5).sample(range((64 << 20) // PAGE), 60)
+        touch_pages(path, pages, data, write=True)
+        expect = bytearray(data)
+        for p in pages:
+            expect[p * PAGE] ^= 0xFF
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.fsync(fd)
+            for p in pages:             # neighbours of touched pages: refused ones
+                off = (p + 3) * PAGE
+                assert os.pread(fd, PAGE, off) == bytes(expect[off:off + PAGE])
+        finally:
+            os.close(fd)
+        assert mount_stats(path)["read_arounds_refused"] >= 1
+    with open(path_b, "rb") as f:
+        assert f.read() == bytes(expect)

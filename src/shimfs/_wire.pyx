@@ -20,6 +20,12 @@
   A WRITE of a handle registered for writes that needs no I/O is taken
   into the cache (``PageCache.take_write``) and answered; the first such
   WRITE since Python last looked is noted on the side pair (:meth:`take`).
+  With ``sparse_faults`` (the kernel's read-around window), a random miss
+  longer than a page is refused (EIO): that is the kernel's read-around of
+  a page fault, which then asks for the faulting page alone.  A handle
+  that turns out to be a read(2) reader is never refused again, and a
+  reader walking into a refused range has the rest of it loaded at once
+  (docs/design.md, "Sparse faults").
   A GETXATTR of a name outside the control prefix gets ENODATA, and a
   FLUSH of a registered handle whose file has no dirty page gets success:
   what Python would answer.  Every other request goes to pyfuse3 unchanged.
@@ -52,12 +58,12 @@ until they leave their blocking ``read``.
 import os
 
 from libc.stdint cimport int64_t, uint64_t, uint32_t, int32_t, uint16_t
-from libc.errno cimport errno, EINTR, ENOENT, EAGAIN, ENOBUFS, ENODATA
+from libc.errno cimport errno, EIO, EINTR, ENOENT, EAGAIN, ENOBUFS, ENODATA
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy, memcmp
 from posix.unistd cimport read, write, close, pipe, dup, dup2
 
-from shimcore._engine cimport (PageCache, FileRec, iovec, writev, MAX_RUN, PAGE,
+from shimcore._engine cimport (PageCache, FileRec, iovec, writev, MAX_RUN, PAGE, PAGE_SHIFT,
                                pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
                                pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
                                pthread_create, pthread_cond_t, pthread_cond_init, timespec,
@@ -177,6 +183,10 @@ cdef enum:
     # A note on the side pair that WRITEs of a handle were taken: a
     # fuse_in_header (opcode FUSE_WRITE) and the handle.
     NOTE_LEN = 48
+    # A READ this far from where the handle's last one ended does not
+    # continue it, for refusing read-around: one request's span (1 MiB)
+    # and the slack of READs in flight together.
+    FAR = (256 << 12) + (64 << 10)
 
 cdef struct Handle:
     uint64_t fh
@@ -184,6 +194,10 @@ cdef struct Handle:
     FileRec *fr
     int64_t trigger
     int64_t last_end        # end of the last READ of this handle
+    int64_t grp_lo, grp_hi  # the last read-around refused (sparse faults)
+    int grp_open            # refused, and no READ of the handle served since
+    int64_t cand            # a READ here makes the handle a reader (-1: none)
+    int reader              # read(2) seen: its READs are never refused
     int own_misses          # no read-ahead policy: every miss is served here
     int writes              # WRITEs that need no I/O are taken here
     int wrote               # one was, since Python last took note (Wire.written)
@@ -311,6 +325,8 @@ cdef class Wire:
     cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
     cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
     cdef uint64_t fast_getxattrs, fast_flushes, fast_writes, fast_write_bytes
+    cdef uint64_t refused, refused_bytes, readers, group_loads
+    cdef int64_t sparse             # the kernel's read-around, when refused (0: never)
     cdef char prefix[PREFIX_MAX]    # control xattrs: GETXATTRs of other names get ENODATA here
     cdef int prefix_len             # 0: every GETXATTR goes to Python
     # requests by opcode (the last slot: any larger); this and the forward
@@ -327,7 +343,7 @@ cdef class Wire:
         pthread_cond_init(&self.idle, NULL)
 
     def __init__(self, PageCache engine, int session_fd, int64_t slack=32 << 10,
-                 int threads=8, bytes control_prefix=b""):
+                 int threads=8, bytes control_prefix=b"", int64_t sparse_faults=0):
         """Take over ``session_fd`` (pyfuse3's /dev/fuse descriptor).  Raises
         OSError, changing nothing, when the socket pair cannot carry a whole
         request (its buffers are capped for users without CAP_NET_ADMIN).
@@ -338,7 +354,10 @@ cdef class Wire:
         ``threads``: in threads, which are also how many random misses are
         loaded at once; ``control_prefix``: the only xattr names the daemon
         answers (``user.shimfs.``): a GETXATTR of any other name gets
-        ENODATA here, as Python would answer it."""
+        ENODATA here, as Python would answer it; ``sparse_faults``: the
+        kernel's read-around window in bytes (``read_ahead_kb``), which is
+        then refused for random page faults (see the module's docstring);
+        0 serves it."""
         cdef int sv[2]
         cdef int fds[2]
         cdef int val = SOCKBUF, got = 0, i, opt, force
@@ -349,6 +368,7 @@ cdef class Wire:
         self.zeros = <char *>calloc(1, PAGE)
         self.outbuf = <char *>malloc(BUFSIZE)
         self.slack = slack
+        self.sparse = sparse_faults
         if threads < 1 or threads > MAX_THREADS:
             raise ValueError("threads: 1 to %d" % MAX_THREADS)
         if len(control_prefix) >= PREFIX_MAX:
@@ -469,6 +489,9 @@ cdef class Wire:
                 h.fr = fr
                 h.trigger = NO_TRIGGER
                 h.last_end = 0
+                h.grp_lo = h.grp_hi = -1
+                h.grp_open = h.reader = 0
+                h.cand = -1
                 h.own_misses = own_misses
                 h.writes = writes
                 h.wrote = 0
@@ -547,13 +570,16 @@ cdef class Wire:
             fm, mf = self.fast_misses, self.miss_fallbacks
             fx, ff = self.fast_getxattrs, self.fast_flushes
             fw, fwb = self.fast_writes, self.fast_write_bytes
+            rf, rfb, rd, gl = self.refused, self.refused_bytes, self.readers, self.group_loads
             pthread_mutex_unlock(&self.mu)
         return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
                 "fast_read_passed_trigger": pt, "fast_read_passed_missing": pm,
                 "forward_errors": fe, "reply_errors": re,
                 "fast_getxattrs": fx, "fast_flushes": ff,
-                "fast_writes": fw, "fast_write_bytes": fwb}
+                "fast_writes": fw, "fast_write_bytes": fwb,
+                "read_arounds_refused": rf, "read_around_bytes_refused": rfb,
+                "reader_handles": rd, "refused_range_loads": gl}
 
     def take(self) -> tuple:
         """What waits on the side pair: the FALLOCATE requests (pyfuse3 has
@@ -668,8 +694,8 @@ cdef class Wire:
         cdef FileRec *fr
         cdef int64_t slot_of[MAX_RUN]
         cdef iovec iov[MAX_RUN + 1]
-        cdef int64_t k, off, end, fid, total = 0
-        cdef bint run
+        cdef int64_t k, m, i, off, end, fid, total = 0, prev_end, bulk_end
+        cdef bint run, far
         cdef int err = 0
         if n != REQ_LEN or sizeof(InHeader) + sizeof(ReadIn) != REQ_LEN:
             return False
@@ -683,24 +709,59 @@ cdef class Wire:
             return False
         # READs in flight together reach the in threads in any order
         run = hd.last_end - self.slack <= off <= hd.last_end + self.slack
+        prev_end = hd.last_end
         hd.last_end = end
+        if hd.cand >= 0:
+            if off == hd.cand:
+                hd.reader = 1
+                self.readers += 1
+            hd.cand = -1
         if end > hd.trigger:
             self.pass_trigger += 1
             pthread_mutex_unlock(&self.mu)
             return False
         k = self.pc.lend_whole(hd.fr, hd.fid, off, r.size, slot_of, &iov[1], self.zeros)
         if k >= 0:
+            if hd.grp_open:
+                self._after_refusal(hd, off, end)
             err = self._reply(h.unique, 0, iov, k, &total)
             self._sent(k, iov, slot_of, err, total)
             self.pc.give_back_read(hd.fr, slot_of, &iov[1], k, True)
             pthread_mutex_unlock(&self.mu)
             return True
+        bulk_end = end
+        if self.sparse and hd.trigger == NO_TRIGGER and not self.stopping:
+            # the READs of one read-around reach the in threads in any
+            # order, some even after the faulting page's own READ
+            # a read-around begins half a window before the faulting page;
+            # a sequential reader's next READ begins about where its last
+            # ended (``run`` allows 8 MiB, for the policy's streams; once a
+            # stream prefetches it has a trigger and nothing is refused)
+            far = off > prev_end + FAR or off < prev_end - FAR
+            if not hd.reader and r.size > PAGE and end < hd.fr.size and (far or (
+                    hd.grp_hi >= 0 and off >= hd.grp_hi - self.sparse
+                    and end <= hd.grp_lo + self.sparse)):
+                self._refuse(h, hd, off, end, prev_end)     # lets the mutex go
+                return True
+            if hd.grp_open:
+                self._after_refusal(hd, off, end)
+            # A reader walking into a refused range (read(2), or a mapped
+            # scan that began inside it) asks for it a page at a time: load
+            # the rest of the range at once, answer the page, keep the rest.
+            if (off == prev_end and hd.grp_lo <= off < hd.grp_hi and end < hd.grp_hi
+                    and off % PAGE == 0 and r.size % PAGE == 0):
+                bulk_end = hd.grp_hi
+                if bulk_end - off > MAX_RUN * PAGE:
+                    bulk_end = off + MAX_RUN * PAGE
+                self.group_loads += 1
+        elif hd.grp_open:
+            hd.grp_open = 0
         # A miss.  One that continues a run goes to the read-ahead policy
         # (a scan starting), unless it reaches the end of the file (a small
         # file read whole: nothing to read ahead); so does every miss of a
         # stream that prefetches.
         if hd.trigger != NO_TRIGGER or self.stopping or (
-                run and not hd.own_misses and end < hd.fr.size):
+                run and not hd.own_misses and end < hd.fr.size and bulk_end == end):
             self.pass_missing += 1
             pthread_mutex_unlock(&self.mu)
             return False
@@ -708,12 +769,20 @@ cdef class Wire:
         # meanwhile, so it stays (Wire.remove waits).
         fr, fid = hd.fr, hd.fid
         self._hold(hd)
-        k = self.pc.lend_loaded(fr, fid, off, r.size, slot_of, &iov[1], self.zeros)
+        k = self.pc.lend_loaded(fr, fid, off, bulk_end - off, slot_of, &iov[1], self.zeros)
+        m = k
+        if k >= 0 and bulk_end != end:
+            # only the READ's own pages go out; the others stay cached, unspent
+            m = r.size >> PAGE_SHIFT
+            if m > k:
+                m = k
+            for i in range(m, k):
+                iov[i + 1].iov_len = 0
         if k >= 0:
-            err = self._reply(h.unique, 0, iov, k, &total)
+            err = self._reply(h.unique, 0, iov, m, &total)
         pthread_mutex_lock(&self.mu)
         if k >= 0:
-            self._sent(k, iov, slot_of, err, total)
+            self._sent(m, iov, slot_of, err, total)
             self.fast_misses += 1
         else:
             self.miss_fallbacks += 1
@@ -723,6 +792,41 @@ cdef class Wire:
             return False                # Python reads it, and reports errors
         self.pc.give_back_read(fr, slot_of, &iov[1], k, False)
         return True
+
+    cdef void _refuse(self, InHeader *h, Handle *hd, int64_t off, int64_t end,
+                      int64_t prev_end) noexcept nogil:
+        """Answer a random miss longer than a page with EIO (the mutex held on
+        entry, let go here): the kernel's read-around of a page fault.  The
+        folios it asked for stay in its cache, not up to date, and the
+        faulting page comes back as a READ of its own (mm/filemap.c,
+        ``filemap_fault``: ``page_not_uptodate``); read-ahead errors reach
+        no caller.  The READs of one read-around arrive together: they make
+        one refused range."""
+        if hd.grp_open:
+            if off < hd.grp_lo:
+                hd.grp_lo = off
+            if end > hd.grp_hi:
+                hd.grp_hi = end
+        else:
+            hd.grp_lo, hd.grp_hi, hd.grp_open = off, end, 1
+        hd.last_end = prev_end              # a refused READ moves no run
+        self.refused += 1
+        self.refused_bytes += end - off
+        pthread_mutex_unlock(&self.mu)
+        self._status(h.unique, EIO)
+
+    cdef void _after_refusal(self, Handle *hd, int64_t off, int64_t end) noexcept nogil:
+        """The first READ of ``hd`` served after a refused range (mu held).
+        A page fault's read-around is centred on the faulting page, which
+        comes back alone from inside the range; read(2) asks again from the
+        range's first page, then for the next one.  A handle whose next
+        READ follows such a first page is a reader (``cand``), whose READs
+        are served as asked from then on.  (A fault's read-around starts at
+        the faulting page too when the pages before it are in the kernel's
+        cache: the next READ then lands elsewhere.)"""
+        hd.grp_open = 0
+        if off == hd.grp_lo:
+            hd.cand = end
 
     cdef void _hold(self, Handle *hd) noexcept nogil:
         """Mark ``hd`` busy and let the mutex go (held on entry): its file

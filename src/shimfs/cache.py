@@ -144,17 +144,21 @@ class AsyncCache:
         cimport it: shimfs._notify, shimfs._wire)."""
         return shimcore.IMPLEMENTATION == "compiled"
 
-    def attach_wire(self, session_fd: int, threads: int = 8, control_prefix: bytes = b""):
+    def attach_wire(self, session_fd: int, threads: int = 8, control_prefix: bytes = b"",
+                    sparse_faults: int = 0):
         """Put the compiled READ path (shimfs._wire) in front of pyfuse3 on
         ``session_fd``; returns it, or None where it cannot run (the fallback
         engine, socket buffers capped for a daemon that is not root).
         ``control_prefix``: the xattr names the daemon answers; GETXATTRs of
-        others get ENODATA in the wire."""
+        others get ENODATA in the wire; ``sparse_faults``: the kernel's
+        read-around window (bytes), which the wire refuses for random page
+        faults (Config.sparse_faults); 0: never."""
         if not self.compiled:
             return None
         from ._wire import Wire as CompiledWire
         try:
-            wire = CompiledWire(self.engine, session_fd, self.near, threads, control_prefix)
+            wire = CompiledWire(self.engine, session_fd, self.near, threads, control_prefix,
+                                sparse_faults)
         except OSError as exc:
             log.info("READs go through Python only: %s", exc)
             return None

@@ -61,6 +61,12 @@ class Config:
     #: pyfuse3.  Needs socket buffers of 4 MiB, so a daemon that cannot set
     #: them (not root) runs without it.
     fast_reads: bool = True
+    #: A random page fault of a mapping fetches the page it touches, not the
+    #: kernel's read-around window (``read_ahead`` pages centred on it): the
+    #: compiled READ path refuses that window, and the kernel then asks for
+    #: the faulting page alone.  Scans, read(2) and files read whole are
+    #: served as asked (docs/design.md, "Sparse faults").  Needs fast_reads.
+    sparse_faults: bool = True
     #: Seconds between background write-backs of dirty files (0: only on
     #: msync, fsync, close and unmount).
     writeback_interval: int = 30
@@ -120,7 +126,8 @@ def _parse_int(text: str, what: str) -> int:
     return int(text)
 
 
-_FLAGS = {"verbose", "allow_other", "multiwrite", "push", "mirror", "fast_reads"}
+_FLAGS = {"verbose", "allow_other", "multiwrite", "push", "mirror", "fast_reads",
+          "sparse_faults"}
 #: Generic options of mount(8), fstab and systemd: passed to the FUSE mount...
 _MOUNT_FLAGS = {"ro": "rw", "rw": "ro", "nosuid": "suid", "suid": "nosuid",
                 "nodev": "dev", "dev": "nodev", "noexec": "exec", "exec": "noexec"}

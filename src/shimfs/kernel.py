@@ -60,7 +60,9 @@ class Wire(Protocol):
         ``fast_read_misses``, ``fast_read_miss_fallbacks``,
         ``fast_read_passed_trigger``, ``fast_read_passed_missing``,
         ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
-        ``fast_flushes``, ``fast_writes``, ``fast_write_bytes``."""
+        ``fast_flushes``, ``fast_writes``, ``fast_write_bytes``,
+        ``read_arounds_refused``, ``read_around_bytes_refused``,
+        ``reader_handles``, ``refused_range_loads``."""
 
 
 class NullWire:
@@ -86,7 +88,8 @@ class NullWire:
                     fast_read_misses=0, fast_read_miss_fallbacks=0,
                     fast_read_passed_trigger=0, fast_read_passed_missing=0,
                     forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0,
-                    fast_writes=0, fast_write_bytes=0)
+                    fast_writes=0, fast_write_bytes=0, read_arounds_refused=0,
+                    read_around_bytes_refused=0, reader_handles=0, refused_range_loads=0)
 
 
 class NullKernel:
