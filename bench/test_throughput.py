@@ -141,17 +141,6 @@ def test_sequential_mapped_scan(benchmark, where, bigfile, mounts, peers):
                 bigfile, size, lambda: native_scan(bigfile), mapped_scan)
 
 
-SMALL_RA = ("read_ahead=4", "push")    # the random-access setting (16 KiB read-around)
-
-
-def test_sequential_scan_small_read_around(benchmark, where, bigfile, mounts):
-    """The same scan with a 16 KiB read-around and pushes (what random
-    access wants), for comparison."""
-    size = os.path.getsize(bigfile)
-    interleaved(benchmark, mounts, [], "sequential mmap scan vs pread(4 MiB)", where[0],
-                bigfile, size, lambda: native_scan(bigfile), mapped_scan, *SMALL_RA)
-
-
 def mapped_copy(path: str) -> None:
     """Copy the whole mapping out with memcpy, 1 MiB at a time (as
     ``bytes(m[a:b])`` and numpy copies do): glibc may walk each copy
@@ -168,12 +157,11 @@ def mapped_copy(path: str) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("opts", [(), SMALL_RA], ids=["defaults", "small-read-around"])
-def test_mapped_copy(benchmark, where, bigfile, mounts, peers, opts):
+def test_mapped_copy(benchmark, where, bigfile, mounts, peers):
     size = os.path.getsize(bigfile)
-    interleaved(benchmark, mounts, peers if not opts else [],
+    interleaved(benchmark, mounts, peers,
                 "mapping copied out by memcpy (1 MiB) vs pread(4 MiB)", where[0],
-                bigfile, size, lambda: native_scan(bigfile), mapped_copy, *opts)
+                bigfile, size, lambda: native_scan(bigfile), mapped_copy)
 
 
 def _split(offsets: list[int], threads: int) -> list[list[int]]:
@@ -197,9 +185,10 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
     """Random 4 KiB page touches of a shared mapping against native
     ``pread(4 KiB)`` at the same offsets with the same thread count, through
     every daemon (the C peer also with the kernel's default 128 KiB
-    read-ahead), and shimfs at its defaults and with ``read_ahead=4``.  The
-    shimfs rows' note: bytes fetched from the backing file per byte touched,
-    and the daemon's CPU per READ request."""
+    read-ahead), and shimfs at its defaults (sparse faults: the kernel's
+    read-around refused) and with ``sparse_faults=0`` (the kernel's 4 MiB
+    read-around served).  The shimfs rows' note: bytes fetched from the
+    backing file per byte touched, and the daemon's CPU per READ request."""
     from conftest import C_PEER_DEFAULT_RA
     import shimfs
     size = os.path.getsize(bigfile)
@@ -231,7 +220,7 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
                   st["mount"]["read_requests"] - reqs0)
     name = "%s random 4 KiB touches%s" % (format(touches, ","),
                                           ", %d threads" % threads if threads > 1 else "")
-    for opts in ((), ("read_ahead=4",)):
+    for opts in ((), ("sparse_faults=0",)):
         seen: list[str] = []
 
         def probe(st, cpu, reqs, seen=seen):

@@ -325,7 +325,7 @@ cdef class Wire:
     cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
     cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
     cdef uint64_t fast_getxattrs, fast_flushes, fast_writes, fast_write_bytes
-    cdef uint64_t refused, refused_bytes, readers, group_loads
+    cdef uint64_t refused, refused_bytes, readers, group_loads, centre_loads
     cdef int64_t sparse             # the kernel's read-around, when refused (0: never)
     cdef char prefix[PREFIX_MAX]    # control xattrs: GETXATTRs of other names get ENODATA here
     cdef int prefix_len             # 0: every GETXATTR goes to Python
@@ -571,6 +571,7 @@ cdef class Wire:
             fx, ff = self.fast_getxattrs, self.fast_flushes
             fw, fwb = self.fast_writes, self.fast_write_bytes
             rf, rfb, rd, gl = self.refused, self.refused_bytes, self.readers, self.group_loads
+            cl = self.centre_loads
             pthread_mutex_unlock(&self.mu)
         return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
@@ -579,7 +580,8 @@ cdef class Wire:
                 "fast_getxattrs": fx, "fast_flushes": ff,
                 "fast_writes": fw, "fast_write_bytes": fwb,
                 "read_arounds_refused": rf, "read_around_bytes_refused": rfb,
-                "reader_handles": rd, "refused_range_loads": gl}
+                "reader_handles": rd, "refused_range_loads": gl,
+                "refused_centre_loads": cl}
 
     def take(self) -> tuple:
         """What waits on the side pair: the FALLOCATE requests (pyfuse3 has
@@ -801,7 +803,17 @@ cdef class Wire:
         faulting page comes back as a READ of its own (mm/filemap.c,
         ``filemap_fault``: ``page_not_uptodate``); read-ahead errors reach
         no caller.  The READs of one read-around arrive together: they make
-        one refused range."""
+        one refused range.  A window refused whole in one READ is centred on
+        the faulting page: that page is loaded here once the answer is out,
+        so that its own READ, on its way meanwhile, finds it cached or
+        loading."""
+        cdef int64_t slot_of[1]
+        cdef iovec iov[1]
+        cdef int64_t k, centre = off + self.sparse // 2
+        cdef uint64_t fh = hd.fh
+        cdef FileRec *fr = hd.fr
+        cdef int64_t fid = hd.fid
+        cdef bint whole = end - off == self.sparse and centre % PAGE == 0
         if hd.grp_open:
             if off < hd.grp_lo:
                 hd.grp_lo = off
@@ -812,8 +824,20 @@ cdef class Wire:
         hd.last_end = prev_end              # a refused READ moves no run
         self.refused += 1
         self.refused_bytes += end - off
-        pthread_mutex_unlock(&self.mu)
+        if not whole:
+            pthread_mutex_unlock(&self.mu)
+            self._status(h.unique, EIO)
+            return
+        self._hold(hd)                      # lets the mutex go
         self._status(h.unique, EIO)
+        k = self.pc.lend_loaded(fr, fid, centre, PAGE, slot_of, iov, self.zeros)
+        if k > 0:
+            iov[0].iov_len = 0              # not sent: stays cached, unspent
+            self.pc.give_back_read(fr, slot_of, iov, k, False)
+        pthread_mutex_lock(&self.mu)
+        self.centre_loads += k > 0
+        self._unhold(fh)
+        pthread_mutex_unlock(&self.mu)
 
     cdef void _after_refusal(self, Handle *hd, int64_t off, int64_t end) noexcept nogil:
         """The first READ of ``hd`` served after a refused range (mu held).

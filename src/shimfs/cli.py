@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "unless -f is given.",
                        epilog="options (-o, comma-separated): backing=DIR (where new files are "
                               "created; default /dev/shm), read_ahead=PAGES (4 KiB pages, default "
-                              "1024; 4 for random access), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
+                              "256), cache_size=SIZE (daemon cache, K/M/G suffixes, default 256M), "
                               "verbose, allow_other, multiwrite, push (also push prefetched "
                               "pages into the kernel's cache), fast_reads=0 (every READ through "
                               "Python), sparse_faults=0 (a random page fault fetches the "

@@ -28,11 +28,14 @@ class Config:
     #: reads after which the daemon starts prefetching.  The daemon's own
     #: window then grows up to ``window_factor`` (16) times this, at least
     #: 64 MiB (readahead.ReadAheadConfig), within a quarter of the cache
-    #: shared by the mount's streams.  For random access set 4 (16 KiB): a
-    #: touch then fetches what it touches.  The default stays at 4 MiB:
-    #: with 16 KiB, mapped writes, checkpoints and scans of files in memory
-    #: ran 2-7x slower in the full bench (docs/performance.md, "Defaults").
-    read_ahead: int = 1024
+    #: shared by the mount's streams.  1 MiB: one FUSE request (max_pages),
+    #: so a random fault's read-around, which ``sparse_faults`` refuses, is
+    #: one READ and costs the kernel 256 page allocations, not 1,024
+    #: (2,000 random touches 0.85x native against 0.71x at 4 MiB; scans,
+    #: mapped writes and checkpoints no slower: docs/performance.md,
+    #: "Sparse faults").  Below 256 every READ of a scan is smaller than a
+    #: request can be, and mapped writes wait one round trip per window.
+    read_ahead: int = 256
     #: Bytes of the daemon's page cache (the bound of its data memory).
     cache_size: int = 256 << 20
     #: Log every operation (debug level).

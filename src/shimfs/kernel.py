@@ -62,7 +62,7 @@ class Wire(Protocol):
         ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
         ``fast_flushes``, ``fast_writes``, ``fast_write_bytes``,
         ``read_arounds_refused``, ``read_around_bytes_refused``,
-        ``reader_handles``, ``refused_range_loads``."""
+        ``reader_handles``, ``refused_range_loads``, ``refused_centre_loads``."""
 
 
 class NullWire:
@@ -89,7 +89,8 @@ class NullWire:
                     fast_read_passed_trigger=0, fast_read_passed_missing=0,
                     forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0,
                     fast_writes=0, fast_write_bytes=0, read_arounds_refused=0,
-                    read_around_bytes_refused=0, reader_handles=0, refused_range_loads=0)
+                    read_around_bytes_refused=0, reader_handles=0, refused_range_loads=0,
+                    refused_centre_loads=0)
 
 
 class NullKernel:

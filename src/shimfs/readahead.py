@@ -70,10 +70,11 @@ class ReadAheadConfig:
     #: policy where the reader is; the window is several holes long, so the
     #: reader finds pushed pages ahead of it while the next chunks load.
     hole_every: int = 2
-    #: A stream's window may grow to this many times ``read_ahead`` (64 MiB
-    #: at the defaults).  Four times kept ~16 backing reads queued (1.0x ->
-    #: 1.3x native on the stand-in); sixteen keeps the prefetch threads busy
-    #: (2 GiB scan, 10 pairs: +5% and +8%, less daemon CPU).
+    #: A stream's window may grow to this many times ``read_ahead`` (at
+    #: least ``window_floor``: 64 MiB at the defaults).  Four times kept ~16
+    #: backing reads queued (1.0x -> 1.3x native on the stand-in); sixteen
+    #: keeps the prefetch threads busy (2 GiB scan, 10 pairs: +5% and +8%,
+    #: less daemon CPU).
     window_factor: int = 16
     #: All the streams of a mount together prefetch at most 1/this of the
     #: cache ahead of their readers (:class:`Budget`); more, and they evict
