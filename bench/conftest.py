@@ -149,8 +149,8 @@ class Mounts:
 
     def c_peer(self, target: str, read_ahead_pages: int = 1024) -> str:
         """libfuse's C ``passthrough_ll`` (bench/cpeer.py) over ``target``'s
-        directory, tuned as shimfs tunes its own mounts (kernel read-ahead
-        4 MiB, max_background 64): the issue's "best tuned C daemon".
+        directory, tuned for its best scan (kernel read-ahead 4 MiB,
+        max_background 64): the issue's "best tuned C daemon".
         ``read_ahead_pages=32``: the kernel's default window (128 KiB)."""
         import cpeer
         from shimfs.tuning import tune
