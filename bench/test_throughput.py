@@ -235,6 +235,110 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
                     + ", ".join(seen))
 
 
+#: The stretch of the file that ``test_cached_random_reads`` touches: it fits
+#: the daemon's cache at its default size (256 MiB).
+CACHED_MIB = 128
+
+
+def _cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def _warm_backing(path: str, span: int) -> None:
+    """Drop the client's caches, then read ``span`` bytes of ``path``
+    natively: on the stand-in (direct I/O on the client) that leaves them in
+    the brick's cache only."""
+    drop_caches()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off in range(0, span, 4 * MIB):
+            os.pread(fd, 4 * MIB, off)
+    finally:
+        os.close(fd)
+
+
+def _touch_randomly(path: str, offsets: list[int]) -> float:
+    """Seconds to touch ``offsets`` of a ``MADV_RANDOM`` mapping: the
+    kernel sends one 4 KiB READ per page not in its cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            m.madvise(mmap.MADV_RANDOM)
+            t = time.perf_counter()
+            for off in offsets:
+                m[off]
+            return time.perf_counter() - t
+    finally:
+        os.close(fd)
+
+
+def test_cached_random_reads(where, bigfile, mounts, peers):
+    """Daemon CPU per READ served from the daemon's cache: 20,000 random
+    4 KiB touches of a ``MADV_RANDOM`` mapping (one 4 KiB READ per page)
+    over a 128 MiB stretch that shimfs's cache holds (``shimfs prefetch``)
+    and the kernel's does not (``POSIX_FADV_DONTNEED``), against native
+    ``pread(4 KiB)`` at the same offsets with the backing warm (the brick's
+    cache, on the stand-in), and through each peer, which reads the backing
+    for every READ.  Notes: daemon CPU (user + system, every thread) per
+    READ, and READs the compiled path answered without loading."""
+    import shimfs
+    span = min(CACHED_MIB * MIB, os.path.getsize(bigfile))
+    rnd = random.Random(5)
+    offsets = [rnd.randrange(span // PAGE) * PAGE for _ in range(20000)]
+    pages = len(set(offsets))
+    nbytes = len(offsets) * PAGE
+    native, mine, ratios = [], [], []
+    peer_runs: dict[str, list[float]] = {fs: [] for fs in peers}
+    peer_cpu: dict[str, list[float]] = {fs: [] for fs in peers}
+    cpu_per_read, hits = [], []
+    for _ in range(ROUNDS):
+        _warm_backing(bigfile, span)
+        fd = os.open(bigfile, os.O_RDONLY)
+        try:
+            t = time.perf_counter()
+            for off in offsets:
+                os.pread(fd, PAGE, off)
+            native.append(nbytes / (time.perf_counter() - t) / 1e6)
+        finally:
+            os.close(fd)
+        for fs in peers:
+            _warm_backing(bigfile, span)
+            path = mounts.mount(fs, bigfile)
+            cpu0 = _cpu(mounts.pid)
+            peer_runs[fs].append(nbytes / _touch_randomly(path, offsets) / 1e6)
+            peer_cpu[fs].append((_cpu(mounts.pid) - cpu0) / pages * 1e6)
+            mounts.close()
+        _warm_backing(bigfile, span)
+        path = mounts.shimfs(bigfile)
+        shimfs.prefetch(path, 0, span)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, span, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        st0 = shimfs.stats(path)["mount"]
+        cpu0 = _cpu(mounts.pid)
+        mine.append(nbytes / _touch_randomly(path, offsets) / 1e6)
+        cpu = _cpu(mounts.pid) - cpu0
+        st1 = shimfs.stats(path)["mount"]
+        reqs = st1["read_requests"] - st0["read_requests"]
+        cpu_per_read.append(cpu / max(reqs, 1) * 1e6)
+        hits.append("%d/%d" % (st1["reads_from_cache"] - st0["reads_from_cache"], reqs))
+        mounts.close()
+        ratios.append(mine[-1] / native[-1])
+    workload = ("20,000 random 4 KiB touches (MADV_RANDOM) of 128 MiB in the daemon's cache "
+                "vs pread(4 KiB), backing warm")
+    nat = Rate(native, [])
+    record(workload, where[0], "shimfs", Rate(mine, []), nat, ratios=ratios,
+           note="daemon CPU per READ: %s µs; from cache: %s" % (
+               " ".join("%.1f" % c for c in cpu_per_read), " ".join(hits)))
+    for fs in peers:
+        record(workload, where[0], fs, Rate(peer_runs[fs], []), nat,
+               ratios=[m / n for m, n in zip(peer_runs[fs], native)],
+               note="daemon CPU per READ: %s µs" % " ".join("%.1f" % c for c in peer_cpu[fs]))
+
+
 def test_prefetch_call_whole_file(where, bigfile, mounts):
     """``shimfs prefetch`` of the whole file (parallel preads, pushed into the
     kernel's page cache) against one native ``pread(4 MiB)`` pass, cold, in
