@@ -5,6 +5,7 @@
     .venv/bin/python bench/quick.py write --rounds 4 ...
     .venv/bin/python bench/quick.py checkpoint --rounds 4 ...   # a new file (ftruncate + fill)
     .venv/bin/python bench/quick.py random --touches 2000 ...  # random 4 KiB touches vs pread
+    .venv/bin/python bench/quick.py random --madvise ...  # the same, MADV_RANDOM (one READ each)
     .venv/bin/python bench/quick.py copy ...      # the mapping copied out in 1 MiB memcpys
 
 Each round runs native, then variant A (the mount with ``--a-opt``
@@ -54,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workload", choices=["scan", "copy", "write", "checkpoint", "random"])
     ap.add_argument("--touches", type=int, default=2000, help="random: pages touched")
+    ap.add_argument("--madvise", action="store_true",
+                    help="random: MADV_RANDOM on the mapping (no read-around at all)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mib", type=int, default=0, help="file size (scan 2048, write 1024)")
     ap.add_argument("--dir", help="where the file lives (default: the stand-in's client)")
@@ -100,6 +103,8 @@ def main() -> None:
             fd = os.open(p, os.O_RDONLY)
             try:
                 with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                    if args.madvise:
+                        m.madvise(mmap.MADV_RANDOM)
                     for off in offsets:
                         m[off]
             finally:

@@ -48,10 +48,11 @@ class Config:
     multiwrite: bool = False
     #: Also copy prefetched pages straight into the kernel's page cache (FUSE
     #: NOTIFY_STORE) while no process has the file open for writing, so the
-    #: kernel asks for fewer of them.  With ``read_ahead=4`` it carries a
-    #: scan (a memcpy copy of a mapping: 0.76x -> 0.98x native on the
-    #: stand-in); at the default read-ahead it cost 10-15% there
-    #: (docs/performance.md), hence off by default.
+    #: kernel asks for fewer of them.  With a small kernel window it helps a
+    #: memcpy copy of a mapping (``read_ahead=4``: 0.76x -> 0.98x native on
+    #: the stand-in), but it loses to the kernel's own read-ahead at the
+    #: default window (10-15%) and at ``read_ahead=16`` (scan 1.23x against
+    #: 1.56x; docs/performance.md), hence off by default.
     push: bool = False
     #: Show the backing directory's whole tree in the mount (built lazily:
     #: a lookup stats the backing path, a readdir lists the backing
