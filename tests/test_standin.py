@@ -83,3 +83,25 @@ def test_foreign_volume_survives_up_down_and_brick_kill(foreign):
         # The rest of the session needs the stand-in as the fixture left it.
         standin.up(clients=2)
         wait_until(lambda: standin.brick_pid(), 30, "the stand-in's brick")
+
+
+def test_up_remounts_a_client_that_was_killed(gluster):
+    """A client of ours killed from outside leaves a mount answering ENOTCONN
+    (a torn-down session does this); ``up`` unmounts it and mounts again."""
+    d = standin.client_dir(1)
+    pid = standin.client_pid(1)
+    assert pid, "the fixture mounts two clients"
+    os.kill(pid, 9)
+    wait_until(lambda: process_gone(pid), 10, "the killed client to be gone")
+    with pytest.raises(OSError):
+        os.stat(d)
+    assert is_mounted(d)
+    standin.up(clients=2)
+    assert standin.client_pid(1) not in (None, pid)
+    name = "after-kill-" + uuid.uuid4().hex[:8]
+    with open(os.path.join(gluster, name), "wb") as f:
+        f.write(b"seen by both clients")
+    try:
+        assert read_file(os.path.join(d, name)) == b"seen by both clients"
+    finally:
+        os.unlink(os.path.join(gluster, name))

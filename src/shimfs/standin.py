@@ -137,6 +137,33 @@ def _is_mounted(path: str) -> bool:
         return any(line.split()[1] == path for line in f)
 
 
+def _mount_source(path: str) -> str | None:
+    """The source field of the mount at ``path`` (``HOST:/VOLUME`` for ours)."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == path:
+                return fields[0]
+    return None
+
+
+def _clear_dead_client(d: str) -> None:
+    """Lazily unmount ``d`` if it is a mount of our volume whose client died.
+
+    A glusterfs client killed from outside (a session torn down, the OOM
+    killer) leaves its mount behind answering ENOTCONN; ``up`` would then
+    find the directory neither mounted-and-working nor mountable.  Only a
+    mount whose source is our own volume is touched."""
+    if _mount_source(d) not in ("%s:/%s" % (HOST, VOLUME), "%s:%s" % (HOST, VOLUME)):
+        return
+    try:
+        os.stat(d)
+        return
+    except OSError:
+        pass
+    _run("umount", "-l", d, check=False)
+
+
 def _answers() -> bool:
     return _gluster("volume", "list", check=False, timeout=30).returncode == 0
 
@@ -258,6 +285,7 @@ def up(clients: int = 1) -> str:
         _gluster("volume", "start", VOLUME, "force")
     for n in range(clients):
         d = client_dir(n)
+        _clear_dead_client(d)
         os.makedirs(d, exist_ok=True)
         if not _is_mounted(d):
             for attempt in range(50):
