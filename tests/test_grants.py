@@ -163,6 +163,28 @@ time.sleep(600)
 """
 
 
+def test_handoffs_are_seen_on_the_long_lived_watch(nodes):
+    """Two writers take turns 30 times; every wait for a change (the asker's
+    for the grant, the holder's for an ask) is answered from each node's one
+    watch stream, none from a watch opened for the wait."""
+    a, b = nodes("a", hold=0), nodes("b", hold=0)
+    deadline = time.monotonic() + 30
+    while not (a.feed.live() and b.feed.live()):
+        assert time.monotonic() < deadline, "the grant feeds did not open"
+        time.sleep(0.05)
+    before = [g.stats()["waits_own_watch"] for g in (a, b)]
+    a.acquire("f", E)
+    for i in range(30):
+        g = (b, a)[i % 2]
+        g.acquire("f", E)
+        assert g.held("f") == E and (a, b)[i % 2].held("f") is None
+    for g, own in zip((a, b), before):
+        st = g.stats()
+        assert st["waits_own_watch"] == own
+        assert st["waits_on_feed"] >= 15
+        assert st["grant_watch_streams"] == 1
+
+
 def test_a_killed_holder_loses_its_grant_with_its_lease(etcd, nodes, request):
     prefix = "/t/%s/" % request.node.name
     p = subprocess.Popen([sys.executable, "-c", HOLDER, etcd.url, prefix],
@@ -207,6 +229,12 @@ def test_an_unreachable_service(tmp_path):
         srv.start()
         g.acquire("g", S, wait=30)          # works again once it is back
         assert g.held("g") == S
+        # and the node's long-lived watch is opened again
+        deadline = time.monotonic() + 30
+        while not g.feed.live():
+            assert time.monotonic() < deadline, "the grant feed did not come back"
+            time.sleep(0.1)
+        assert g.stats()["grant_watch_streams"] >= 2
         g.close()
     # a port nobody listens on fails at start, not later
     g = Grants(url, prefix="/down/", node="b", ttl=2)

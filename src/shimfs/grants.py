@@ -42,6 +42,7 @@ why, and what finer extents would need.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import itertools
@@ -272,6 +273,133 @@ def _after(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+class _Feed:
+    """One long-lived watch of the whole prefix, kept open by a thread.
+
+    Waiting for a change by opening a watch each time was slow: etcd answers
+    a watch that starts at a past revision from a loop that runs every
+    100 ms, and between a node's read and its new watch the change it waits
+    for has often happened already.  This stream starts at the present (so
+    etcd sends each event at once), and :meth:`wait` looks at what it
+    brought: the last ``KEEP`` events' (revision, key).  The stream
+    resumes after the last revision it saw when it breaks; while it is down,
+    or after a gap (compaction, events dropped from the window), ``wait``
+    returns at once and the caller reads again, as every caller does after
+    a wait anyway.  It has its own connections (``etcd``).
+    """
+
+    KEEP = 4096
+    #: Seconds without a byte before the stream is opened again (etcd sends
+    #: progress notifications only every few minutes; a stream that died
+    #: without a FIN would otherwise never be noticed).
+    IDLE = 30.0
+
+    def __init__(self, etcd: "_Etcd", prefix: str):
+        self.etcd, self.prefix = etcd, prefix
+        self.cv = threading.Condition()
+        self.events: collections.deque[tuple[int, str]] = collections.deque()
+        self.since: int | None = None     # every event after this revision was seen (None: down)
+        self.dropped = 0                  # the newest revision pushed out of ``events``
+        self.stopping = threading.Event()
+        self.resp = None
+        self.streams = 0                  # watches opened (stats)
+
+    def wait(self, prefix: str, revision: int, timeout: float) -> bool:
+        """Return at the first change under ``prefix`` after ``revision``, or
+        after ``timeout``; False at once if the stream cannot tell (down, or
+        it started after ``revision``): the caller then watches by itself."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                if self.since is None or self.since > revision or self.dropped > revision:
+                    return self.since is not None       # a gap: read again
+                for rev, key in reversed(self.events):
+                    if rev <= revision:
+                        break
+                    if key.startswith(prefix):
+                        return True
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopping.is_set():
+                    return True
+                self.cv.wait(left)
+
+    def run(self) -> None:
+        e = self.etcd
+        last: int | None = None           # the newest revision the stream brought
+        while not self.stopping.is_set():
+            try:
+                if last is None:
+                    last = e.get_prefix(self.prefix)[1]
+                start = last + 1
+                req = {"create_request": {"key": e.enc(self.prefix),
+                                          "range_end": e.enc(_after(self.prefix)),
+                                          "start_revision": start}}
+                resp = e.call(lambda c: c.session.post(c.get_url("/watch"), json=req,
+                                                       stream=True, timeout=(5.0, self.IDLE)))
+                self.resp = resp
+                self.streams += 1
+                if resp.status_code != 200:
+                    raise GrantError(errno.EIO, "etcd watch: HTTP %d" % resp.status_code)
+                for line in resp.iter_lines():
+                    if self.stopping.is_set():
+                        return
+                    if not line.strip():
+                        continue
+                    msg = json.loads(line)
+                    res = msg.get("result")
+                    if res is None:
+                        raise GrantError(errno.EIO, "etcd watch: %s" % msg.get("error", msg))
+                    if res.get("canceled") or int(res.get("compact_revision", 0) or 0):
+                        last = None     # compacted: start again from the present
+                        raise GrantError(errno.EIO, "etcd watch canceled: %s"
+                                         % res.get("cancel_reason", "compacted"))
+                    if res.get("created"):
+                        with self.cv:
+                            self.since = start - 1
+                            self.cv.notify_all()
+                    evs = res.get("events") or ()
+                    if evs:
+                        with self.cv:
+                            for ev in evs:
+                                kv = ev["kv"]
+                                rev = int(kv["mod_revision"])
+                                self.events.append((rev, e.dec(kv["key"]).decode()))
+                                last = max(last, rev)
+                            while len(self.events) > self.KEEP:
+                                self.dropped = self.events.popleft()[0]
+                            self.cv.notify_all()
+            except Exception as exc:        # down, refused, idle too long: open it again
+                if not self.stopping.is_set():
+                    log.debug("grant feed: %s", exc)
+            finally:
+                with self.cv:
+                    self.since = None
+                    self.cv.notify_all()
+                if self.resp is not None:
+                    self.resp.close()
+                    self.resp = None
+            self.stopping.wait(POLL)
+
+    def live(self) -> bool:
+        """The stream is open and has seen every event since it started."""
+        with self.cv:
+            return self.since is not None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        resp = self.resp
+        if resp is not None:
+            # wake the reader out of its recv (urllib3 keeps the socket here)
+            sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
+            try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self.cv:
+            self.cv.notify_all()
+
+
 class _State:
     __slots__ = ("mode", "since", "busy", "serial", "op")
 
@@ -304,6 +432,8 @@ class Grants:
         self.ttl, self.hold, self.wait = ttl, hold, wait
         self.give_up_cb, self.on_lost = give_up, on_lost
         self.etcd = _Etcd(list(endpoints), timeout=max(2.0, ttl / 3), security=security)
+        self.feed = _Feed(_Etcd(list(endpoints), timeout=max(2.0, ttl / 3), security=security),
+                          self.prefix)
         self.mu = threading.Lock()
         self.changed = threading.Condition(self.mu)
         self.files: dict[str, _State] = {}
@@ -313,7 +443,8 @@ class Grants:
         self._serials = itertools.count(1)
         self.last_serial = 0             # the newest grant's serial number
         self.counters = dict(grants_asked=0, grant_waits=0, grant_wait_seconds=0.0,
-                             grants_given_up=0, grants_lost=0, asks_sent=0, asks_served=0)
+                             grants_given_up=0, grants_lost=0, asks_sent=0, asks_served=0,
+                             waits_on_feed=0, waits_own_watch=0)
 
     # -- life ----------------------------------------------------------------
     def start(self) -> None:
@@ -324,7 +455,8 @@ class Grants:
         e = self.etcd
         e.txn([], [e.put_req("%snodes/%s" % (self.prefix, self.node), socket.gethostname(),
                              self.lease)], [])
-        for target, name in ((self._keep_alive, "grants-lease"), (self._serve_asks, "grants-asks")):
+        for target, name in ((self._keep_alive, "grants-lease"), (self._serve_asks, "grants-asks"),
+                             (self.feed.run, "grants-feed")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self.threads.append(t)
@@ -332,8 +464,11 @@ class Grants:
     def close(self) -> None:
         """Stop the threads and revoke the lease: every grant goes at once."""
         self.stopping.set()
+        self.feed.stop()
         for t in self.threads:
-            t.join()
+            # (the feed's thread is woken by stop(); at worst its read times
+            # out, and it is a daemon thread)
+            t.join(timeout=None if t.name != "grants-feed" else 2.0)
         self.threads.clear()
         if self.lease:
             try:
@@ -405,7 +540,7 @@ class Grants:
                     raise GrantError(errno.ETIMEDOUT, "no %s grant of %s within %.0f s"
                                      % (mode, f, deadline - start))
                 if rev is not None:         # (None: changed while deciding, again at once)
-                    self.etcd.wait_change(self._gdir(f), rev,
+                    self._wait_change(self._gdir(f), rev,
                                           min(POLL, max(0.0, deadline - time.monotonic())))
         except BaseException:
             try:
@@ -503,6 +638,16 @@ class Grants:
         self._count("asks_sent", len(ops) - len(puts))
         return int(r["header"]["revision"])
 
+    def _wait_change(self, prefix: str, revision: int, timeout: float) -> None:
+        """Until a change under ``prefix`` after ``revision`` (or ``timeout``):
+        from the node's long-lived watch, or, while that is down, from a
+        watch of its own."""
+        if self.feed.wait(prefix, revision, timeout):
+            self._count("waits_on_feed")
+        else:
+            self._count("waits_own_watch")
+            self.etcd.wait_change(prefix, revision, timeout)
+
     def _granted(self, f: str, mode: str) -> bool:
         with self.mu:
             st = self.files.setdefault(f, _State())
@@ -528,7 +673,7 @@ class Grants:
                     self._serve_one(key[len(mine):], *value.split(" ", 1))
                     self.etcd.txn([], [self.etcd.del_req(key)], [])
                 if not kvs:
-                    self.etcd.wait_change(mine, rev, POLL)
+                    self._wait_change(mine, rev, POLL)
             except GrantError as exc:
                 log.debug("asks: %s", exc)
                 self.stopping.wait(POLL)
@@ -641,4 +786,4 @@ class Grants:
     def stats(self) -> dict:
         with self.mu:
             held = sum(1 for st in self.files.values() if st.mode is not None)
-        return dict(self.counters, grants_held=held)
+        return dict(self.counters, grants_held=held, grant_watch_streams=self.feed.streams)
