@@ -311,6 +311,8 @@ class _Feed:
         deadline = time.monotonic() + timeout
         with self.cv:
             while True:
+                if self.stopping.is_set():
+                    return True
                 if self.since is None or self.since > revision or self.dropped > revision:
                     return self.since is not None       # a gap: read again
                 for rev, key in reversed(self.events):
@@ -319,7 +321,7 @@ class _Feed:
                     if key.startswith(prefix):
                         return True
                 left = deadline - time.monotonic()
-                if left <= 0 or self.stopping.is_set():
+                if left <= 0:
                     return True
                 self.cv.wait(left)
 
