@@ -163,15 +163,20 @@ time.sleep(600)
 """
 
 
+def _wait_live(g: Grants) -> None:
+    deadline = time.monotonic() + 30
+    while not g.feed.live():
+        assert time.monotonic() < deadline, "the grant feed of %s did not open" % g.node
+        time.sleep(0.05)
+
+
 def test_handoffs_are_seen_on_the_long_lived_watch(nodes):
     """Two writers take turns 30 times; every wait for a change (the asker's
     for the grant, the holder's for an ask) is answered from each node's one
     watch stream, none from a watch opened for the wait."""
     a, b = nodes("a", hold=0), nodes("b", hold=0)
-    deadline = time.monotonic() + 30
-    while not (a.feed.live() and b.feed.live()):
-        assert time.monotonic() < deadline, "the grant feeds did not open"
-        time.sleep(0.05)
+    _wait_live(a)
+    _wait_live(b)
     before = [g.stats()["waits_own_watch"] for g in (a, b)]
     a.acquire("f", E)
     for i in range(30):
@@ -222,6 +227,7 @@ def test_an_unreachable_service(tmp_path):
         g = Grants(url, prefix="/down/", node="a", ttl=2)
         g.start()
         g.acquire("f", S)
+        _wait_live(g)
         srv.stop()
         with pytest.raises(GrantError) as ei:
             g.acquire("g", S, wait=5)
@@ -229,11 +235,7 @@ def test_an_unreachable_service(tmp_path):
         srv.start()
         g.acquire("g", S, wait=30)          # works again once it is back
         assert g.held("g") == S
-        # and the node's long-lived watch is opened again
-        deadline = time.monotonic() + 30
-        while not g.feed.live():
-            assert time.monotonic() < deadline, "the grant feed did not come back"
-            time.sleep(0.1)
+        _wait_live(g)                       # and the node's long-lived watch is open again
         assert g.stats()["grant_watch_streams"] >= 2
         g.close()
     # a port nobody listens on fails at start, not later
