@@ -244,6 +244,12 @@ class _Etcd:
                for kv in r.get("kvs", [])]
         return kvs, int(r["header"]["revision"])
 
+    def revision(self, prefix: str) -> int:
+        """The store's revision now (a count-only read: the keys stay there)."""
+        r = self.call(lambda c: c.post(c.get_url("/kv/range"), json={
+            "key": self.enc(prefix), "range_end": self.enc(_after(prefix)), "count_only": True}))
+        return int(r["header"]["revision"])
+
     def wait_change(self, prefix: str, revision: int, timeout: float) -> None:
         """Return at the first change under ``prefix`` after ``revision``, or
         after ``timeout`` (the caller reads again either way)."""
@@ -331,7 +337,7 @@ class _Feed:
         while not self.stopping.is_set():
             try:
                 if last is None:
-                    last = e.get_prefix(self.prefix)[1]
+                    last = e.revision(self.prefix)
                 start = last + 1
                 req = {"create_request": {"key": e.enc(self.prefix),
                                           "range_end": e.enc(_after(self.prefix)),
