@@ -132,19 +132,19 @@ def _stop(pid: int, name: str, timeout: float = 20.0) -> None:
         raise StandinError("%s (pid %d) does not stop" % (name, pid))
 
 
-def _is_mounted(path: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
-
-
 def _mount_source(path: str) -> str | None:
-    """The source field of the mount at ``path`` (``HOST:/VOLUME`` for ours)."""
+    """The source field of the mount at ``path`` (``HOST:/VOLUME`` for ours),
+    None if nothing is mounted there."""
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
             if fields[1] == path:
                 return fields[0]
     return None
+
+
+def _is_mounted(path: str) -> bool:
+    return _mount_source(path) is not None
 
 
 def _clear_dead_client(d: str) -> None:
