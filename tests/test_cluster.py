@@ -329,7 +329,8 @@ def test_a_give_up_whose_write_back_fails_keeps_the_data(etcd, tmp_path, request
             assert exc.value.errno == errno.ETIMEDOUT, exc.value
             assert time.monotonic() - start < 4 + 10
             st = json.loads(shimfs_cmd("stat", "--json", a + "/d").stdout)
-            assert st["file"]["dirty_bytes"] > 0 and st["file"]["grant"] == "E"
+            # A keeps its data Exclusive (B's open took only the size)
+            assert st["file"]["dirty_bytes"] > 0 and st["file"]["grant"] == "E 0M-end, S size"
             assert st["mount"]["give_up_failures"] >= 1
             assert m[:] == blob                        # A still reads its own bytes
             os.unlink(filler)

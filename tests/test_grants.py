@@ -18,7 +18,7 @@ import pytest
 
 from mounting import make_certs
 from shimfs.etcdserver import EtcdServer
-from shimfs.grants import E, S, GrantError, Grants, Security, parse_endpoints
+from shimfs.grants import END, E, S, GrantError, Grants, Security, parse_endpoints
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_readers_share_with_one_round_trip_each(nodes):
 
 def test_a_writer_takes_the_grant_from_readers(nodes):
     asked = []
-    a = nodes("a", give_up=lambda f, w: asked.append(("a", f, w)))
-    b = nodes("b", give_up=lambda f, w: asked.append(("b", f, w)))
+    a = nodes("a", give_up=lambda f, r, w: asked.append(("a", f, w)))
+    b = nodes("b", give_up=lambda f, r, w: asked.append(("b", f, w)))
     c = nodes("c")
     a.acquire("f", S)
     b.acquire("f", S)
@@ -82,7 +82,7 @@ def test_a_writer_takes_the_grant_from_readers(nodes):
 
 
 def test_an_exclusive_holder_may_keep_a_shared_grant(nodes):
-    a = nodes("a", give_up=lambda f, w: S)          # no writable handle left
+    a = nodes("a", give_up=lambda f, r, w: S)          # no writable handle left
     b = nodes("b")
     a.acquire("f", E)
     b.acquire("f", S)
@@ -107,7 +107,7 @@ def test_exclusive_is_exclusive_under_contention(nodes):
     locks = {}
 
     def give_up(name):
-        def cb(f, wanted):
+        def cb(f, ranges, wanted):
             with locks[name]:            # wait for this node's section to end
                 return None
         return cb
@@ -210,7 +210,7 @@ def test_a_killed_holder_loses_its_grant_with_its_lease(etcd, nodes, request):
 
 def test_a_holder_that_never_gives_up_times_out_the_asker(nodes):
     stuck = threading.Event()
-    a = nodes("a", give_up=lambda f, w: stuck.wait(30))
+    a = nodes("a", give_up=lambda f, r, w: stuck.wait(30))
     b = nodes("b")
     a.acquire("f", E)
     with pytest.raises(GrantError) as ei:
@@ -257,7 +257,7 @@ def test_tls_and_a_user_reach_their_prefix(secured):
     try:
         g.acquire("f", E)
         assert g.held("f") == E
-        assert "/site/g/f/E" in srv.etcdctl("get", "--prefix", "--keys-only", "/site/",
+        assert "/site/g/f/H/n1/0000000000000" in srv.etcdctl("get", "--prefix", "--keys-only", "/site/",
                                             user="root:rootpw")
     finally:
         g.close()
@@ -301,3 +301,51 @@ def test_security_needs_whole_pairs():
                dict(cert="c", key="k")):
         with pytest.raises(ValueError):
             Security(**kw)
+
+
+def test_writers_of_disjoint_extents_hold_them_at_once(nodes):
+    """Ranges: the first writer gets the whole file (nobody else is there);
+    a second writer of another extent takes only that extent from it, and
+    after that neither asks the service again for its own part."""
+    asked = []
+    a = nodes("a", give_up=lambda f, r, w: asked.append(("a", list(r), w)))
+    b = nodes("b", give_up=lambda f, r, w: asked.append(("b", list(r), w)))
+    a.acquire("f", ranges=[(0, 1, E)])
+    assert a.runs("f") == [(0, END, E)]
+    b.acquire("f", ranges=[(5, 6, E)])
+    assert asked == [("a", [(5, 6)], E)]
+    assert a.runs("f") == [(0, 5, E), (6, END, E)] and b.runs("f") == [(5, 6, E)]
+    before = (a.stats()["grants_asked"], b.stats()["grants_asked"])
+    for _ in range(3):
+        a.acquire("f", ranges=[(0, 5, E), (7, 9, E)])
+        b.acquire("f", ranges=[(5, 6, E)])
+    assert (a.stats()["grants_asked"], b.stats()["grants_asked"]) == before
+    assert a.held("f") is None and a.held("f", 6, END) == E and b.held("f", 5, 6) == E
+    # b's next extent comes from a too, and b's two runs merge into one key
+    b.acquire("f", ranges=[(6, 7, E)])
+    assert b.runs("f") == [(5, 7, E)] and a.runs("f") == [(0, 5, E), (7, END, E)]
+    assert asked[-1] == ("a", [(6, 7)], E)
+
+
+def test_a_reader_takes_the_largest_run_nobody_writes(nodes):
+    a = nodes("a")
+    b = nodes("b")
+    a.acquire("f", ranges=[(10, 11, E)])
+    b.acquire("f", ranges=[(3, 4, S)])       # a gives up only what b wants
+    assert b.runs("f") == [(3, 4, S)] and a.runs("f") == [(0, 3, E), (4, END, E)]
+    c = nodes("c")
+    c.acquire("g", ranges=[(3, 4, S)])       # nobody holds g: the whole file
+    assert c.runs("g") == [(0, END, S)]
+
+
+def test_a_holder_without_writers_downgrades_the_whole_file(nodes):
+    """Asked for Shared, a holder that can keep Shared (it says so) keeps
+    every range Shared, and the reader gets the whole file: one ask."""
+    calls = []
+    a = nodes("a", give_up=lambda f, r, w: calls.append((list(r), w)) or S)
+    b = nodes("b")
+    a.acquire("f", E)
+    b.acquire("f", ranges=[(3, 4, S)])
+    assert calls == [([(3, 4)], S)]
+    assert a.runs("f") == [(0, END, S)] and b.runs("f") == [(0, END, S)]
+    assert b.stats()["asks_sent"] == 1

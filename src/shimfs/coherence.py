@@ -64,11 +64,25 @@ class Coherence:
     def adopt(self, node: File, size: int, mtime_ns: int) -> None:
         """Forget the daemon's clean pages (and known zeros) of ``node`` and
         take the backing file's size and mtime; nothing of it is dirty.
-        For close-to-open reloads and new grants (cluster.py)."""
+        For close-to-open reloads."""
         cache = self.cache
         node.seen = (size, mtime_ns)
         cache.invalidate(node.fid, 0, max(size, cache.size(node.fid)))
         cache.truncate(node.fid, size)
+        node.mtime_ns = mtime_ns
+
+    def adopt_size(self, node: File, size: int, mtime_ns: int) -> None:
+        """Take the backing file's size and mtime, keeping the pages: for a
+        node given the size grant again (cluster.py).  Every page another
+        node's change touched was in an extent that node held Exclusive, so
+        this one dropped it then; what is left here is still true."""
+        cache = self.cache
+        cur = cache.size(node.fid)
+        if size > cur:
+            cache.set_size(node.fid, size)
+        elif size < cur:
+            cache.truncate(node.fid, size)
+        node.seen = (size, mtime_ns)
         node.mtime_ns = mtime_ns
 
     async def refresh(self, node: File, offset: int, length: int | None) -> int:

@@ -130,7 +130,8 @@ class Control:
                                pushing=cache.pushing(node.fid),
                                open_for_writing=node.writers)
             if node.grant is not None:
-                out["file"]["grant"] = node.grant.mode or "none"
+                from .cluster import describe
+                out["file"]["grant"] = describe(node.grant.fresh)
         return out
 
 

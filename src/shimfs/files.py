@@ -65,7 +65,7 @@ class OpenFiles:
         node.opens += 1
         node.writers += writable
         g = node.grant
-        if g is None or g.covers(False):
+        if g is None or g.whole():
             # WRITEs in C only off coherence: a coherent WRITE needs its grant
             self.cache.wire.add(fh, node.fid, stream is None,
                                 writes=writable and node.writable and g is None)
@@ -92,9 +92,7 @@ class OpenFiles:
         grant an open needs (Exclusive for writing: a writable mapping
         dirties pages without telling the daemon)."""
         if self.cluster is not None:
-            g = await self.cluster.join(node)
-            if not g.covers(write):
-                await self.cluster.need(g, write)
+            await self.cluster.join(node, write)
 
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
         """Open a file; returns the handle.  See also ``Coherence.revalidate``."""
@@ -127,9 +125,9 @@ class OpenFiles:
         if g is not None:
             # A coherent file: under its grant; during a give-up, from the
             # cache and without read-ahead, counted (cluster.py).
-            if not g.covers(False):
-                await self.cluster.need(g, False)
-            if g.invalidating:
+            cl = self.cluster
+            req = cl.for_read(g, off, size)
+            if (cl.state(g, req) or await cl.need(g, req)) == "giving":
                 stream = None
             g.reads += 1
             g.reading += 1
@@ -150,12 +148,25 @@ class OpenFiles:
         if not node.writable:
             raise FsError(errno.EBADF)
         g = node.grant
-        if g is not None and not g.covers(True):
-            await self.cluster.need(g, True)
+        if g is not None:
+            await self._need_write(g, node, off, len(data))
         n = await self.wb.with_reopen(node, self.cache.write, node.fid, off, data)
         node.wrote()
         self.wb.note_written(node)
         return n
+
+    async def _need_write(self, g, node: File, off: int, size: int) -> None:
+        """A coherent file: hold the extents of a write, and the size
+        Exclusive if the write may grow the file (as the size stands once
+        the size grant is held)."""
+        cl = self.cluster
+        while True:
+            grows = off + size > self.cache.size(node.fid)
+            req = cl.for_write(off, size, grows)
+            if cl.state(g, req) is None:
+                await cl.need(g, req)
+            if grows or off + size <= self.cache.size(node.fid):
+                return
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
         await self.wb.writeback(self.handle(fh).node, durable=True)
@@ -200,8 +211,12 @@ class OpenFiles:
         if not node.writable:
             raise FsError(errno.EACCES)
         g = node.grant
-        if g is not None and not g.covers(True):
-            await self.cluster.need(g, True)
+        if g is not None:
+            cl = self.cluster
+            for req in (cl.for_size(), None):
+                req = req or cl.for_truncate(size, self.cache.size(node.fid))
+                if cl.state(g, req) is None:
+                    await cl.need(g, req)
         fd = node.fd
 
         def resize():
@@ -232,8 +247,11 @@ class OpenFiles:
         if not h.writable or not node.writable:
             raise FsError(errno.EBADF)
         g = node.grant
-        if g is not None and not g.covers(True):
-            await self.cluster.need(g, True)
+        if g is not None:
+            await self._need_write(g, node, offset, length)
+            req = self.cluster.for_size(True)
+            if self.cluster.state(g, req) is None:
+                await self.cluster.need(g, req)
         fd = node.fd
 
         def allocate():

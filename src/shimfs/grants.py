@@ -408,28 +408,109 @@ class _Feed:
             self.cv.notify_all()
 
 
+#: Extents are numbered from 0, and END is one past the last: a grant is of
+#: a range [a, b) of them.  The caller says what an extent is (cluster.py:
+#: 4 MiB of data each, and the last one, META, the file's size and
+#: attributes); ``acquire(f, mode)`` alone is of the whole file.
+END = 1 << 40
+
+
+def norm(ivs: list) -> list:
+    """Sorted, with touching runs of one mode merged."""
+    out: list = []
+    for a, b, m in sorted(ivs):
+        if a >= b:
+            continue
+        if out and out[-1][1] == a and out[-1][2] == m:
+            out[-1] = (out[-1][0], b, m)
+        else:
+            out.append((a, b, m))
+    return out
+
+
+def cut(ivs: list, a: int, b: int) -> list:
+    """``ivs`` without [a, b)."""
+    out = []
+    for x, y, m in ivs:
+        if y <= a or x >= b:
+            out.append((x, y, m))
+            continue
+        if x < a:
+            out.append((x, a, m))
+        if y > b:
+            out.append((b, y, m))
+    return out
+
+
+def _grant_into(ivs: list, a: int, b: int, mode: str) -> list:
+    """``ivs`` once [a, b) is granted in ``mode`` (Shared leaves Exclusive
+    parts Exclusive)."""
+    if mode == E:
+        return norm(cut(ivs, a, b) + [(a, b, E)])
+    out = cut(ivs, a, b) + [(a, b, S)]
+    for x, y, m in ivs:
+        if m == E and y > a and x < b:
+            out = cut(out, max(x, a), min(y, b)) + [(max(x, a), min(y, b), E)]
+    return norm(out)
+
+
+def covers(ivs: list, a: int, b: int, mode: str) -> bool:
+    """Do ``ivs`` hold all of [a, b) in ``mode`` (Exclusive covers Shared)?"""
+    pos = a
+    for x, y, m in ivs:
+        if y <= pos:
+            continue
+        if x > pos or (mode == E and m != E):
+            return False
+        pos = y
+        if pos >= b:
+            return True
+    return pos >= b
+
+
+def _conflict(m1: str, m2: str) -> bool:
+    return m1 == E or m2 == E
+
+
+def _fmt_ranges(req: list) -> str:
+    return ";".join("%s %d %d" % (m, a, b) for a, b, m in req)
+
+
+def _parse_ranges(text: str) -> list:
+    out = []
+    for part in text.split(";"):
+        m, a, b = part.split()
+        out.append((int(a), int(b), m))
+    return out
+
+
 class _State:
-    __slots__ = ("mode", "since", "busy", "serial", "op")
+    __slots__ = ("ivs", "since", "busy", "serial", "op", "acq", "acquiring")
 
     def __init__(self):
-        self.mode: str | None = None     # what this node holds
-        self.since = 0.0                 # monotonic time it was granted
+        self.ivs: list = []              # what this node holds: [(a, b, mode)], sorted
+        self.since = 0.0                 # monotonic time of the last grant
         self.busy = False                # a give-up is under way
-        self.serial = 0                  # which grant this is (Grants.serial)
+        self.serial = 0                  # the last grant's number (Grants.serial)
         # One round of an acquire, or one give-up, at a time: a give-up
-        # that overlapped an upgrade's transaction could delete the keys
-        # the upgrade had just written.
+        # that overlapped an acquire's transaction could delete the keys
+        # it had just written.
         self.op = threading.Lock()
+        self.acq = threading.Lock()      # one acquire of the file at a time on this node
+        self.acquiring = 0
 
 
 class Grants:
-    """This node's side of the book.  ``give_up(file, wanted) -> kept mode``
-    and ``on_lost(files)`` are called on the grants' own threads."""
+    """This node's side of the book.  ``give_up(file, ranges, wanted) ->
+    kept`` and ``on_lost(files)`` are called on the grants' own threads:
+    ``ranges`` are the [a, b) this node must let go of, ``wanted`` the
+    strongest mode the askers want there; returning ``S`` (possible only
+    when ``wanted`` is S) keeps every range this node holds, Shared."""
 
     def __init__(self, endpoints: Iterable[tuple[str, int]] | str, prefix: str = "/shimfs/",
                  node: str | None = None, ttl: int = TTL, hold: float = HOLD,
                  wait: float = WAIT, security: Security = Security(),
-                 give_up: Callable[[str, str], str | None] = lambda f, w: None,
+                 give_up: Callable[[str, list, str], str | None] = lambda f, r, w: None,
                  on_lost: Callable[[list[str]], None] = lambda files: None):
         if isinstance(endpoints, str):
             endpoints = parse_endpoints(endpoints)
@@ -493,158 +574,214 @@ class Grants:
     def _gdir(self, f: str) -> str:
         return "%sg/%s/" % (self.prefix, f)
 
-    def _ekey(self, f: str) -> str:
-        return self._gdir(f) + "E"
+    def _hdir(self, f: str, node: str) -> str:
+        return "%sH/%s/" % (self._gdir(f), node)
 
-    def _sdir(self, f: str) -> str:
-        return self._gdir(f) + "S/"
-
-    def _wdir(self, f: str) -> str:
-        return self._gdir(f) + "W/"
+    def _wkey(self, f: str, node: str) -> str:
+        return "%sW/%s" % (self._gdir(f), node)
 
     def _askdir(self, node: str) -> str:
         return "%sask/%s/" % (self.prefix, node)
 
-    # -- asking ------------------------------------------------------------------
-    def held(self, f: str) -> str | None:
-        st = self.files.get(f)
-        return st.mode if st is not None else None
+    def _read(self, f: str) -> tuple[dict, dict, int]:
+        """Everything the book says of ``f``: ({node: holdings}, {node:
+        (create revision, wanted ranges)}, revision)."""
+        e = self.etcd
+        r = e.txn([], [e.range_req(self._gdir(f), prefix=True)], [])
+        return self._parse(f, e.meta(r, 0)) + (int(r["header"]["revision"]),)
+
+    def _parse(self, f: str, kvs: list) -> tuple[dict, dict]:
+        gdir = self._gdir(f)
+        holds: dict[str, list] = {}
+        waits: dict[str, tuple[int, list]] = {}
+        for key, value, _mod, create in kvs:
+            rest = key[len(gdir):]
+            try:
+                if rest.startswith("H/"):
+                    node, _, start = rest[2:].rpartition("/")
+                    mode, end = value.split()
+                    holds.setdefault(node, []).append((int(start), int(end), mode))
+                elif rest.startswith("W/"):
+                    waits[rest[2:]] = (create, _parse_ranges(value))
+            except ValueError:
+                log.warning("a key of the book that is not this version's: %s", key)
+        for ivs in holds.values():
+            ivs.sort()
+        return holds, waits
+
+    def _rewrite(self, f: str, old: list, new: list) -> list:
+        """The requests that turn this node's holding keys ``old`` into ``new``."""
+        e, hdir = self.etcd, self._hdir(f, self.node)
+        was = {a: (b, m) for a, b, m in old}
+        now = {a: (b, m) for a, b, m in new}
+        ops = [e.del_req(hdir + "%013d" % a) for a in was if a not in now]
+        ops += [e.put_req(hdir + "%013d" % a, "%s %d" % (m, b), self.lease)
+                for a, (b, m) in now.items() if was.get(a) != (b, m)]
+        return ops
+
+    # -- what is held --------------------------------------------------------
+    def held(self, f: str, a: int = 0, b: int = END) -> str | None:
+        """The mode this node holds all of [a, b) of ``f`` in (default: the
+        whole file), or None."""
+        with self.mu:
+            st = self.files.get(f)
+            ivs = st.ivs if st is not None else []
+        if covers(ivs, a, b, E):
+            return E
+        return S if covers(ivs, a, b, S) else None
+
+    def holds(self, f: str, req: list) -> bool:
+        """Does this node hold every (a, b, mode) of ``req``?"""
+        with self.mu:
+            st = self.files.get(f)
+            if st is None or st.busy:
+                return False
+            return all(covers(st.ivs, a, b, m) for a, b, m in req)
+
+    def runs(self, f: str) -> list:
+        """What this node holds of ``f``: [(a, b, mode)], sorted."""
+        with self.mu:
+            st = self.files.get(f)
+            return list(st.ivs) if st is not None else []
 
     def serial(self, f: str) -> int:
-        """The serial number of this node's grant of ``f`` (0: none).  Every
-        grant gets a new, larger one, so a caller can tell whether the grant
-        an ``acquire`` returned is the one a give-up is taking away."""
-        st = self.files.get(f)
-        return st.serial if st is not None and st.mode is not None else 0
+        """The number of this node's last grant of ``f`` (0: nothing held)."""
+        with self.mu:
+            st = self.files.get(f)
+            return st.serial if st is not None and st.ivs else 0
 
-    def acquire(self, f: str, mode: str, wait: float | None = None) -> int:
-        """Return once this node holds ``mode`` (or Exclusive, which covers
-        Shared) on file ``f``, with the grant's serial number; GrantError
-        after ``wait`` seconds."""
-        if mode not in (S, E):
-            raise ValueError(mode)
+    # -- asking ------------------------------------------------------------------
+    def acquire(self, f: str, mode: str = S, wait: float | None = None,
+                ranges: list | None = None) -> int:
+        """Return once this node holds ``mode`` on all of ``f`` (or, with
+        ``ranges``, every (a, b, mode) of them; Exclusive covers Shared),
+        with the grant's serial number; GrantError after ``wait`` seconds."""
+        req = list(ranges) if ranges is not None else [(0, END, mode)]
+        for a, b, m in req:
+            if m not in (S, E) or not 0 <= a < b <= END:
+                raise ValueError((a, b, m))
         with self.mu:
             st = self.files.setdefault(f, _State())
             while st.busy:                      # a give-up of f is under way
                 self.changed.wait()
-            if st.mode == E or st.mode == mode:
+            if all(covers(st.ivs, a, b, m) for a, b, m in req):
                 return st.serial
+            st.acquiring += 1
         self._count("grants_asked")
         start = time.monotonic()
         deadline = start + (self.wait if wait is None else wait)
         waited = False
         try:
-            while True:
-                with self.mu:
-                    st = self.files.setdefault(f, _State())
-                with st.op:
-                    if st.mode == E or st.mode == mode:     # granted by a round before
-                        return st.serial
-                    granted, rev = self._try(f, mode)
-                    if granted:
-                        return self.serial(f)
-                waited = True
-                if time.monotonic() > deadline:
-                    raise GrantError(errno.ETIMEDOUT, "no %s grant of %s within %.0f s"
-                                     % (mode, f, deadline - start))
-                if rev is not None:         # (None: changed while deciding, again at once)
-                    self._wait_change(self._gdir(f), rev,
-                                          min(POLL, max(0.0, deadline - time.monotonic())))
-        except BaseException:
+            if not st.acq.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise GrantError(errno.ETIMEDOUT, "no grant of %s within %.0f s"
+                                 % (f, deadline - start))
             try:
-                self.etcd.txn([], [self.etcd.del_req(self._wdir(f) + self.node)], [])
-            except GrantError:
-                pass                        # it goes with the lease
-            raise
+                while True:
+                    with st.op:
+                        with self.mu:
+                            if all(covers(st.ivs, a, b, m) for a, b, m in req):
+                                return st.serial    # granted by a round before
+                        granted, rev = self._try(f, st, req)
+                        if granted:
+                            return st.serial
+                    waited = True
+                    if time.monotonic() > deadline:
+                        raise GrantError(errno.ETIMEDOUT, "no %s grant of %s within %.0f s"
+                                         % (_fmt_ranges(req), f, deadline - start))
+                    if rev is not None:     # (None: changed while deciding, again at once)
+                        self._wait_change(self._gdir(f), rev,
+                                          min(POLL, max(0.0, deadline - time.monotonic())))
+            except BaseException:
+                try:
+                    self.etcd.txn([], [self.etcd.del_req(self._wkey(f, self.node))], [])
+                except GrantError:
+                    pass                    # it goes with the lease
+                raise
+            finally:
+                st.acq.release()
         finally:
+            with self.mu:
+                st.acquiring -= 1
             if waited:
                 self._count("grant_waits")
                 self._count("grant_wait_seconds", time.monotonic() - start)
 
-    def _try(self, f: str, mode: str) -> tuple[bool, int | None]:
-        """One round: (True, rev) once granted; else asks the holders in the
-        way and returns (False, the revision to wait for changes after, or
-        None: things changed already, go again).  Every round asks again: a
-        holder may have been granted anew since it served the last ask, and
-        an ask that reached a node still waiting for its own grant was
-        dropped.
+    def _try(self, f: str, st: _State, req: list) -> tuple[bool, int | None]:
+        """One round, under ``st.op``: (True, rev) once granted; else asks
+        the holders in the way and returns (False, the revision to wait for
+        changes after, or None: things changed already, go again).
 
-        Waiters queue: a node that must wait writes ``W/NODE``, and a free
-        grant goes to the oldest waiter first.  Without the queue, a node
-        that had just given a grant up took it back before the asker (woken
-        by its watch some milliseconds later) could: one writer starved the
-        other for seconds.
+        The round reads every key of the file, decides, and writes in one
+        transaction guarded by "nothing of the file changed since the read".
+        A grant is the largest run around each wanted range that conflicts
+        with no other node's holding and no other node's wait (GPFS's
+        token trick: with no conflict at all, that is the whole file).
 
-        The asks go in one transaction guarded by what they were decided on
-        (the holders' keys unchanged), and the wait watches from that
-        transaction's revision: etcd answers a watch that starts at a past
-        revision from a loop that runs every 100 ms, one from the present
-        at once.  That took every handoff from ~100 ms to ~30 ms."""
-        e, ekey, sdir, wdir = self.etcd, self._ekey(f), self._sdir(f), self._wdir(f)
-        me, my_wait = sdir + self.node, wdir + self.node
-        # (Exclusive: the Shared holders left come back with the grant, at [3])
-        take = ([e.put_req(me, "", self.lease), e.del_req(my_wait)] if mode == S else
-                [e.put_req(ekey, self.node, self.lease), e.del_req(me), e.del_req(my_wait),
-                 e.range_req(sdir, prefix=True)])
-        r = e.txn([e.absent(ekey), e.empty(wdir)], take,
-                  [e.range_req(ekey), e.range_req(wdir, prefix=True)])
-        rev = int(r["header"]["revision"])
-        granted = bool(r.get("succeeded"))
-        if not granted:
-            owner = e.meta(r, 0)
-            waiters = {k[len(wdir):]: (c, m) for k, _, m, c in e.meta(r, 1)}
-            line = [my_wait] if self.node not in waiters else []
-            if owner and owner[0][1] != self.node:
-                return False, self._ask_all(f, mode, [owner[0][1]], line,
-                                            [e.same(ekey, owner[0][2])], rev)
-            if not owner:
-                mine = waiters.get(self.node, (None,))[0]
-                older = [(n, m) for n, (c, m) in waiters.items()
-                         if n != self.node and (mine is None or c < mine)]
-                if older:                    # another waits longer: get in line
-                    return False, self._ask_all(
-                        f, mode, [], line,
-                        [e.absent(ekey)] + [e.same(wdir + n, m) for n, m in older], rev)
-                r = e.txn([e.absent(ekey), e.unchanged(wdir, rev)], take, [])
-                rev = int(r["header"]["revision"])
-                if not r.get("succeeded"):
-                    return False, None
-                granted = True
-        if mode == S:
-            return self._granted(f, S), rev
-        if granted:
-            sharers = e.meta(r, 3)
-        else:
-            # the Exclusive key is ours already: are the Shared holders gone?
-            r = e.txn([], [e.range_req(ekey), e.range_req(sdir, prefix=True)], [])
-            rev = int(r["header"]["revision"])
-            if [v for _, v, _, _ in e.meta(r, 0)] != [self.node]:
-                return False, None      # given up meanwhile (an ask came): again
-            sharers = e.meta(r, 1)
-        holders = [(k, m) for k, _, m, _ in sharers if k != me]
-        if not holders:
-            return self._granted(f, E), rev
-        return False, self._ask_all(f, mode, [k[len(sdir):] for k, _ in holders], [],
-                                    [e.same(k, m) for k, m in holders], rev)
-
-    def _ask_all(self, f: str, mode: str, holders: list[str], puts: list[str],
-                 guards: list[dict], rev: int) -> int | None:
-        """Ask ``holders`` to give ``f`` up, and write ``puts`` (getting in
-        line), in one transaction that runs only if ``guards`` hold; the
-        transaction's revision, None if a guard failed (things changed
-        since ``rev``: go again at once), or ``rev`` if there was nothing to
-        write."""
-        e = self.etcd
-        ops = [e.put_req(self._askdir(h) + f, "%s %s" % (self.node, mode), self.lease)
-               for h in holders if h != self.node]
-        ops += [e.put_req(k, "", self.lease) for k in puts]
+        Waiters queue: a node that must wait writes ``W/NODE`` (with the
+        ranges it wants), and a range goes to the oldest waiter first: a
+        node that had just given a grant up took it back before the asker
+        (woken by its watch some milliseconds later) could, and one writer
+        starved the other for seconds.  Every round asks again: a holder
+        may have been granted anew since it served the last ask."""
+        e, gdir = self.etcd, self._gdir(f)
+        holds, waits, rev = self._read(f)
+        mine = holds.pop(self.node, [])
+        my_wait = waits.pop(self.node, None)
+        in_way = sorted({n for a, b, m in req for n, ivs in holds.items()
+                         for x, y, hm in ivs if x < b and a < y and _conflict(m, hm)})
+        older = [n for n, (c, rs) in waits.items()
+                 if (my_wait is None or c < my_wait[0])
+                 and any(x < b and a < y and _conflict(m, wm)
+                         for a, b, m in req for x, y, wm in rs)]
+        if not in_way and not older:
+            new = mine
+            for a, b, m in req:
+                lo, hi = self._largest(a, b, m, holds, waits)
+                new = _grant_into(new, lo, hi, m)
+            ops = self._rewrite(f, mine, new)
+            if my_wait is not None:
+                ops.append(e.del_req(self._wkey(f, self.node)))
+            r = e.txn([e.unchanged(gdir, rev)], ops, []) if ops else {"succeeded": True,
+                                                                        "header": {"revision": rev}}
+            if not r.get("succeeded"):
+                return False, None
+            with self.mu:
+                st.ivs = new
+                st.since = time.monotonic()
+                st.serial = self.last_serial = next(self._serials)
+            return True, int(r["header"]["revision"])
+        ops = []
+        if my_wait is None or my_wait[1] != req:
+            ops.append(e.put_req(self._wkey(f, self.node), _fmt_ranges(req), self.lease))
+        ops += [e.put_req(self._askdir(n) + f, self.node, self.lease) for n in in_way]
         if not ops:
-            return rev
-        r = e.txn(guards, ops, [])
+            return False, rev
+        r = e.txn([e.unchanged(gdir, rev)], ops, [])
         if not r.get("succeeded"):
-            return None
-        self._count("asks_sent", len(ops) - len(puts))
-        return int(r["header"]["revision"])
+            return False, None
+        self._count("asks_sent", len(in_way))
+        return False, int(r["header"]["revision"])
+
+    @staticmethod
+    def _largest(a: int, b: int, m: str, holds: dict, waits: dict) -> tuple[int, int]:
+        """The largest [lo, hi) around [a, b) that no other node holds or
+        waits for in a mode conflicting with ``m``."""
+        lo, hi = 0, END
+        others = [iv for ivs in holds.values() for iv in ivs] + \
+                 [iv for _, rs in waits.values() for iv in rs]
+        for x, y, om in others:
+            if not _conflict(m, om):
+                continue
+            if y <= a:
+                lo = max(lo, y)
+            elif x >= b:
+                hi = min(hi, x)
+            else:                           # a younger waiter inside: not past it
+                if x <= a:
+                    lo = max(lo, a)
+                if y >= b:
+                    hi = min(hi, b)
+        return lo, hi
 
     def _wait_change(self, prefix: str, revision: int, timeout: float) -> None:
         """Until a change under ``prefix`` after ``revision`` (or ``timeout``):
@@ -656,18 +793,14 @@ class Grants:
             self._count("waits_own_watch")
             self.etcd.wait_change(prefix, revision, timeout)
 
-    def _granted(self, f: str, mode: str) -> bool:
-        with self.mu:
-            st = self.files.setdefault(f, _State())
-            st.mode, st.since = mode, time.monotonic()
-            st.serial = self.last_serial = next(self._serials)
-        return True
-
     def release(self, f: str) -> None:
         """Give ``f`` up of this node's own accord (nothing is cached any more)."""
         with self.mu:
-            st = self.files.pop(f, None)
-        if st is not None and st.mode is not None:
+            st = self.files.get(f)
+            if st is None or st.acquiring or st.busy:
+                return
+            del self.files[f]
+        if st.ivs:
             self._drop_own(f)
 
     # -- being asked ---------------------------------------------------------------
@@ -677,8 +810,8 @@ class Grants:
         while not self.stopping.is_set():
             try:
                 kvs, rev = self.etcd.get_prefix(mine)
-                for key, value in kvs:
-                    self._serve_one(key[len(mine):], *value.split(" ", 1))
+                for key, _value in kvs:
+                    self._serve_one(key[len(mine):])
                     self.etcd.txn([], [self.etcd.del_req(key)], [])
                 if not kvs:
                     self._wait_change(mine, rev, POLL)
@@ -691,58 +824,74 @@ class Grants:
                 log.exception("serving asks")
                 self.stopping.wait(POLL)
 
-    def _serve_one(self, f: str, requester: str, wanted: str) -> None:
+    def _serve_one(self, f: str) -> None:
+        """Let go of what other nodes wait for (their ``W`` keys) and this
+        node holds in a conflicting mode: after ``hold``, the caller's
+        ``give_up`` drops its caches of those ranges, then the keys change.
+        This node's own state says "not held" before the caches go."""
         self._count("asks_served")
         with self.mu:
             st = self.files.get(f)
         if st is None:
-            # Nothing granted here.  Keys left by a give-up whose deletion
-            # failed go now.
-            self._drop_own(f)
+            self._drop_own(f)               # keys a failed deletion left
             return
         with st.op:
+            holds, waits, _ = self._read(f)
+            in_book = holds.get(self.node, [])
+            waits.pop(self.node, None)
             with self.mu:
-                conflict = st.mode is not None and not (st.mode == S and wanted == S)
-                if conflict:
-                    st.busy = True
-            if not conflict:
-                # No conflict, or nothing granted: keys left by a failed
-                # deletion, or an Exclusive key taken by an acquire still
-                # waiting for Shared holders, go now (two upgrading nodes
-                # would otherwise wait for each other).
-                if st.mode is None:
-                    self._drop_own(f)
+                old = list(st.ivs)
+            must: list = []
+            wanted = S
+            for _, rs in waits.values():
+                for a, b, m in rs:
+                    for x, y, hm in old:
+                        if x < b and a < y and _conflict(m, hm):
+                            must.append((max(x, a), min(y, b)))
+                            if m == E:
+                                wanted = E
+            if not must:
+                if in_book != old:          # keys a failed rewrite left
+                    ops = self._rewrite(f, in_book, old)
+                    if ops:
+                        self.etcd.txn([], ops, [])
                 return
+            must = [(a, b) for a, b, _ in norm([(a, b, "") for a, b in must])]
+            with self.mu:
+                st.busy = True
             try:
                 left = st.since + self.hold - time.monotonic()
                 if left > 0:
                     time.sleep(left)
-                kept = S if self.give_up_cb(f, wanted) == S and wanted == S \
-                    and st.mode == E else None
-                with self.mu:               # the caches are gone: so is the grant, here first
-                    st.mode = kept
+                rest = old
+                for a, b in must:
+                    rest = cut(rest, a, b)
+                with self.mu:               # not held here first, then the caches go
+                    st.ivs = rest
+                try:
+                    kept = self.give_up_cb(f, must, wanted)
+                except BaseException:
+                    with self.mu:
+                        st.ivs = old
+                    raise
+                new = norm([(a, b, S) for a, b, _ in old]) if kept == S and wanted == S else rest
+                with self.mu:
+                    st.ivs = new
                 self._count("grants_given_up")
-                # (keys a failed deletion leaves are deleted at the next ask)
-                e = self.etcd
-                if kept == S:
-                    e.txn([], [e.del_req(self._ekey(f)),
-                               e.put_req(self._sdir(f) + self.node, "", self.lease)], [])
-                else:
-                    self._drop_own(f)
+                # (keys a failed rewrite leaves are rewritten at the next ask)
+                ops = self._rewrite(f, in_book, new)
+                if ops:
+                    self.etcd.txn([], ops, [])
             finally:
                 with self.mu:
                     st.busy = False
-                    if st.mode is None and self.files.get(f) is st:
-                        del self.files[f]
                     self.changed.notify_all()
 
     def _drop_own(self, f: str) -> None:
-        """Delete this node's Shared key of ``f``, and its Exclusive key."""
-        e = self.etcd
-        e.txn([{"key": e.enc(self._ekey(f)), "result": "EQUAL", "target": "VALUE",
-                "value": e.enc(self.node)}],
-              [e.del_req(self._ekey(f)), e.del_req(self._sdir(f) + self.node)],
-              [e.del_req(self._sdir(f) + self.node)])
+        """Delete every holding key of this node for ``f``."""
+        e, hdir = self.etcd, self._hdir(f, self.node)
+        e.txn([], [{"request_delete_range": {"key": e.enc(hdir),
+                                             "range_end": e.enc(_after(hdir))}}], [])
 
     # -- the lease -----------------------------------------------------------------
     def _keep_alive(self) -> None:
@@ -775,8 +924,9 @@ class Grants:
 
     def _lost(self) -> None:
         with self.mu:
-            files = [f for f, st in self.files.items() if st.mode is not None]
-            self.files.clear()
+            files = [f for f, st in self.files.items() if st.ivs]
+            for st in self.files.values():
+                st.ivs = []
             self.changed.notify_all()
         if files:
             self._count("grants_lost", len(files))
@@ -793,5 +943,5 @@ class Grants:
 
     def stats(self) -> dict:
         with self.mu:
-            held = sum(1 for st in self.files.values() if st.mode is not None)
+            held = sum(1 for st in self.files.values() if st.ivs)
         return dict(self.counters, grants_held=held, grant_watch_streams=self.feed.streams)

@@ -99,8 +99,8 @@ class Vfs:
         node = self.namespace.inodes.get(ino)
         if self.cluster is not None:
             g = getattr(node, "grant", None)
-            if g is not None and not g.covers(False):
-                await self.cluster.need(g, False)
+            if g is not None and self.cluster.state(g, self.cluster.for_size()) is None:
+                await self.cluster.need(g, self.cluster.for_size())
         if getattr(node, "writers", 0):
             self.files.take_written(node)   # ctime of WRITEs the wire took
         return self.namespace.getattr(ino)
@@ -108,8 +108,8 @@ class Vfs:
     async def _lookup_coherent(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> Attr:
         attr = await self.namespace.lookup(parent_ino, name, ctx)
         g = getattr(self.namespace.inodes.get(attr.ino), "grant", None)
-        if g is not None and not g.covers(False):
-            await self.cluster.need(g, False)
+        if g is not None and self.cluster.state(g, self.cluster.for_size()) is None:
+            await self.cluster.need(g, self.cluster.for_size())
             attr = self.namespace.getattr(attr.ino)
         return attr
 
