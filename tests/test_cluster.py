@@ -242,6 +242,46 @@ def test_readers_share_a_file_with_one_round_trip_each(two):
     assert after[b]["grants_held"] >= 1 and after[a]["grants_held"] >= 1
 
 
+def test_writers_of_disjoint_extents_write_at_once(two):
+    """Extents: once B has taken the one extent it writes from A, each node
+    faults and writes its own part with no ask, no wait and no give-up, and
+    then each reads the other's latest bytes."""
+    from shimfs.cluster import EXTENT
+    a, b = two
+    _new_file(a + "/x", 4 * EXTENT)
+    far = 3 * EXTENT
+    fds = [os.open(p + "/x", os.O_RDWR) for p in (a, b)]
+    ma, mb = (mmap.mmap(fd, 4 * EXTENT) for fd in fds)
+    try:
+        ma[0:8] = b"A-start-"
+        mb[far:far + 8] = b"B-start-"           # B takes extent 3 from A
+        before = {p: mount_stats(p) for p in (a, b)}
+        for i in range(1, 21):
+            page = i * 4096 * 7                  # a page neither has touched
+            ma[page:page + 8] = b"A%07d" % i
+            mb[far + page:far + page + 8] = b"B%07d" % i
+            ma[0:8] = b"A%07d" % i
+            mb[far:far + 8] = b"B%07d" % i
+        after = {p: mount_stats(p) for p in (a, b)}
+        for p in (a, b):
+            for name in ("grants_asked", "grants_given_up", "asks_sent", "grant_waits"):
+                assert after[p][name] == before[p][name], (p, name)
+        grant_b = json.loads(shimfs_cmd("stat", "--json", b + "/x").stdout)["file"]["grant"]
+        # B holds extent 3 (and what the kernel's read-around took), not 0
+        assert "M-16M" in grant_b and not grant_b.startswith("E 0M"), grant_b
+        assert os.pread(fds[1], 8, 0) == b"A0000020"          # B now takes extent 0
+        assert os.pread(fds[0], 8, far) == b"B0000020"        # and A extent 3
+        assert os.pread(fds[0], 8, far + 20 * 4096 * 7) == b"B0000020"
+        assert os.pread(fds[1], 8, 20 * 4096 * 7) == b"A0000020"
+    finally:
+        ma.close()
+        mb.close()
+        for fd in fds:
+            os.close(fd)
+    data = read_file(a + "/x")
+    assert data[:8] == b"A0000020" and data[far:far + 8] == b"B0000020"
+
+
 def test_a_node_killed_holding_dirty_pages_lets_the_others_go_on(etcd, dirs, tmp_path, request):
     """A writes and msyncs, writes again without msync, and is killed (-9):
     B waits at most for A's lease, then reads the msync'd bytes."""
