@@ -3,31 +3,36 @@
 A mount with ``-o coherence=etcd://...`` enters every file it opens or
 creates in the cluster's book of grants (:mod:`shimfs.grants`), named by
 the backing file's inode number, so that every node agrees which file is
-which whatever path it mounts the shared file system at.  While this node
-holds a grant of a file it caches the file (in the kernel and in the
-daemon) as it always does; without one, nothing of the file is cached here,
-and a READ, WRITE, truncate or stat of it waits (in a worker thread) for a
-grant: Shared if no handle on this node is writable, else Exclusive.  An
-open for writing takes Exclusive before it returns, because the first store
-to a mapped page never reaches the daemon.
+which whatever path it mounts the shared file system at.  Grants are of
+extents: ``EXTENT`` bytes of data each, and one more (``META``) for the
+file's size and attributes.  While this node holds an extent it caches it
+(in the kernel and in the daemon) as it always does; without one, nothing
+of it is cached here, and a READ or WRITE of it waits (in a worker thread)
+for a grant: Shared if no handle on this node is writable, else
+Exclusive.  GETATTR, LOOKUP and open take the size Shared; a WRITE past the
+end, truncate and fallocate take it Exclusive.  An open for writing turns
+what this node holds Shared into Exclusive before it returns, because the
+first store to a mapped page never reaches the daemon.
 
-Giving a grant up (asked by the book's thread, carried out here on the trio
+Giving a range up (asked by the book's thread, carried out here on the trio
 thread):
 
-1. the compiled READ path stops answering the file's READs;
-2. ranged NOTIFY_INVAL_INODE of the whole file, from a worker: the kernel
-   writes its dirty pages back as WRITEs, and drops the rest.  READs that
-   arrive meanwhile are served from the daemon's cache, which is still the
-   latest copy: a READ holds its page locked, and the invalidation waits
-   for that lock, so a READ that waited for a grant here would deadlock.
-   The invalidation repeats until a pass saw no READ start;
-3. the grant counts as gone here (new READs wait for a new one);
+1. waits of requests that touch the range are cancelled, and the compiled
+   READ path (which answers only files this node holds whole) lets go;
+2. ranged NOTIFY_INVAL_INODE of the range, from a worker: the kernel
+   writes its dirty pages back as WRITEs, and drops the rest.  Requests
+   that touch the range meanwhile are served from the daemon's cache,
+   which is still the latest copy: a READ holds its page locked, and the
+   invalidation waits for that lock, so a READ that waited for a grant
+   here would deadlock.  The invalidation repeats until a pass saw no READ
+   start;
+3. the range counts as gone here (new requests wait for a new grant);
 4. write-back and fsync of the backing file;
-5. the daemon's pages of the file are dropped; then the book deletes the
-   keys and the asking node is granted.
+5. the daemon's pages of the range are dropped; then the book rewrites
+   the keys and the asking node is granted.
 
 An Exclusive holder with no writable handle left that is asked for Shared
-writes back and keeps a Shared grant, and its caches.  Runs on the trio
+writes back and keeps everything Shared, and its caches.  Runs on the trio
 thread; the book's calls block and run in threads (docs/coherence.md).
 """
 from __future__ import annotations

@@ -1,44 +1,43 @@
-"""Cluster-wide grants over etcd: Phillips' Shared and Exclusive states.
+"""Cluster-wide grants over etcd: Phillips' Shared and Exclusive states, by extent.
 
-This room only keeps the cluster's book of who may cache which file; what a
-node does to give a grant up (invalidate its kernel pages, write back and
-fsync, drop its daemon pages) is the caller's ``give_up`` callback.  It
-knows nothing of FUSE.  Everything here blocks: call it from worker
-threads, never from the trio thread.
+This room only keeps the cluster's book of who may cache which extents of
+which file; what a node does to give a range up (invalidate its kernel
+pages, write back and fsync, drop its daemon pages) is the caller's
+``give_up`` callback.  It knows nothing of FUSE, nor of what an extent is
+(cluster.py: 4 MiB of data, and the last one the file's size): it deals in
+ranges [a, b) of extent numbers, up to ``END``.  Everything here blocks:
+call it from worker threads, never from the trio thread.
 
 The book (every key under the prefix the mount names, ``PREFIX``):
 
-* ``PREFIX/g/FILE/E`` = node: the file's Exclusive holder;
-* ``PREFIX/g/FILE/S/NODE``: a Shared holder;
-* ``PREFIX/ask/NODE/FILE`` = "REQUESTER MODE": please give FILE up;
+* ``PREFIX/g/FILE/H/NODE/A`` = "MODE B": NODE holds extents [A, B) of FILE
+  in MODE (S or E; one key per run, touching runs of one mode merged);
+* ``PREFIX/g/FILE/W/NODE`` = "MODE A B;...": NODE waits for those ranges
+  (the queue: its create revision is its place in line);
+* ``PREFIX/ask/NODE/FILE`` = requester: please look at FILE's waiters;
 * ``PREFIX/nodes/NODE`` = host: the node is there (written at ``start``,
   which so proves that the node may write the prefix).
 
 Every key a node writes lives on that node's lease, so a node that dies
-loses its grants and its requests when the lease expires (``ttl``).  A grant
-is taken in one transaction: Shared if no Exclusive key exists, Exclusive if
-none exists (and the node's own Shared key goes in the same transaction);
-an Exclusive holder is granted only once no other Shared key is left.  A
-node that finds a conflicting holder writes an ask and waits for the
-holder's key to go, re-reading it at least every ``POLL`` seconds, so that
-neither a watch lost with a broken connection nor a missed event can make
-it wait for ever.
+loses its grants and its requests when the lease expires (``ttl``).  A round
+of an acquire reads every key of the file and writes in one transaction
+guarded by "nothing of the file changed since": it grants the largest run
+around each wanted range that conflicts with no other node's holding or
+wait (GPFS's token trick: a file nobody else has is granted whole, in one
+round trip), or else gets in line and asks the holders in the way.
 
-Asks are served by one thread per node, in order: after the grant has been
-held for at least ``hold`` seconds (so that two writers make progress
-instead of handing a page back and forth, as Lustre's 10 ms), it calls
-``give_up(file, wanted)``, which returns the mode the node keeps (``S`` when
-an Exclusive holder with no writable handle left can downgrade, else
-``None``), and then deletes the keys.
+Asks are served by one thread per node, in order: the node gives up the
+parts of its holdings that conflict with what others wait for, after the
+grant has been held for at least ``hold`` seconds (so that two writers make
+progress instead of handing a page back and forth, as Lustre's 10 ms).  It
+calls ``give_up(file, ranges, wanted)``, which returns ``S`` when the node
+can keep everything Shared (an Exclusive holder with no writable handle
+left, asked for Shared), else None, and then rewrites its keys.
 
-A node whose lease could not be refreshed for ``ttl`` seconds counts as
-having lost every grant: ``on_lost(files)`` is called (the caller drops its
-caches), and a new lease is taken once the service answers again.
-
-The granularity is the whole file: a file nobody writes costs each node
-one round trip, and the largest range that conflicts with nobody is the
-whole file whenever there is no conflict at all.  docs/coherence.md says
-why, and what finer extents would need.
+A node whose lease could not be refreshed for two thirds of ``ttl`` counts
+as having lost every grant: ``on_lost(files)`` is called (the caller drops
+its caches), and a new lease is taken once the service answers again.
+docs/coherence.md describes the whole protocol.
 """
 from __future__ import annotations
 
