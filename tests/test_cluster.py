@@ -339,6 +339,55 @@ def test_etcd_down_fails_with_enotconn_and_the_mount_works_again(tmp_path, dirs,
             assert read_file(a + "/e") == b"SYNCED"
 
 
+@pytest.mark.daemon_logs(r"lease lost")
+def test_etcd_killed_while_a_node_waits_for_a_give_up(tmp_path, dirs, request):
+    """etcd killed mid-protocol: B has asked A (stopped, so it cannot answer)
+    for a grant and waits in line when etcd dies.  B's read fails with
+    ENOTCONN in bounded time; A's unsynced mapped bytes are not lost: once
+    A runs again and etcd is back, B reads them."""
+    with EtcdServer(str(tmp_path / "etcd3")) as srv:
+        opts = ("mirror", "coherence=" + srv.url, "coherence_ttl=%d" % TTL,
+                "coherence_wait=20")
+        with shim_mount(str(tmp_path / "a"), dirs[0], *opts) as a, \
+                shim_mount(str(tmp_path / "b"), dirs[1], *opts) as b:
+            _new_file(a + "/w", 8192)
+            fd = os.open(a + "/w", os.O_RDWR)
+            m = mmap.mmap(fd, 8192)
+            m[4096:4104] = b"unsynced"              # dirty in A, no msync
+            pid = daemon_pid(a)
+            os.kill(pid, signal.SIGSTOP)
+            got: list = []
+
+            def read_on_b():
+                start = time.monotonic()
+                try:
+                    got.append(read_file(b + "/w"))
+                except OSError as exc:
+                    got.append(exc)
+                got.append(time.monotonic() - start)
+            t = threading.Thread(target=read_on_b)
+            try:
+                t.start()
+                # (nothing may fork meanwhile: a child closing its copy of
+                # A's file descriptor waits for A to take the dirty page)
+                time.sleep(2)                       # B has asked A and waits
+                assert t.is_alive()
+                srv.stop(signal.SIGKILL)
+                t.join(60)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert not t.is_alive()
+            assert isinstance(got[0], OSError) and got[0].errno == errno.ENOTCONN, got
+            assert got[1] < 30
+            assert mount_stats(b)["asks_sent"] >= 1
+            srv.start()
+            data = wait_until(lambda: _reads(b + "/w"), 60, "B to read again")
+            assert data[4096:4104] == b"unsynced" and data[:4096] == bytes(4096)
+            assert m[4096:4104] == b"unsynced"
+            m.close()
+            os.close(fd)
+
+
 def _reads(path: str) -> bytes | None:
     try:
         return read_file(path)

@@ -415,9 +415,14 @@ class Cluster:
             return None
         except BaseException:
             self.counters["give_up_failures"] += 1
-            g.fresh = old
-            if g.whole():
-                self._wire_add(g)
+            if wanted is not None:
+                # Asked: the grant stays this node's, and so does the data.
+                g.fresh = old
+                if g.whole():
+                    self._wire_add(g)
+            # (A lost lease: the grants are gone in the book whatever
+            # happened here.  The dirty data stays for a retry, and the
+            # next request waits for a new grant.)
             raise
         finally:
             self.counters["give_up_seconds"] += time.monotonic() - start
