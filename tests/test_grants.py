@@ -173,7 +173,8 @@ def _wait_live(g: Grants) -> None:
 def test_handoffs_are_seen_on_the_long_lived_watch(nodes):
     """Two writers take turns 30 times; every wait for a change (the asker's
     for the grant, the holder's for an ask) is answered from each node's one
-    watch stream, none from a watch opened for the wait."""
+    watch stream, none from a watch opened for the wait, and most reads of
+    the book are answered from the streams' events."""
     a, b = nodes("a", hold=0), nodes("b", hold=0)
     _wait_live(a)
     _wait_live(b)
@@ -188,6 +189,8 @@ def test_handoffs_are_seen_on_the_long_lived_watch(nodes):
         assert st["waits_own_watch"] == own
         assert st["waits_on_feed"] >= 15
         assert st["grant_watch_streams"] == 1
+        # most reads of the book come from the feed's events, not from etcd
+        assert st["reads_from_feed"] > 2 * st["reads_from_etcd"], st
 
 
 def test_a_killed_holder_loses_its_grant_with_its_lease(etcd, nodes, request):

@@ -236,13 +236,6 @@ class _Etcd:
     def kvs(self, resp: dict, i: int) -> list[tuple[str, str]]:
         return [(k, v) for k, v, _, _ in self.meta(resp, i)]
 
-    def get_prefix(self, prefix: str) -> tuple[list[tuple[str, str]], int]:
-        r = self.call(lambda c: c.post(c.get_url("/kv/range"), json={
-            "key": self.enc(prefix), "range_end": self.enc(_after(prefix))}))
-        kvs = [(self.dec(kv["key"]).decode(), self.dec(kv.get("value", "")).decode())
-               for kv in r.get("kvs", [])]
-        return kvs, int(r["header"]["revision"])
-
     def revision(self, prefix: str) -> int:
         """The store's revision now (a count-only read: the keys stay there)."""
         r = self.call(lambda c: c.post(c.get_url("/kv/range"), json={
@@ -286,7 +279,9 @@ class _Feed:
     100 ms, and between a node's read and its new watch the change it waits
     for has often happened already.  This stream starts at the present (so
     etcd sends each event at once), and :meth:`wait` looks at what it
-    brought: the last ``KEEP`` events' (revision, key).  The stream
+    brought: the last ``KEEP`` events (revision, key, value, create
+    revision), which :meth:`changes` also hands to ``Grants._scan`` to bring
+    a node's last read of a prefix up to date without asking etcd.  The stream
     resumes after the last revision it saw when it breaks; while it is down,
     or after a gap (compaction, events dropped from the window), ``wait``
     returns at once and the caller reads again, as every caller does after
@@ -302,8 +297,10 @@ class _Feed:
     def __init__(self, etcd: "_Etcd", prefix: str):
         self.etcd, self.prefix = etcd, prefix
         self.cv = threading.Condition()
-        self.events: collections.deque[tuple[int, str]] = collections.deque()
+        # (revision, key, value or None for a deletion, create revision)
+        self.events: collections.deque[tuple[int, str, str | None, int]] = collections.deque()
         self.since: int | None = None     # every event after this revision was seen (None: down)
+        self.last = 0                     # and every event up to this one
         self.dropped = 0                  # the newest revision pushed out of ``events``
         self.stopping = threading.Event()
         self.resp = None
@@ -320,7 +317,7 @@ class _Feed:
                     return True
                 if self.since is None or self.since > revision or self.dropped > revision:
                     return self.since is not None       # a gap: read again
-                for rev, key in reversed(self.events):
+                for rev, key, _, _ in reversed(self.events):
                     if rev <= revision:
                         break
                     if key.startswith(prefix):
@@ -329,6 +326,22 @@ class _Feed:
                 if left <= 0:
                     return True
                 self.cv.wait(left)
+
+    def changes(self, prefix: str, revision: int) -> tuple[list, int] | None:
+        """The events under ``prefix`` after ``revision``, and the revision
+        up to which the stream has seen everything; None if it cannot tell
+        (down, or a gap)."""
+        with self.cv:
+            if self.since is None or self.since > revision or self.dropped > revision:
+                return None
+            out = []
+            for ev in reversed(self.events):
+                if ev[0] <= revision:
+                    break
+                if ev[1].startswith(prefix):
+                    out.append(ev)
+            out.reverse()
+            return out, self.last
 
     def run(self) -> None:
         e = self.etcd
@@ -362,7 +375,7 @@ class _Feed:
                                          % res.get("cancel_reason", "compacted"))
                     if res.get("created"):
                         with self.cv:
-                            self.since = start - 1
+                            self.since = self.last = start - 1
                             self.cv.notify_all()
                     evs = res.get("events") or ()
                     if evs:
@@ -370,8 +383,13 @@ class _Feed:
                             for ev in evs:
                                 kv = ev["kv"]
                                 rev = int(kv["mod_revision"])
-                                self.events.append((rev, e.dec(kv["key"]).decode()))
+                                gone = ev.get("type") in ("DELETE", 1)
+                                self.events.append((
+                                    rev, e.dec(kv["key"]).decode(),
+                                    None if gone else e.dec(kv.get("value", "")).decode(),
+                                    int(kv.get("create_revision", 0))))
                                 last = max(last, rev)
+                                self.last = max(self.last, rev)
                             while len(self.events) > self.KEEP:
                                 self.dropped = self.events.popleft()[0]
                             self.cv.notify_all()
@@ -532,7 +550,12 @@ class Grants:
         self.last_serial = 0             # the newest grant's serial number
         self.counters = dict(grants_asked=0, grant_waits=0, grant_wait_seconds=0.0,
                              grants_given_up=0, grants_lost=0, asks_sent=0, asks_served=0,
-                             waits_on_feed=0, waits_own_watch=0)
+                             waits_on_feed=0, waits_own_watch=0, reads_from_feed=0,
+                             reads_from_etcd=0)
+        # What this node last read under a prefix ({key: (value, mod, create)},
+        # revision), brought up to date from the feed (_scan).
+        self.views: dict[str, tuple[dict, int]] = {}
+        self.my_rev = 0                  # the revision of this node's last write
 
     # -- life ----------------------------------------------------------------
     def start(self) -> None:
@@ -585,9 +608,53 @@ class Grants:
     def _read(self, f: str) -> tuple[dict, dict, int]:
         """Everything the book says of ``f``: ({node: holdings}, {node:
         (create revision, wanted ranges)}, revision)."""
+        kvs, rev = self._scan(self._gdir(f))
+        return self._parse(f, kvs) + (rev,)
+
+    def _scan(self, prefix: str) -> tuple[list, int]:
+        """The keys under ``prefix`` [(key, value, mod revision, create
+        revision)] as of the returned revision.  From the last read of it
+        and the feed's events since, when the feed can tell and has seen
+        this node's own last write; else read from etcd.  Either way the
+        answer was true at that revision, and a transaction guarded by
+        "nothing under the prefix changed since" is safe on it."""
+        with self.mu:
+            view = self.views.get(prefix)
+        if view is not None and self.my_rev <= max(view[1], self.feed.last):
+            got = self.feed.changes(prefix, view[1])
+            if got is not None:
+                events, upto = got
+                keys = dict(view[0])
+                for rev, key, value, create in events:
+                    if value is None:
+                        keys.pop(key, None)
+                    else:
+                        keys[key] = (value, rev, create)
+                rev = max(view[1], upto)
+                with self.mu:
+                    self.views[prefix] = (keys, rev)
+                    self.counters["reads_from_feed"] += 1
+                return [(k, v, m, c) for k, (v, m, c) in sorted(keys.items())], rev
         e = self.etcd
-        r = e.txn([], [e.range_req(self._gdir(f), prefix=True)], [])
-        return self._parse(f, e.meta(r, 0)) + (int(r["header"]["revision"]),)
+        r = e.txn([], [e.range_req(prefix, prefix=True)], [])
+        kvs, rev = e.meta(r, 0), int(r["header"]["revision"])
+        with self.mu:
+            self.views[prefix] = ({k: (v, m, c) for k, v, m, c in kvs}, rev)
+            self.counters["reads_from_etcd"] += 1
+        return kvs, rev
+
+    def _txn(self, compare: list, success: list) -> dict:
+        """A transaction of this node's; one that wrote something moves
+        ``my_rev`` (a read from the feed must have seen it)."""
+        r = self.etcd.txn(compare, success, [])
+        if r.get("succeeded"):
+            resps = r.get("responses", [])
+            wrote = any("response_put" in x or int(x.get("response_delete_range", {})
+                                                    .get("deleted", 0) or 0) for x in resps)
+            if wrote:
+                with self.mu:
+                    self.my_rev = max(self.my_rev, int(r["header"]["revision"]))
+        return r
 
     def _parse(self, f: str, kvs: list) -> tuple[dict, dict]:
         gdir = self._gdir(f)
@@ -692,7 +759,7 @@ class Grants:
                                           min(POLL, max(0.0, deadline - time.monotonic())))
             except BaseException:
                 try:
-                    self.etcd.txn([], [self.etcd.del_req(self._wkey(f, self.node))], [])
+                    self._txn([], [self.etcd.del_req(self._wkey(f, self.node))])
                 except GrantError:
                     pass                    # it goes with the lease
                 raise
@@ -740,7 +807,7 @@ class Grants:
             ops = self._rewrite(f, mine, new)
             if my_wait is not None:
                 ops.append(e.del_req(self._wkey(f, self.node)))
-            r = e.txn([e.unchanged(gdir, rev)], ops, []) if ops else {"succeeded": True,
+            r = self._txn([e.unchanged(gdir, rev)], ops) if ops else {"succeeded": True,
                                                                         "header": {"revision": rev}}
             if not r.get("succeeded"):
                 return False, None
@@ -755,7 +822,7 @@ class Grants:
         ops += [e.put_req(self._askdir(n) + f, self.node, self.lease) for n in in_way]
         if not ops:
             return False, rev
-        r = e.txn([e.unchanged(gdir, rev)], ops, [])
+        r = self._txn([e.unchanged(gdir, rev)], ops)
         if not r.get("succeeded"):
             return False, None
         self._count("asks_sent", len(in_way))
@@ -799,6 +866,7 @@ class Grants:
             if st is None or st.acquiring or st.busy:
                 return
             del self.files[f]
+            self.views.pop(self._gdir(f), None)
         if st.ivs:
             self._drop_own(f)
 
@@ -808,10 +876,10 @@ class Grants:
         rev = 0
         while not self.stopping.is_set():
             try:
-                kvs, rev = self.etcd.get_prefix(mine)
-                for key, _value in kvs:
+                kvs, rev = self._scan(mine)
+                for key, _value, _, _ in kvs:
                     self._serve_one(key[len(mine):])
-                    self.etcd.txn([], [self.etcd.del_req(key)], [])
+                    self._txn([], [self.etcd.del_req(key)])
                 if not kvs:
                     self._wait_change(mine, rev, POLL)
             except GrantError as exc:
@@ -853,7 +921,7 @@ class Grants:
                 if in_book != old:          # keys a failed rewrite left
                     ops = self._rewrite(f, in_book, old)
                     if ops:
-                        self.etcd.txn([], ops, [])
+                        self._txn([], ops)
                 return
             must = [(a, b) for a, b, _ in norm([(a, b, "") for a, b in must])]
             with self.mu:
@@ -880,7 +948,7 @@ class Grants:
                 # (keys a failed rewrite leaves are rewritten at the next ask)
                 ops = self._rewrite(f, in_book, new)
                 if ops:
-                    self.etcd.txn([], ops, [])
+                    self._txn([], ops)
             finally:
                 with self.mu:
                     st.busy = False
@@ -889,8 +957,8 @@ class Grants:
     def _drop_own(self, f: str) -> None:
         """Delete every holding key of this node for ``f``."""
         e, hdir = self.etcd, self._hdir(f, self.node)
-        e.txn([], [{"request_delete_range": {"key": e.enc(hdir),
-                                             "range_end": e.enc(_after(hdir))}}], [])
+        self._txn([], [{"request_delete_range": {"key": e.enc(hdir),
+                                             "range_end": e.enc(_after(hdir))}}])
 
     # -- the lease -----------------------------------------------------------------
     def _keep_alive(self) -> None:
