@@ -519,76 +519,100 @@ def coherent_pair(etcd, tmp_path_factory):
     _nodes.clear()
 
 
-class TwoNodesVsModel(RuleBasedStateMachine):
-    """Mapped and plain reads and writes and truncates on two nodes, with no
-    msync: every read on either node must show the model's bytes."""
+def _machine(map_size: int, offsets, sizes):
+    """The state machine for files of ``map_size`` bytes (each node keeps a
+    mapping of this much), touched at ``offsets`` and truncated to ``sizes``."""
+    class Machine(RuleBasedStateMachine):
+        """Mapped and plain reads and writes and truncates on two nodes, with no
+        msync: every read on either node must show the model's bytes."""
 
-    def __init__(self):
-        super().__init__()
-        name = "m-" + uuid.uuid4().hex[:10]
-        self.paths = [os.path.join(m, name) for m in _nodes["mounts"]]
-        with open(self.paths[0], "wb") as f:
-            f.write(bytes(MAP))
-        self.model = bytearray(MAP)
-        self.fds = [os.open(p, os.O_RDWR) for p in self.paths]
-        self.maps = [mmap.mmap(fd, MAP) for fd in self.fds]
+        def __init__(self):
+            super().__init__()
+            name = "m-" + uuid.uuid4().hex[:10]
+            self.paths = [os.path.join(m, name) for m in _nodes["mounts"]]
+            with open(self.paths[0], "wb") as f:
+                f.write(bytes(map_size))
+            self.model = bytearray(map_size)
+            self.fds = [os.open(p, os.O_RDWR) for p in self.paths]
+            self.maps = [mmap.mmap(fd, map_size) for fd in self.fds]
 
-    def _mapped_ok(self, off: int, n: int) -> bool:
-        # stores through the mapping stay inside both the mapping and the file
-        return off + n <= min(MAP, len(self.model))
+        def _mapped_ok(self, off: int, n: int) -> bool:
+            # stores through the mapping stay inside both the mapping and the file
+            return off + n <= min(map_size, len(self.model))
 
-    @rule(node=NODES, off=OFFSETS, data=DATA)
-    def mapped_write(self, node, off, data):
-        data = data[:max(0, min(MAP, len(self.model)) - off)]
-        if not data:
-            return
-        self.maps[node][off:off + len(data)] = data
-        self.model[off:off + len(data)] = data
+        @rule(node=NODES, off=offsets, data=DATA)
+        def mapped_write(self, node, off, data):
+            data = data[:max(0, min(map_size, len(self.model)) - off)]
+            if not data:
+                return
+            self.maps[node][off:off + len(data)] = data
+            self.model[off:off + len(data)] = data
 
-    @rule(node=NODES, off=OFFSETS, data=DATA)
-    def plain_write(self, node, off, data):
-        os.pwrite(self.fds[node], data, off)
-        if off > len(self.model):
-            self.model.extend(bytes(off - len(self.model)))
-        self.model[off:off + len(data)] = data
+        @rule(node=NODES, off=offsets, data=DATA)
+        def plain_write(self, node, off, data):
+            os.pwrite(self.fds[node], data, off)
+            if off > len(self.model):
+                self.model.extend(bytes(off - len(self.model)))
+            self.model[off:off + len(data)] = data
 
-    @rule(node=NODES, size=SIZES)
-    def truncate(self, node, size):
-        os.ftruncate(self.fds[node], size)
-        if size < len(self.model):
-            del self.model[size:]
-        else:
-            self.model.extend(bytes(size - len(self.model)))
+        @rule(node=NODES, size=sizes)
+        def truncate(self, node, size):
+            os.ftruncate(self.fds[node], size)
+            if size < len(self.model):
+                del self.model[size:]
+            else:
+                self.model.extend(bytes(size - len(self.model)))
 
-    @rule(node=NODES)
-    def plain_read(self, node):
-        got = os.pread(self.fds[node], 1 << 20, 0)
-        assert got == bytes(self.model), (node, len(got), len(self.model))
+        @rule(node=NODES)
+        def plain_read(self, node):
+            got = os.pread(self.fds[node], len(self.model) + 4096, 0)
+            assert got == bytes(self.model), (node, len(got), len(self.model))
 
-    @rule(node=NODES, off=OFFSETS)
-    def mapped_read(self, node, off):
-        n = min(MAP, len(self.model)) - off
-        if n <= 0:
-            return
-        assert self.maps[node][off:off + n] == bytes(self.model[off:off + n]), node
+        @rule(node=NODES, off=offsets)
+        def mapped_read(self, node, off):
+            n = min(map_size, len(self.model)) - off
+            if n <= 0:
+                return
+            assert self.maps[node][off:off + n] == bytes(self.model[off:off + n]), node
 
-    @invariant()
-    def sizes_agree(self):
-        for fd in self.fds:
-            assert os.fstat(fd).st_size == len(self.model)
+        @invariant()
+        def sizes_agree(self):
+            for fd in self.fds:
+                assert os.fstat(fd).st_size == len(self.model)
 
-    def teardown(self):
-        for m in self.maps:
-            m.close()
-        for fd in self.fds:
-            os.close(fd)
+        def teardown(self):
+            for m in self.maps:
+                m.close()
+            for fd in self.fds:
+                os.close(fd)
+
+    return Machine
 
 
+TwoNodesVsModel = _machine(MAP, OFFSETS, SIZES)
 TwoNodesVsModel.TestCase.settings = settings(
     max_examples=8, stateful_step_count=20, deadline=None,
+    suppress_health_check=list(HealthCheck))
+
+# Across extents: a file of three, touched on both sides of their edges.
+_EXT = 4 << 20
+TwoNodesAcrossExtents = _machine(
+    3 * _EXT, st.sampled_from([0, _EXT - 4096, _EXT - 1, _EXT, 2 * _EXT - 2, 2 * _EXT + 4096]),
+    st.sampled_from([0, 4096, _EXT - 1, _EXT + 1, 2 * _EXT + 5000, 3 * _EXT]))
+TwoNodesAcrossExtents.TestCase.settings = settings(
+    max_examples=6, stateful_step_count=15, deadline=None,
     suppress_health_check=list(HealthCheck))
 
 
 @pytest.mark.usefixtures("coherent_pair")
 def test_two_nodes_behave_as_one_page_cache():
     TwoNodesVsModel.TestCase().runTest()
+
+
+@pytest.mark.usefixtures("coherent_pair")
+def test_two_nodes_behave_as_one_page_cache_across_extents():
+    """The same, on a file of three extents: each node may hold some of them
+    and not others."""
+    from shimfs.cluster import EXTENT
+    assert EXTENT == _EXT
+    TwoNodesAcrossExtents.TestCase().runTest()
