@@ -162,9 +162,7 @@ class OpenFiles:
         cl = self.cluster
         while True:
             grows = off + size > self.cache.size(node.fid)
-            req = cl.for_write(off, size, grows)
-            if cl.state(g, req) is None:
-                await cl.need(g, req)
+            await cl.need(g, cl.for_write(off, size, grows))
             if grows or off + size <= self.cache.size(node.fid):
                 return
 
@@ -213,10 +211,8 @@ class OpenFiles:
         g = node.grant
         if g is not None:
             cl = self.cluster
-            for req in (cl.for_size(), None):
-                req = req or cl.for_truncate(size, self.cache.size(node.fid))
-                if cl.state(g, req) is None:
-                    await cl.need(g, req)
+            await cl.need(g, cl.for_size())
+            await cl.need(g, cl.for_truncate(size, self.cache.size(node.fid)))
         fd = node.fd
 
         def resize():
