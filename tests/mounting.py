@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -87,6 +88,11 @@ def make_file(path: str, size: int, seed: int = 0) -> bytes:
     with open(path, "wb") as f:
         f.write(data)
     return data
+
+
+def mount_stats(mnt: str) -> dict:
+    """The mount's counters (``shimfs stat --json``)."""
+    return json.loads(shimfs_cmd("stat", "--json", mnt).stdout)["mount"]
 
 
 def read_file(path: str) -> bytes:

@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from mounting import (daemon_pid, fill, read_file, shim_mount, shimfs_cmd, small_tmpfs,
+from mounting import (daemon_pid, fill, mount_stats, read_file, shim_mount, shimfs_cmd, small_tmpfs,
                       wait_gone, wait_until)
 from shimfs import standin
 from shimfs.etcdserver import EtcdServer
@@ -70,10 +70,6 @@ def two(etcd, dirs, tmp_path, request):
     with shim_mount(str(tmp_path / "a"), dirs[0], *opts) as a, \
             shim_mount(str(tmp_path / "b"), dirs[1], *opts) as b:
         yield a, b
-
-
-def mount_stats(mnt: str) -> dict:
-    return json.loads(shimfs_cmd("stat", "--json", mnt).stdout)["mount"]
 
 
 def _new_file(path: str, size: int) -> None:

@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 
-from mounting import shim_mount, unavailable
+from mounting import mount_stats, read_file, shim_mount, unavailable
 
 USERS = ("shimfs-user1", "shimfs-user2")
 
@@ -180,3 +180,47 @@ def test_supplementary_groups_count(users, root_mount, world):
     assert try_errno(u2, "os.symlink(%r, %r)" % (f, mnt + "/g2")) == 0
     assert run_as(u2, "print(open(%r).read())" % (mnt + "/g2"))[1] == "for the group"
     assert try_errno(u1, "open(%r).read()" % (mnt + "/g2")) == errno.EACCES
+
+
+def test_a_mirror_opens_and_looks_up_as_the_user(users, world):
+    """With ``-o mirror`` the wire opens a listed file, and lstats a name
+    looked up, before Python sees the request (Wire.expect): as the
+    requester, supplementary groups included.  The backing modes change
+    after the listing, so the kernel's check (the mount's cached modes)
+    lets every user through and the backing decides."""
+    u1, u2 = users
+    group = "shimfs-grp"
+    subprocess.run(["groupadd", "-f", group], check=True)
+    subprocess.run(["usermod", "-a", "-G", group, u2.pw_name], check=True)
+    import grp
+    gid = grp.getgrnam(group).gr_gid
+    backing = os.path.join(world, "tree")
+    os.mkdir(backing)
+    os.chmod(backing, 0o755)
+    g = os.path.join(backing, "g")
+    with open(g, "w") as fh:
+        fh.write("for the group")
+    os.chown(g, 0, gid)
+    os.chmod(g, 0o644)
+    priv = os.path.join(backing, "priv")
+    os.mkdir(priv)
+    os.chmod(priv, 0o755)
+    with open(os.path.join(backing, "first"), "w") as fh:
+        fh.write("first")
+    with shim_mount(os.path.join(world, "mnt"), backing, "mirror", "allow_other",
+                    log=os.path.join(world, "log")) as mnt:
+        assert sorted(os.listdir(mnt)) == ["first", "g", "priv"]
+        os.listdir(mnt + "/priv")
+        # the first file opened on a device is opened by Python (its fstatfs)
+        assert read_file(mnt + "/first") == b"first"
+        os.chmod(g, 0o640)                          # now for the group only
+        os.chmod(priv, 0o700)                       # now root's only
+        with open(os.path.join(priv, "later"), "w") as fh:
+            fh.write("made after the listing")
+        assert os.stat(mnt + "/g").st_mode & 0o777 == 0o644      # what the kernel checks
+        assert try_errno(u1, "open(%r).read()" % (mnt + "/g")) == errno.EACCES
+        assert run_as(u2, "print(open(%r).read())" % (mnt + "/g"))[1] == "for the group"
+        assert try_errno(u1, "os.stat(%r)" % (mnt + "/priv/later")) == errno.EACCES
+        assert read_file(mnt + "/priv/later") == b"made after the listing"      # root may
+        counters = mount_stats(mnt)
+        assert counters["opens_ahead"] >= 2 and counters["stats_ahead"] >= 2, counters

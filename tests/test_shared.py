@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from mounting import read_file, shim_mount, shimfs_cmd
+from mounting import mount_stats, read_file, shim_mount, shimfs_cmd
 from shimfs import standin
 from shimfs.names import TIMEOUT
 
@@ -65,6 +65,39 @@ def test_a_replaced_target_shows_through_its_shadow(shared, tmp_path):
     os.rename(target + ".new", target)                        # replaced, as rsync does
     time.sleep(TIMEOUT + 0.2)                                 # the kernel's entry expires
     assert read_file(os.path.join(mnt, "s")) == b"version two"
+
+
+def test_a_mirror_opens_what_the_names_hold_now(tmp_path, data_dir):
+    """-o mirror: files listed, then replaced, removed or renamed on the
+    backing side before their first open (which the wire makes ahead of
+    Python, Wire.expect): each open reaches the file the name holds now,
+    and a LOOKUP of each name sees it as it is."""
+    for name in ("r", "d", "m", "same"):
+        with open(os.path.join(data_dir, name), "wb") as f:
+            f.write(b"old " + name.encode())
+    with shim_mount(str(tmp_path / "mnt"), data_dir, "mirror") as mnt:
+        assert sorted(os.listdir(mnt)) == ["d", "m", "r", "same"]
+        assert read_file(os.path.join(mnt, "same")) == b"old same"
+        with open(os.path.join(data_dir, "r.new"), "wb") as f:
+            f.write(b"new r")
+        os.rename(os.path.join(data_dir, "r.new"), os.path.join(data_dir, "r"))
+        os.unlink(os.path.join(data_dir, "d"))
+        os.rename(os.path.join(data_dir, "m"), os.path.join(data_dir, "m2"))
+        assert read_file(os.path.join(mnt, "r")) == b"new r"
+        with pytest.raises(FileNotFoundError):
+            open(os.path.join(mnt, "d")).close()
+        with pytest.raises(FileNotFoundError):
+            open(os.path.join(mnt, "m")).close()
+        assert read_file(os.path.join(mnt, "m2")) == b"old m"
+        time.sleep(TIMEOUT + 0.2)                   # the kernel's entries expire: LOOKUPs
+        assert os.stat(os.path.join(mnt, "r")).st_size == 5
+        assert not os.path.exists(os.path.join(mnt, "d"))
+        with open(os.path.join(data_dir, "same"), "ab") as f:
+            f.write(b" and more")                   # changed in place by another node
+        assert read_file(os.path.join(mnt, "same")) == b"old same and more"
+        assert sorted(os.listdir(mnt)) == ["m2", "r", "same"]
+        st = mount_stats(mnt)
+        assert st["opens_ahead"] >= 2 and st["stats_ahead"] >= 2, st
 
 
 @pytest.mark.daemon_logs(r"keeping .*: its unwritten data is retried",

@@ -28,7 +28,11 @@
   (docs/design.md, "Sparse faults").
   A GETXATTR of a name outside the control prefix gets ENODATA, and a
   FLUSH of a registered handle whose file has no dirty page gets success:
-  what Python would answer.  Every other request goes to pyfuse3 unchanged.
+  what Python would answer.  An OPEN of an unopened ``-o mirror`` file,
+  and a LOOKUP in a mirrored directory, have their backing call (the open,
+  the lstat of the name) made by the in thread, as the requester, before
+  they go on to pyfuse3, which takes the result (:meth:`expect`).  Every
+  other request goes to pyfuse3 unchanged.
 * The *out* thread copies what pyfuse3 writes (replies) to the device.
 * Notifications do not take the pair: :class:`shimfs._notify.SessionKernel`
   writes them to ``kernel_fd`` itself, since they block until the kernel is
@@ -58,10 +62,17 @@ until they leave their blocking ``read``.
 import os
 
 from libc.stdint cimport int64_t, uint64_t, uint32_t, int32_t, uint16_t
-from libc.errno cimport errno, EIO, EINTR, ENOENT, EAGAIN, ENOBUFS, ENODATA
-from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset, memcpy, memcmp
+from libc.errno cimport (errno, EIO, EINTR, ENOENT, EAGAIN, ENOBUFS, ENODATA, EACCES, EROFS,
+                         EPERM, ETXTBSY, ENAMETOOLONG)
+from libc.stdlib cimport malloc, calloc, free, strtoul
+from libc.string cimport memset, memcpy, memcmp, strlen, strstr
+from libc.stdio cimport snprintf
 from posix.unistd cimport read, write, close, pipe, dup, dup2
+from posix.fcntl cimport open as c_open, O_RDWR, O_RDONLY, O_CLOEXEC
+from posix.stat cimport struct_stat, fstat, lstat
+
+cdef extern from "<string.h>" nogil:
+    size_t strnlen(const char *s, size_t maxlen)
 
 from shimcore._engine cimport (PageCache, FileRec, iovec, writev, MAX_RUN, PAGE, PAGE_SHIFT,
                                pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
@@ -90,6 +101,15 @@ cdef extern from "<poll.h>" nogil:
 cdef extern from "<fcntl.h>" nogil:
     int fcntl(int fd, int cmd, ...)
     int F_GETFL, F_SETFL, F_DUPFD_CLOEXEC, O_NONBLOCK
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+    int getgroups(int size, unsigned int *list)
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_setfsuid
+    long SYS_setfsgid
+    long SYS_setgroups
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -159,6 +179,8 @@ cdef struct OutHeader:       # fuse_out_header
     uint64_t unique
 
 cdef enum:
+    FUSE_LOOKUP = 1
+    FUSE_OPEN = 14
     FUSE_READ = 15
     FUSE_WRITE = 16
     FUSE_WRITE_KILL_SUIDGID = 1 << 2
@@ -187,6 +209,11 @@ cdef enum:
     # continue it, for refusing read-around: one request's span (1 MiB)
     # and the slack of READs in flight together.
     FAR = (256 << 12) + (64 << 10)
+    # Opens ahead: the longest backing path, the most supplementary groups
+    # of a requester (more: Python opens the file), results kept for Python.
+    PATH_LEN = 4096
+    MAX_GROUPS = 256
+    AHEAD = 64
 
 cdef struct Handle:
     uint64_t fh
@@ -203,6 +230,65 @@ cdef struct Handle:
     int wrote               # one was, since Python last took note (Wire.written)
     int busy                # misses of this handle being loaded and answered
     int state
+
+
+cdef enum:
+    K_FILE = 1              # an unopened file: an OPEN of it opens its backing path
+    K_DIR = 2               # a directory: a LOOKUP in it lstats the backing name
+
+cdef struct Expected:
+    uint64_t nodeid
+    char *path
+    int kind                # K_FILE, K_DIR
+    int state               # H_EMPTY, H_USED, H_GONE
+
+cdef struct Ahead:           # a backing file opened, or a name stat'ed, for Python
+    uint64_t nodeid
+    uint32_t uid, gid, pid
+    int used                # 0: free; else the kind of the request (K_FILE: an OPEN)
+    uint64_t seq
+    int fd                  # -1 if the open failed
+    int err                 # its errno
+    int writable
+    char *path
+    struct_stat st
+
+
+cdef int _groups_of(uint32_t pid, unsigned int *out, int cap) noexcept nogil:
+    """The supplementary groups of process ``pid`` (its /proc status), or
+    -1 if they cannot be read or are more than ``cap``."""
+    cdef char path[48]
+    cdef char buf[4096]
+    cdef char *p
+    cdef char *end
+    cdef int fd, k = 0
+    cdef ssize_t n
+    snprintf(path, sizeof(path), "/proc/%u/status", pid)
+    fd = c_open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0:
+        return -1
+    n = read(fd, buf, sizeof(buf) - 1)
+    close(fd)
+    if n <= 0:
+        return -1
+    buf[n] = 0
+    p = strstr(buf, "\nGroups:")
+    if p == NULL:
+        return -1
+    p += 8
+    while True:
+        while p[0] == 32 or p[0] == 9:
+            p += 1
+        if p[0] < 48 or p[0] > 57:
+            break
+        if k == cap:
+            return -1
+        out[k] = <unsigned int>strtoul(p, &end, 10)
+        k += 1
+        p = end
+    if p[0] != 10:
+        return -1           # the line was cut off
+    return k
 
 
 cdef void *_in_thread(void *arg) noexcept with gil:
@@ -332,8 +418,20 @@ cdef class Wire:
     # requests by opcode (the last slot: any larger); this and the forward
     # counters are relaxed atomics (SHIM_COUNT), the rest under the mutex
     cdef uint64_t ops[64]
+    # opens ahead (see expect): unopened files by node id, and results
+    cdef Expected *exp
+    cdef int64_t exp_cap, exp_used, exp_live
+    cdef Ahead ahead[AHEAD]
+    cdef int ahead_next
+    cdef uint64_t ahead_seq
+    cdef bint ahead_off             # a credential could not be given back: no more
+    cdef uint64_t opens_ahead, ahead_dropped, stats_ahead
+    cdef long fsuid0, fsgid0        # the in threads' own credentials
+    cdef unsigned int groups0[MAX_GROUPS]
+    cdef int ngroups0
 
     def __cinit__(self):
+        cdef int i
         self.kernel_fd = -1
         self.pfd = -1
         self.stop_r = self.stop_w = -1
@@ -341,6 +439,8 @@ cdef class Wire:
         self.side_fd = self.side_w = -1
         pthread_mutex_init(&self.mu, NULL)
         pthread_cond_init(&self.idle, NULL)
+        for i in range(AHEAD):
+            self.ahead[i].fd = -1
 
     def __init__(self, PageCache engine, int session_fd, int64_t slack=32 << 10,
                  int threads=8, bytes control_prefix=b"", int64_t sparse_faults=0):
@@ -365,6 +465,13 @@ cdef class Wire:
         self.pc = engine
         self.cap = 64
         self.tab = <Handle *>calloc(self.cap, sizeof(Handle))
+        self.exp_cap = 64
+        self.exp = <Expected *>calloc(self.exp_cap, sizeof(Expected))
+        self.fsuid0 = syscall(SYS_setfsuid, <long>-1)
+        self.fsgid0 = syscall(SYS_setfsgid, <long>-1)
+        self.ngroups0 = getgroups(MAX_GROUPS, self.groups0)
+        if self.ngroups0 < 0:
+            self.ahead_off = True
         self.zeros = <char *>calloc(1, PAGE)
         self.outbuf = <char *>malloc(BUFSIZE)
         self.slack = slack
@@ -375,7 +482,7 @@ cdef class Wire:
             raise ValueError("control_prefix: at most %d bytes" % (PREFIX_MAX - 1))
         memcpy(self.prefix, <const char *>control_prefix, len(control_prefix))
         self.prefix_len = len(control_prefix)
-        if not self.tab or not self.zeros or not self.outbuf:
+        if not self.tab or not self.zeros or not self.outbuf or not self.exp:
             raise MemoryError()
         if socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0:
             raise OSError(errno, "socketpair: " + os.strerror(errno))
@@ -419,6 +526,9 @@ cdef class Wire:
         self.nin_live = self.nin
 
     def __dealloc__(self):
+        self._drop_ahead()
+        self._drop_expected()
+        free(self.exp)
         free(self.tab)
         free(self.zeros)
         free(self.outbuf)
@@ -572,6 +682,7 @@ cdef class Wire:
             fw, fwb = self.fast_writes, self.fast_write_bytes
             rf, rfb, rd, gl = self.refused, self.refused_bytes, self.readers, self.group_loads
             cl = self.centre_loads
+            oa, od, sa = self.opens_ahead, self.ahead_dropped, self.stats_ahead
             pthread_mutex_unlock(&self.mu)
         return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
@@ -581,7 +692,8 @@ cdef class Wire:
                 "fast_writes": fw, "fast_write_bytes": fwb,
                 "read_arounds_refused": rf, "read_around_bytes_refused": rfb,
                 "reader_handles": rd, "refused_range_loads": gl,
-                "refused_centre_loads": cl}
+                "refused_centre_loads": cl, "opens_ahead": oa, "stats_ahead": sa,
+                "ahead_dropped": od}
 
     def take(self) -> tuple:
         """What waits on the side pair: the FALLOCATE requests (pyfuse3 has
@@ -642,12 +754,303 @@ cdef class Wire:
                             break
                         nanosleep(&pause, NULL)
             self.running = False
+            self._drop_ahead()
         if self.kernel_fd >= 0:
             close(self.kernel_fd)
             self.kernel_fd = -1
         if self.pfd >= 0:
             close(self.pfd)
             self.pfd = -1
+
+    # -- opens ahead (called by the daemon, with the GIL) --------------------
+
+    cdef Expected *_exp_find(self, uint64_t nodeid) noexcept nogil:
+        """The slot of ``nodeid`` in the table of unopened files, or NULL (mu held)."""
+        cdef int64_t i = <int64_t>(nodeid * 0x9E3779B97F4A7C15ULL >> 40) & (self.exp_cap - 1)
+        while self.exp[i].state != H_EMPTY:
+            if self.exp[i].state == H_USED and self.exp[i].nodeid == nodeid:
+                return &self.exp[i]
+            i = (i + 1) & (self.exp_cap - 1)
+        return NULL
+
+    cdef int _exp_grow(self) noexcept nogil:
+        """Rehash into a table with room (mu held); -1: out of memory."""
+        cdef Expected *old = self.exp
+        cdef int64_t oldcap = self.exp_cap, i, j, cap = 64
+        while (self.exp_live + 1) * 2 > cap:
+            cap *= 2
+        new = <Expected *>calloc(cap, sizeof(Expected))
+        if new == NULL:
+            return -1
+        for i in range(oldcap):
+            if old[i].state == H_USED:
+                j = <int64_t>(old[i].nodeid * 0x9E3779B97F4A7C15ULL >> 40) & (cap - 1)
+                while new[j].state != H_EMPTY:
+                    j = (j + 1) & (cap - 1)
+                new[j] = old[i]
+        self.exp = new
+        self.exp_cap = cap
+        self.exp_used = self.exp_live
+        free(old)
+        return 0
+
+    def expect(self, uint64_t nodeid, bytes path, bint directory=False):
+        """Work an in thread does before it passes a request on, so that
+        Python need not hand it to a worker thread and back (two wake-ups,
+        ~150 us here); Python takes the result with :meth:`take_ahead`.
+
+        A file (``directory`` false) is unopened, its backing file at
+        ``path``: an in thread that reads an OPEN of it opens ``path`` first,
+        as the requester (read/write if allowed, else read-only, O_NONBLOCK
+        for the open: as ``namespace._open_backing``) and fstats it.  A
+        directory's backing directory is ``path``: a LOOKUP in it has the
+        name lstat'ed there, as the requester.  Again for the same node:
+        the new path replaces the old."""
+        cdef Py_ssize_t n = len(path)
+        cdef char *copy
+        cdef Expected *e
+        cdef int64_t i
+        cdef int kind = K_DIR if directory else K_FILE
+        if n >= PATH_LEN:
+            return
+        copy = <char *>malloc(n + 1)
+        if copy == NULL:
+            raise MemoryError()
+        memcpy(copy, <const char *>path, n)
+        copy[n] = 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            e = self._exp_find(nodeid)
+            if e != NULL:
+                free(e.path)
+                e.path = copy
+                e.kind = kind
+                copy = NULL
+            elif (self.exp_used + 1) * 2 <= self.exp_cap or self._exp_grow() == 0:
+                i = <int64_t>(nodeid * 0x9E3779B97F4A7C15ULL >> 40) & (self.exp_cap - 1)
+                while self.exp[i].state == H_USED:
+                    i = (i + 1) & (self.exp_cap - 1)
+                if self.exp[i].state == H_EMPTY:
+                    self.exp_used += 1
+                self.exp[i].state = H_USED
+                self.exp[i].nodeid = nodeid
+                self.exp[i].path = copy
+                self.exp[i].kind = kind
+                self.exp_live += 1
+                copy = NULL
+            pthread_mutex_unlock(&self.mu)
+        free(copy)
+
+    def unexpect(self, uint64_t nodeid):
+        """Node ``nodeid`` is opened, or gone: its requests are left to Python."""
+        cdef Expected *e
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            e = self._exp_find(nodeid)
+            if e != NULL:
+                free(e.path)
+                e.path = NULL
+                e.state = H_GONE
+                self.exp_live -= 1
+            pthread_mutex_unlock(&self.mu)
+
+    def take_ahead(self, int kind, uint64_t nodeid, uint32_t uid, uint32_t gid, uint32_t pid):
+        """What an in thread did ahead of this requester's request on
+        ``nodeid``: for an OPEN (``kind`` 1) of the file, the open; for a
+        LOOKUP (``kind`` 2) in the directory, the lstat of the name.  None,
+        or (path, fd, writable, errno, stat fields): ``fd`` is the file
+        opened (-1 for a LOOKUP, or when the call failed with ``errno``),
+        and the caller owns it; the stat fields are those of
+        ``os.stat_result``, in its order (None when the call failed).
+        Older results of the same key are dropped."""
+        cdef int i, best = -1
+        cdef Ahead a
+        a.used = 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for i in range(AHEAD):
+                if self.ahead[i].used == kind and self.ahead[i].nodeid == nodeid and \
+                        self.ahead[i].uid == uid and self.ahead[i].gid == gid and \
+                        self.ahead[i].pid == pid:
+                    if best >= 0 and self.ahead[best].seq > self.ahead[i].seq:
+                        self._free_ahead(i)
+                        continue
+                    if best >= 0:
+                        self._free_ahead(best)
+                    best = i
+            if best >= 0:
+                a = self.ahead[best]
+                self.ahead[best].used = 0
+                self.ahead[best].fd = -1
+                self.ahead[best].path = NULL
+            pthread_mutex_unlock(&self.mu)
+        if not a.used:
+            return None
+        path = <bytes>a.path
+        free(a.path)
+        st = a.st
+        fields = (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                  st.st_size, st.st_atim.tv_sec, st.st_mtim.tv_sec, st.st_ctim.tv_sec,
+                  st.st_atim.tv_sec + st.st_atim.tv_nsec * 1e-9,
+                  st.st_mtim.tv_sec + st.st_mtim.tv_nsec * 1e-9,
+                  st.st_ctim.tv_sec + st.st_ctim.tv_nsec * 1e-9,
+                  st.st_atim.tv_sec * 1000000000 + st.st_atim.tv_nsec,
+                  st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec,
+                  st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec,
+                  st.st_blksize, st.st_blocks, st.st_rdev) if a.err == 0 else None
+        return path, a.fd, bool(a.writable), a.err, fields
+
+    cdef void _free_ahead(self, int i) noexcept nogil:
+        """Drop result ``i``, unused (mu held)."""
+        if self.ahead[i].fd >= 0:
+            close(self.ahead[i].fd)
+        free(self.ahead[i].path)
+        self.ahead[i].used = 0
+        self.ahead[i].fd = -1
+        self.ahead[i].path = NULL
+        self.ahead_dropped += 1
+
+    cdef void _drop_ahead(self) noexcept nogil:
+        cdef int i
+        for i in range(AHEAD):
+            if self.ahead[i].used:
+                self._free_ahead(i)
+
+    cdef void _drop_expected(self) noexcept nogil:
+        cdef int64_t i
+        if self.exp == NULL:
+            return
+        for i in range(self.exp_cap):
+            if self.exp[i].state == H_USED:
+                free(self.exp[i].path)
+            self.exp[i].state = H_EMPTY
+            self.exp[i].path = NULL
+        self.exp_used = self.exp_live = 0
+
+    cdef bint _creds_back(self) noexcept nogil:
+        """Give an in thread its own credentials back; False if it cannot."""
+        syscall(SYS_setfsuid, self.fsuid0)
+        syscall(SYS_setfsgid, self.fsgid0)
+        if syscall(SYS_setgroups, self.ngroups0, self.groups0) != 0:
+            return False
+        return syscall(SYS_setfsuid, <long>-1) == self.fsuid0 and \
+            syscall(SYS_setfsgid, <long>-1) == self.fsgid0
+
+    cdef void _ahead(self, InHeader *h, ssize_t n, int kind) noexcept nogil:
+        """An OPEN of an expected file, or a LOOKUP in an expected
+        directory: open the backing file, or lstat the backing name, as the
+        requester, and keep the result for Python (see :meth:`expect`).
+        Anything unusual (no such node, a name too long, groups that cannot
+        be read, a credential that does not take) leaves it to Python."""
+        cdef char path[PATH_LEN]
+        cdef unsigned int groups[MAX_GROUPS]
+        cdef int ng, fd = -1, err = 0, writable = 0, i
+        cdef size_t dl, nl
+        cdef bint switched = False
+        cdef struct_stat st
+        cdef Expected *e
+        cdef char *copy
+        cdef const char *name = <const char *>h + sizeof(InHeader)
+        cdef Ahead *a
+        path[0] = 0
+        if kind == K_DIR:
+            nl = strnlen(name, n - sizeof(InHeader))
+            if nl == 0 or nl == <size_t>(n - sizeof(InHeader)):
+                return              # no name, or not NUL-terminated
+        pthread_mutex_lock(&self.mu)
+        if not self.ahead_off:
+            e = self._exp_find(h.nodeid)
+            if e != NULL and e.kind == kind:
+                dl = strlen(e.path)
+                if kind == K_FILE:
+                    memcpy(path, e.path, dl + 1)
+                elif dl + nl + 2 <= PATH_LEN:
+                    memcpy(path, e.path, dl)
+                    if dl == 0 or path[dl - 1] != 47:       # '/'
+                        path[dl] = 47
+                        dl += 1
+                    memcpy(path + dl, name, nl + 1)
+        pthread_mutex_unlock(&self.mu)
+        if path[0] == 0:
+            return
+        if h.uid != 0:
+            ng = _groups_of(h.pid, groups, MAX_GROUPS)
+            if ng < 0:
+                return
+            switched = True
+            if syscall(SYS_setgroups, ng, groups) != 0:
+                self._creds_give_back()
+                return
+            syscall(SYS_setfsgid, <long>h.gid)
+            syscall(SYS_setfsuid, <long>h.uid)
+            if syscall(SYS_setfsuid, <long>-1) != h.uid or syscall(SYS_setfsgid, <long>-1) != h.gid:
+                self._creds_give_back()
+                return
+        if kind == K_FILE:
+            writable = 1
+            fd = c_open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK)
+            if fd < 0 and (errno == EACCES or errno == EROFS or errno == EPERM or
+                           errno == ETXTBSY):
+                writable = 0
+                fd = c_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+            if fd < 0:
+                err = errno
+        elif lstat(path, &st) < 0:
+            err = errno
+        if switched and not self._creds_give_back():
+            if fd >= 0:
+                close(fd)
+            return
+        if fd >= 0:
+            if fstat(fd, &st) < 0:
+                err = errno
+                close(fd)
+                fd = -1
+            else:
+                fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+        copy = <char *>malloc(strlen(path) + 1)
+        if copy == NULL:
+            if fd >= 0:
+                close(fd)
+            return
+        memcpy(copy, path, strlen(path) + 1)
+        pthread_mutex_lock(&self.mu)
+        a = NULL
+        for i in range(AHEAD):
+            if not self.ahead[i].used:
+                a = &self.ahead[i]
+                break
+        if a == NULL:
+            # Python never took these (a request interrupted, a handler
+            # that failed first): the oldest slot goes.
+            i = self.ahead_next
+            self.ahead_next = (self.ahead_next + 1) % AHEAD
+            self._free_ahead(i)
+            a = &self.ahead[i]
+        self.ahead_seq += 1
+        a.used = kind
+        a.seq = self.ahead_seq
+        a.nodeid = h.nodeid
+        a.uid, a.gid, a.pid = h.uid, h.gid, h.pid
+        a.fd, a.err, a.writable = fd, err, writable
+        a.path = copy
+        if err == 0:
+            a.st = st
+        if kind == K_FILE:
+            self.opens_ahead += 1
+        else:
+            self.stats_ahead += 1
+        pthread_mutex_unlock(&self.mu)
+
+    cdef bint _creds_give_back(self) noexcept nogil:
+        """:meth:`_creds_back`; if that fails, no more opens ahead (the
+        thread keeps its READ work, which checks no credential)."""
+        if self._creds_back():
+            return True
+        pthread_mutex_lock(&self.mu)
+        self.ahead_off = True
+        pthread_mutex_unlock(&self.mu)
+        return False
 
     # -- the threads ------------------------------------------------------------
 
@@ -1013,6 +1416,10 @@ cdef class Wire:
                 continue
             if h.opcode == FUSE_FALLOCATE and send(self.side_w, buf, n, MSG_NOSIGNAL) == n:
                 continue            # for the daemon's Python (Wire.take)
+            if h.opcode == FUSE_OPEN and self.exp_live:
+                self._ahead(h, n, K_FILE)
+            elif h.opcode == FUSE_LOOKUP and self.exp_live:
+                self._ahead(h, n, K_DIR)
             self._forward(buf, n)
         free(buf)
 

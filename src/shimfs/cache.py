@@ -210,6 +210,11 @@ class AsyncCache:
             known = _IN_MEMORY[dev] = shimcore.fs_magic(fd) in shimcore.MEMORY_FS_MAGIC
         return known
 
+    @staticmethod
+    def in_memory_known(dev: int) -> bool | None:
+        """:meth:`in_memory` of a device already seen, else None (no I/O)."""
+        return _IN_MEMORY.get(dev)
+
     def size(self, fid: int) -> int:
         return self.engine.size(fid)
 

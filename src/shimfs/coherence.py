@@ -51,9 +51,13 @@ class Coherence:
         if node.fresh:                      # opened from the backing file just now
             node.fresh = False
             return True
+        checked, node.checked = node.checked, None
         if node.opens > 1 or cache.dirty_bytes(node.fid):
             return True
-        st = await cache.run(os.fstat, node.fd)
+        if checked is not None and checked[1] == node.seen:
+            st = checked[0]     # this open's check (still_bound), nothing done since
+        else:
+            st = await cache.run(os.fstat, node.fd)
         if (st.st_size, st.st_mtime_ns) == node.seen:
             return True
         log.debug("%s changed under us: reloading", node.path)

@@ -21,8 +21,9 @@ from .cache import AsyncCache
 from .config import Config
 from .credentials import Credentials
 from .errors import FsError
+from .kernel import AHEAD_OPEN
 from .names import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOCATE_MODES
-from .namespace import Namespace
+from .namespace import Namespace, _close_ahead
 from .nodes import Attr, Ctx, Dir, File, Handle
 from .writeback import WriteBack
 
@@ -96,22 +97,33 @@ class OpenFiles:
 
     async def open(self, ino: int, flags: int, ctx: Ctx) -> int:
         """Open a file; returns the handle.  See also ``Coherence.revalidate``."""
-        node = self.ns.file(ino)
+        # What the wire opened for this OPEN, if anything (Wire.expect):
+        # ensure_open takes it, or closes it.
+        ahead = self.cache.wire.take_ahead(AHEAD_OPEN, ino, ctx.uid, ctx.gid, ctx.pid)
+        try:
+            node = self.ns.file(ino)
+        except BaseException:
+            _close_ahead(ahead)
+            raise
         # An unopened file (-o mirror) is checked by ensure_open, which opens
         # it and compares the inode: one backing round trip instead of two.
+        # An opened one by still_bound, whose stat revalidate then uses.
+        node.checked = None
         if node.opened and node.parent is not None \
                 and await self.ns.still_bound(node, ctx) is not node:
             # The kernel retries a path open that fails with ESTALE once, after
             # a fresh LOOKUP (LOOKUP_REVAL): that finds the file now at the
             # name, or none, and O_CREAT then creates a new backing file.
+            _close_ahead(ahead)
             raise FsError(errno.ESTALE, "backing file %s was removed or replaced" % node.path)
-        await self.ns.ensure_open(node, ctx)
+        proven = await self.ns.ensure_open(node, ctx, ahead)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and not node.writable:
             raise FsError(errno.EACCES, "backing file %s is read-only" % node.path)
         want = os.R_OK if not writable else (os.W_OK if flags & os.O_ACCMODE == os.O_WRONLY
                                              else os.R_OK | os.W_OK)
-        await self.creds.check_reachable(node, ctx, want)
+        if want & ~proven:      # not shown by an open as this user just now
+            await self.creds.check_reachable(node, ctx, want)
         await self.join(node, writable)
         if flags & os.O_TRUNC and writable:
             await self.truncate(node, 0)

@@ -55,6 +55,22 @@ class Wire(Protocol):
     def clear(self) -> None:
         """Forget every handle (the session is ending)."""
 
+    def expect(self, nodeid: int, path: bytes, directory: bool = False) -> None:
+        """``nodeid`` is an unopened file at backing ``path`` (an OPEN of it
+        has the file opened, as the requester, by the thread that reads the
+        request), or a directory at ``path`` (a LOOKUP in it has the name
+        lstat'ed there); see :meth:`take_ahead`."""
+
+    def unexpect(self, nodeid: int) -> None:
+        """``nodeid`` is opened or gone: nothing more is done ahead of it."""
+
+    def take_ahead(self, kind: int, nodeid: int, uid: int, gid: int, pid: int
+                   ) -> tuple | None:
+        """What was done ahead of this requester's OPEN (``kind`` AHEAD_OPEN)
+        of ``nodeid`` or LOOKUP (AHEAD_LOOKUP) in it: None, or (path, fd,
+        writable, errno, stat fields or None); the caller owns ``fd`` (-1:
+        none, or the call failed with ``errno``)."""
+
     def counters(self) -> dict:
         """``fast_reads``, ``fast_read_bytes``, ``forwarded_requests``,
         ``fast_read_misses``, ``fast_read_miss_fallbacks``,
@@ -62,7 +78,12 @@ class Wire(Protocol):
         ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
         ``fast_flushes``, ``fast_writes``, ``fast_write_bytes``,
         ``read_arounds_refused``, ``read_around_bytes_refused``,
-        ``reader_handles``, ``refused_range_loads``, ``refused_centre_loads``."""
+        ``reader_handles``, ``refused_range_loads``, ``refused_centre_loads``,
+        ``opens_ahead``, ``stats_ahead``, ``ahead_dropped``."""
+
+
+#: Wire.take_ahead: what the wire did ahead of an OPEN, or of a LOOKUP.
+AHEAD_OPEN, AHEAD_LOOKUP = 1, 2
 
 
 class NullWire:
@@ -83,6 +104,15 @@ class NullWire:
     def clear(self) -> None:
         pass
 
+    def expect(self, nodeid: int, path: bytes, directory: bool = False) -> None:
+        pass
+
+    def unexpect(self, nodeid: int) -> None:
+        pass
+
+    def take_ahead(self, kind: int, nodeid: int, uid: int, gid: int, pid: int) -> None:
+        return None
+
     def counters(self) -> dict:
         return dict(fast_reads=0, fast_read_bytes=0, forwarded_requests=0,
                     fast_read_misses=0, fast_read_miss_fallbacks=0,
@@ -90,7 +120,8 @@ class NullWire:
                     forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0,
                     fast_writes=0, fast_write_bytes=0, read_arounds_refused=0,
                     read_around_bytes_refused=0, reader_handles=0, refused_range_loads=0,
-                    refused_centre_loads=0)
+                    refused_centre_loads=0, opens_ahead=0, stats_ahead=0,
+                    ahead_dropped=0)
 
 
 class NullKernel:

@@ -118,9 +118,12 @@ def _attach_wire(vfs: Vfs, config: Config, fd: int):
     """Put the compiled READ path (shimfs._wire) in front of pyfuse3, or None."""
     if not config.fast_reads:
         return None
-    return vfs.cache.attach_wire(fd, control_prefix=XATTR_PREFIX.encode(),
+    wire = vfs.cache.attach_wire(fd, control_prefix=XATTR_PREFIX.encode(),
                                  sparse_faults=config.read_ahead_bytes
                                  if config.sparse_faults else 0)
+    if wire is not None:
+        vfs.namespace.wire_attached()
+    return wire
 
 
 async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,

@@ -27,6 +27,7 @@ import time
 from typing import NamedTuple
 
 from .cache import AsyncCache
+from .kernel import AHEAD_LOOKUP
 from .config import Config
 from .credentials import Credentials
 from .errors import FsError
@@ -62,6 +63,14 @@ class Namespace:
         self.inodes[ROOT_INODE] = self.root
         #: Called with a File whose engine file is about to go (cluster.py).
         self.on_free = lambda node: None
+
+    def wire_attached(self) -> None:
+        """The compiled wire is in front of pyfuse3 (``AsyncCache.wire``):
+        with ``-o mirror``, LOOKUPs in the root have their name lstat'ed by
+        the wire (``Wire.expect``); found directories and files are
+        entered as they are found."""
+        if self.config.mirror:
+            self.cache.wire.expect(ROOT_INODE, os.fsencode(self.config.backing), directory=True)
 
     # -- finding nodes -----------------------------------------------------
     def node(self, ino: int) -> Node:
@@ -120,26 +129,36 @@ class Namespace:
         path = os.path.join(parent.backing_path(), os.fsdecode(name))
         if stat.S_ISDIR(st.st_mode):
             node: Node = Dir(next(self._ino), parent, name, st)
+            self.cache.wire.expect(node.ino, os.fsencode(path), directory=True)
         else:
             node = File(next(self._ino), parent, name, st, -1, -1, path, shadow=False,
                         writable=False)
+            self.cache.wire.expect(node.ino, os.fsencode(path))
         self.inodes[node.ino] = node
         parent.children[name] = node
         return node
 
-    async def ensure_open(self, node: File, ctx: Ctx) -> None:
+    async def ensure_open(self, node: File, ctx: Ctx, ahead: tuple | None = None) -> int:
         """Open an unopened file (found by ``-o mirror``) as the user, and hand
-        it to the engine; a no-op for every other file."""
+        it to the engine; a no-op for every other file.  ``ahead``: what the
+        wire opened for this OPEN already (``Wire.take_opened``), used when
+        it opened the node's path as it stands; it is closed otherwise.
+
+        Returns the access modes (``os.R_OK``, ``os.W_OK``) that the open
+        just proved the user has on the backing file (0: nothing opened)."""
         if node.opened:
-            return
-        try:
-            b = await self.creds.as_user(ctx, _open_backing, node.path)
-        except FileNotFoundError:
-            b = None
+            _close_ahead(ahead)
+            return 0
+        b = self._opened_ahead(node, ahead)
+        if b is False:
+            try:
+                b = await self.creds.as_user(ctx, _open_backing, node.path)
+            except FileNotFoundError:
+                b = None
         if node.opened:                     # another open won the race
             if b is not None:
                 os.close(b.fd)
-            return
+            return 0
         if b is None or (b.st.st_dev, b.st.st_ino) != node.ident:
             # Removed or replaced since it was found: take the name from it
             # (the open answers ESTALE, and the kernel looks the name up again).
@@ -155,6 +174,34 @@ class Namespace:
         node.seen = (st.st_size, st.st_mtime_ns)
         node.fresh = True                   # just read from the backing file: see revalidate
         self.by_fid[node.fid] = node
+        self.cache.wire.unexpect(node.ino)
+        return os.R_OK | (os.W_OK if b.writable else 0)
+
+    def _opened_ahead(self, node: File, ahead: tuple | None):
+        """``ahead`` as ``_open_backing`` would have returned it: an Opened,
+        None (no such file), or False when it cannot stand in (none, another
+        path, a device not seen yet); raises as ``_open_backing`` does."""
+        if ahead is None:
+            return False
+        path, fd, writable, err, fields = ahead
+        if path != os.fsencode(node.path):
+            _close_ahead(ahead)
+            return False
+        if fd < 0:
+            if err == errno.ENOENT:
+                return None
+            if err == errno.EISDIR:
+                raise FsError(errno.EISDIR, "%s is a directory" % node.path)
+            raise OSError(err, os.strerror(err), node.path)
+        st = os.stat_result(fields)
+        in_memory = AsyncCache.in_memory_known(st.st_dev)
+        if in_memory is None:               # its fstatfs is I/O: once per device, in a worker
+            os.close(fd)
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise FsError(errno.EINVAL, "%s is not a regular file" % node.path)
+        return Opened(fd, writable, st, in_memory)
 
     def maybe_free(self, node: Node) -> None:
         """Close an unlinked file once nothing refers to it any more."""
@@ -177,6 +224,8 @@ class Namespace:
             self.cache.unregister(node.fid)
             self.by_fid.pop(node.fid, None)
             os.close(node.fd)
+        else:
+            self.cache.wire.unexpect(node.ino)
         self.inodes.pop(node.ino, None)
 
     def close_all(self) -> None:
@@ -197,7 +246,7 @@ class Namespace:
         self.maybe_free(node)
 
     # -- names shared with other nodes ----------------------------------------
-    async def still_bound(self, node: File, ctx: Ctx = Ctx()) -> File | None:
+    async def still_bound(self, node: File, ctx: Ctx = Ctx(), st=None) -> File | None:
         """The file that ``node``'s name stands for now.
 
         Other nodes and scripts remove and replace files in a shared backing
@@ -209,10 +258,15 @@ class Namespace:
         to that one (a shadow follows its target's path, as a symlink does);
         else the name is gone (None).  Runs on every lookup and open of a
         file, so a name the kernel caches is checked again at least every
-        ``TIMEOUT`` seconds (its entry and attr timeouts).
+        ``TIMEOUT`` seconds (its entry and attr timeouts).  ``st``: a stat
+        of ``node.path`` taken just now (``_stat_ahead``), else one is taken.
         """
-        st = await self.cache.run(_stat_or_none, node.path)
+        if st is None or st is _UNKNOWN:
+            st = await self.cache.run(_stat_or_none, node.path)
+        elif st is _MISSING:
+            st = None
         if st is not None and (st.st_dev, st.st_ino) == node.ident:
+            node.checked = (st, node.seen)
             await self._follow(node, st)
             return node
         parent, name = node.parent, node.name
@@ -259,19 +313,25 @@ class Namespace:
             self.cache.truncate(node.fid, st.st_size)
             node.mtime_ns, node.ctime_ns = st.st_mtime_ns, st.st_ctime_ns
 
-    async def _child(self, parent: Dir, name: bytes, ctx: Ctx) -> Node | None:
+    async def _child(self, parent: Dir, name: bytes, ctx: Ctx,
+                     ahead: tuple | None = None) -> Node | None:
         """The node called ``name`` in ``parent`` now: files are checked
         against their backing path; with ``-o mirror`` a name the namespace
         does not hold is looked for in the backing directory, and a
         directory that is gone there (and holds nothing of the namespace's)
-        goes here too."""
+        goes here too.  ``ahead``: the wire's lstat of the name as the user
+        (``Wire.take_ahead``), which stands in for these stats of the same
+        path."""
         node = parent.children.get(name)
         if isinstance(node, File):
-            node = await self.still_bound(node, ctx)
+            node = await self.still_bound(node, ctx, _stat_ahead(ahead, node.path, follow=True))
         if not self.config.mirror:
             return node
         if isinstance(node, Dir) and not node.children:
-            st = await self.creds.as_user(ctx, _lstat_or_none, node.backing_path())
+            path = node.backing_path()
+            st = _stat_ahead(ahead, path)
+            if st is _UNKNOWN:
+                st = await self.creds.as_user(ctx, _lstat_or_none, path)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 if parent.children.get(name) is node:
                     self._detach(node)
@@ -279,15 +339,19 @@ class Namespace:
         if node is None:
             self._check_name(name)
             path = os.path.join(parent.backing_path(), os.fsdecode(name))
-            st = await self.creds.as_user(ctx, _lstat_or_none, path)
+            st = _stat_ahead(ahead, path)
+            if st is _UNKNOWN:
+                st = await self.creds.as_user(ctx, _lstat_or_none, path)
             if st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 node = parent.children.get(name) or self._add_found(parent, name, st)
         return node
 
     # -- the kernel's references ---------------------------------------------
     async def lookup(self, parent_ino: int, name: bytes, ctx: Ctx = Ctx()) -> Attr:
+        # the wire's lstat of the name, as this user, if it made one (Wire.expect)
+        ahead = self.cache.wire.take_ahead(AHEAD_LOOKUP, parent_ino, ctx.uid, ctx.gid, ctx.pid)
         parent = self.dir(parent_ino)
-        node = await self._child(parent, name, ctx)
+        node = await self._child(parent, name, ctx, ahead)
         if node is None:
             raise FsError(errno.ENOENT)
         node.nlookup += 1
@@ -525,6 +589,8 @@ class Namespace:
         node = Dir(next(self._ino), parent, name, st)
         self.inodes[node.ino] = node
         parent.children[name] = node
+        if self.config.mirror:
+            self.cache.wire.expect(node.ino, os.fsencode(path), directory=True)
         parent.touch()
         node.nlookup += 1
         return self.attr(node)
@@ -616,10 +682,17 @@ class Namespace:
         dst_dir.children[new] = node
         if isinstance(node, File) and not node.shadow:
             node.path = new_path
+            if not node.opened:
+                self.cache.wire.expect(node.ino, os.fsencode(new_path))
         if isinstance(node, Dir):
+            if self.config.mirror:
+                for d in _walk_dirs(node):
+                    self.cache.wire.expect(d.ino, os.fsencode(d.backing_path()), directory=True)
             for f in _walk_files(node):
                 if not f.shadow:
                     f.path = os.path.join(f.parent.backing_path(), os.fsdecode(f.name))
+                    if not f.opened:
+                        self.cache.wire.expect(f.ino, os.fsencode(f.path))
         src_dir.touch()
         dst_dir.touch()
         node.ctime_ns = time.time_ns()
@@ -641,6 +714,30 @@ def _resolve_target(target: str, ctx: Ctx) -> str:
     return os.path.normpath(target)
 
 
+_UNKNOWN = object()      # _stat_ahead: no stat to go by, take one
+_MISSING = object()      # _stat_ahead: the path leads to nothing (for still_bound)
+
+
+def _stat_ahead(ahead: tuple | None, path: str, follow: bool = False):
+    """The wire's lstat of a name (``Wire.take_ahead``) as ``_lstat_or_none``
+    of ``path`` would have returned it: a stat result or None; ``_UNKNOWN``
+    if it was of another path, or failed otherwise than with ENOENT or
+    ENOTDIR (the call is then made again, and fails or not by itself).
+    ``follow``: for ``_stat_or_none``, which follows a symlink: a symlink is
+    ``_UNKNOWN``, and nothing there is ``_MISSING``."""
+    if ahead is None or ahead[0] != os.fsencode(path):
+        return _UNKNOWN
+    err, fields = ahead[3], ahead[4]
+    if err in (errno.ENOENT, errno.ENOTDIR):
+        return _MISSING if follow else None
+    if err:
+        return _UNKNOWN
+    st = os.stat_result(fields)
+    if follow and stat.S_ISLNK(st.st_mode):
+        return _UNKNOWN
+    return st
+
+
 def _stat_or_none(path: str) -> os.stat_result | None:
     try:
         return os.stat(path)
@@ -653,6 +750,13 @@ def _lstat_or_none(path: str) -> os.stat_result | None:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _walk_dirs(d: Dir):
+    yield d
+    for child in d.children.values():
+        if isinstance(child, Dir):
+            yield from _walk_dirs(child)
 
 
 def _walk_files(d: Dir):
@@ -671,6 +775,12 @@ class Opened(NamedTuple):
     writable: bool
     st: os.stat_result
     in_memory: bool         # tmpfs or ramfs (AsyncCache.in_memory)
+
+
+def _close_ahead(ahead: tuple | None) -> None:
+    """Close what the wire opened ahead (``Wire.take_opened``), unused."""
+    if ahead is not None and ahead[1] >= 0:
+        os.close(ahead[1])
 
 
 def _probe(fd: int, writable: bool) -> Opened:

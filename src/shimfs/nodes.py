@@ -102,6 +102,11 @@ class File(Node):
         # handles keep it, and its write-backs answer ESTALE (WriteBack).
         self.lost = False
         self.fresh = False          # opened just now by ensure_open (no revalidate needed)
+        # The backing file's stat taken by the open under way (Files.open,
+        # Namespace.still_bound), and ``seen`` then, for Coherence.revalidate:
+        # it stands in for an fstat while ``seen`` is unchanged (nothing the
+        # daemon did to the file since, such as a truncate or a write-back).
+        self.checked: tuple | None = None
         self.seen = (st.st_size, st.st_mtime_ns)   # backing state last seen
         self.ident = (st.st_dev, st.st_ino)        # to reopen the very same file
         # tmpfs or ramfs: no read-ahead, misses read inline (cache.AsyncCache.read)
