@@ -17,7 +17,7 @@ import pytest
 
 import shimfs
 from shimfs.names import XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PREFIX, XATTR_STATS
-from mounting import daemon_pid, make_file, shim_mount, shimfs_cmd, wait_gone
+from mounting import daemon_pid, make_file, shim_mount, shimfs_cmd, wait_gone, wait_until
 
 PAGE = 4096
 
@@ -311,6 +311,51 @@ def test_clean_flushes_are_answered_and_dirty_ones_write_back(wired):
         os.close(fd)
     with open(os.path.join(backing, "g.bin"), "rb") as f:
         assert f.read(12) == data[:7] + b"MAPPD"
+
+
+def test_a_readers_release_is_answered_in_c_and_opens_stay_counted(wired):
+    """The RELEASE of a read-only handle whose file is clean is answered by
+    the wire and noted for Python, which takes the notes before each open:
+    an open right after a change behind the mount still reloads the file
+    (close-to-open), and the backing file of a name removed while a reader
+    had it open is closed once that reader's RELEASE is taken."""
+    mnt, backing = wired
+    path, data = linked(mnt, backing, "r.bin", 3 * PAGE)
+    before = mount_stats(path)["fast_releases"]
+    for i in range(3):
+        with open(path, "rb") as f:
+            assert f.read() == data
+        new = bytes([i + 1]) * (2 * PAGE + i)        # another size: seen as a change
+        with open(os.path.join(backing, "r.bin"), "r+b") as f:
+            f.write(new)
+            f.truncate(len(new))
+        data = new
+    with open(path, "rb") as f:
+        assert f.read() == data
+    assert mount_stats(path)["fast_releases"] - before >= 3
+    made = os.path.join(mnt, "made.bin")
+    with open(made, "wb") as f:
+        f.write(b"x" * 100)
+    pid = daemon_pid(mnt)
+
+    def holds_made() -> bool:
+        fds = os.listdir("/proc/%d/fd" % pid)
+        return any(os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith(
+            os.path.join(backing, "made.bin")) for fd in fds if _readable_link(pid, fd))
+    f = open(made, "rb")
+    assert f.read() == b"x" * 100
+    os.unlink(made)
+    assert holds_made()                             # the reader keeps it
+    f.close()
+    wait_until(lambda: not holds_made(), what="the removed file's backing descriptor closed")
+
+
+def _readable_link(pid: int, fd: str) -> bool:
+    try:
+        os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        return True
+    except OSError:
+        return False
 
 
 def test_a_small_file_read_whole_is_loaded_in_the_wire(wired):

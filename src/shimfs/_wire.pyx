@@ -28,7 +28,9 @@
   (docs/design.md, "Sparse faults").
   A GETXATTR of a name outside the control prefix gets ENODATA, and a
   FLUSH of a registered handle whose file has no dirty page gets success:
-  what Python would answer.  An OPEN of an unopened ``-o mirror`` file,
+  what Python would answer.  So does the RELEASE of a read-only handle of
+  such a file, noted on the release pair for Python's bookkeeping
+  (:meth:`take_released`).  An OPEN of an unopened ``-o mirror`` file,
   and a LOOKUP in a mirrored directory, have their backing call (the open,
   the lstat of the name) made by the in thread, as the requester, before
   they go on to pyfuse3, which takes the result (:meth:`expect`).  Every
@@ -167,6 +169,12 @@ cdef struct GetxattrIn:      # fuse_getxattr_in; the name follows, NUL-terminate
     uint32_t size
     uint32_t padding
 
+cdef struct ReleaseIn:       # fuse_release_in
+    uint64_t fh
+    uint32_t flags
+    uint32_t release_flags
+    uint64_t lock_owner
+
 cdef struct FlushIn:         # fuse_flush_in
     uint64_t fh
     uint32_t unused
@@ -184,6 +192,7 @@ cdef enum:
     FUSE_READ = 15
     FUSE_WRITE = 16
     FUSE_WRITE_KILL_SUIDGID = 1 << 2
+    FUSE_RELEASE = 18
     FUSE_GETXATTR = 22
     FUSE_FLUSH = 25
     FUSE_FALLOCATE = 43
@@ -227,6 +236,7 @@ cdef struct Handle:
     int reader              # read(2) seen: its READs are never refused
     int own_misses          # no read-ahead policy: every miss is served here
     int writes              # WRITEs that need no I/O are taken here
+    int release             # its RELEASE is answered here while the file is clean
     int wrote               # one was, since Python last took note (Wire.written)
     int busy                # misses of this handle being loaded and answered
     int state
@@ -401,6 +411,9 @@ cdef class Wire:
     cdef int64_t cap, used, live
     cdef pthread_t t_out
     cdef int side_w
+    cdef int rel_w
+    #: Readable when RELEASEs answered here wait for :meth:`take_released`.
+    cdef readonly int released_fd
     #: Readable when requests that pyfuse3 cannot handle (FALLOCATE) wait
     #: for :meth:`take`.
     cdef readonly int side_fd
@@ -410,7 +423,7 @@ cdef class Wire:
     # counters (read under the mutex)
     cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
     cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
-    cdef uint64_t fast_getxattrs, fast_flushes, fast_writes, fast_write_bytes
+    cdef uint64_t fast_getxattrs, fast_flushes, fast_writes, fast_write_bytes, fast_releases
     cdef uint64_t refused, refused_bytes, readers, group_loads, centre_loads
     cdef int64_t sparse             # the kernel's read-around, when refused (0: never)
     cdef char prefix[PREFIX_MAX]    # control xattrs: GETXATTRs of other names get ENODATA here
@@ -437,6 +450,7 @@ cdef class Wire:
         self.stop_r = self.stop_w = -1
         self.ended_fd = self.end_w = -1
         self.side_fd = self.side_w = -1
+        self.released_fd = self.rel_w = -1
         pthread_mutex_init(&self.mu, NULL)
         pthread_cond_init(&self.idle, NULL)
         for i in range(AHEAD):
@@ -507,6 +521,11 @@ cdef class Wire:
             raise OSError(errno, "socketpair: " + os.strerror(errno))
         self.side_fd, self.side_w = fds[0], fds[1]
         fcntl(self.side_fd, F_SETFL, fcntl(self.side_fd, F_GETFL) | O_NONBLOCK)
+        if socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) < 0:
+            raise OSError(errno, "socketpair: " + os.strerror(errno))
+        self.released_fd, self.rel_w = fds[0], fds[1]
+        for i in range(2):
+            fcntl(fds[i], F_SETFL, fcntl(fds[i], F_GETFL) | O_NONBLOCK)
         self.kernel_fd = fcntl(session_fd, F_DUPFD_CLOEXEC, 3)
         if self.kernel_fd < 0 or dup2(sv[0], session_fd) < 0:
             raise OSError(errno, "moving the session descriptor: " + os.strerror(errno))
@@ -533,7 +552,7 @@ cdef class Wire:
         free(self.zeros)
         free(self.outbuf)
         for fd in (self.kernel_fd, self.pfd, self.stop_r, self.stop_w, self.ended_fd, self.end_w,
-                   self.side_fd, self.side_w):
+                   self.side_fd, self.side_w, self.released_fd, self.rel_w):
             if fd >= 0:
                 close(fd)
         pthread_cond_destroy(&self.idle)
@@ -570,13 +589,17 @@ cdef class Wire:
         free(old)
         return 0
 
-    def add(self, uint64_t fh, int64_t fid, bint own_misses=False, bint writes=False):
+    def add(self, uint64_t fh, int64_t fid, bint own_misses=False, bint writes=False,
+            bint release=False):
         """Answer READs of handle ``fh`` (a file of the engine) from the cache.
         ``own_misses``: the handle has no read-ahead policy, so its misses
         are all served here; else a miss that continues a run goes to Python.
         ``writes``: its WRITEs that need no I/O (``PageCache.take_write``)
         are taken here too; the first after each :meth:`written` is also
-        reported on the side pair (:meth:`take`)."""
+        reported on the side pair (:meth:`take`).  ``release``: a RELEASE of
+        the handle while its file has no dirty page here is answered here
+        (the handle is forgotten, as by :meth:`remove`) and reported on the
+        release pair (:meth:`take_released`)."""
         cdef FileRec *fr = self.pc.record(fid)
         cdef int64_t i
         cdef int err = 0
@@ -604,6 +627,7 @@ cdef class Wire:
                 h.cand = -1
                 h.own_misses = own_misses
                 h.writes = writes
+                h.release = release
                 h.wrote = 0
                 h.busy = 0
                 h.state = H_USED
@@ -678,7 +702,7 @@ cdef class Wire:
             fe, re = self.forward_errors, self.reply_errors
             pt, pm = self.pass_trigger, self.pass_missing
             fm, mf = self.fast_misses, self.miss_fallbacks
-            fx, ff = self.fast_getxattrs, self.fast_flushes
+            fx, ff, fr = self.fast_getxattrs, self.fast_flushes, self.fast_releases
             fw, fwb = self.fast_writes, self.fast_write_bytes
             rf, rfb, rd, gl = self.refused, self.refused_bytes, self.readers, self.group_loads
             cl = self.centre_loads
@@ -688,7 +712,7 @@ cdef class Wire:
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
                 "fast_read_passed_trigger": pt, "fast_read_passed_missing": pm,
                 "forward_errors": fe, "reply_errors": re,
-                "fast_getxattrs": fx, "fast_flushes": ff,
+                "fast_getxattrs": fx, "fast_flushes": ff, "fast_releases": fr,
                 "fast_writes": fw, "fast_write_bytes": fwb,
                 "read_arounds_refused": rf, "read_around_bytes_refused": rfb,
                 "reader_handles": rd, "refused_range_loads": gl,
@@ -1312,6 +1336,52 @@ cdef class Wire:
         SHIM_COUNT(&self.fast_flushes)
         return True
 
+    cdef bint _answer_release(self, InHeader *h, ssize_t n) noexcept nogil:
+        """Success for the RELEASE of a handle registered for it (read-only,
+        of a file off coherence) while its file has no dirty page here:
+        Python's release would write nothing back, and what is left of it
+        (the handle's bookkeeping) it does when it takes the note sent here
+        first (:meth:`take_released`).  False to pass it on."""
+        cdef ReleaseIn *r
+        cdef Handle *hd
+        cdef char msg[NOTE_LEN]
+        cdef InHeader *note = <InHeader *>msg
+        cdef bint done = False
+        if n < <ssize_t>(sizeof(InHeader) + sizeof(ReleaseIn)):
+            return False
+        r = <ReleaseIn *>(<char *>h + sizeof(InHeader))
+        memset(msg, 0, NOTE_LEN)
+        note.len = NOTE_LEN
+        note.opcode = FUSE_RELEASE
+        (<uint64_t *>(msg + sizeof(InHeader)))[0] = r.fh
+        pthread_mutex_lock(&self.mu)
+        hd = self._find(r.fh)
+        if hd != NULL and hd.release and not hd.busy and hd.fr.ndirty == 0 \
+                and not self.stopping and send(self.rel_w, msg, NOTE_LEN, MSG_NOSIGNAL) == NOTE_LEN:
+            hd.state = H_GONE
+            hd.fr = NULL
+            self.live -= 1
+            done = True
+        pthread_mutex_unlock(&self.mu)
+        if not done:
+            return False
+        self._status(h.unique, 0)
+        SHIM_COUNT(&self.fast_releases)
+        return True
+
+    def take_released(self) -> list:
+        """The handles whose RELEASE was answered here since the last call
+        (see :meth:`add`): each is gone from the wire already."""
+        cdef char msg[NOTE_LEN]
+        cdef ssize_t k
+        out = []
+        while True:
+            k = recv(self.released_fd, msg, NOTE_LEN, 0)
+            if k != NOTE_LEN:
+                break
+            out.append((<uint64_t *>(msg + sizeof(InHeader)))[0])
+        return out
+
     cdef bint _answer_write(self, InHeader *h, ssize_t n) noexcept nogil:
         """Take a WRITE of a handle registered for it into the cache when
         that needs no I/O (every page it covers in part cached, no growth:
@@ -1413,6 +1483,8 @@ cdef class Wire:
             if h.opcode == FUSE_GETXATTR and self._answer_getxattr(h, n):
                 continue
             if h.opcode == FUSE_FLUSH and self._answer_flush(h, n):
+                continue
+            if h.opcode == FUSE_RELEASE and self._answer_release(h, n):
                 continue
             if h.opcode == FUSE_FALLOCATE and send(self.side_w, buf, n, MSG_NOSIGNAL) == n:
                 continue            # for the daemon's Python (Wire.take)

@@ -67,10 +67,28 @@ class OpenFiles:
         node.writers += writable
         g = node.grant
         if g is None or g.whole():
-            # WRITEs in C only off coherence: a coherent WRITE needs its grant
+            # WRITEs (and RELEASEs) in C only off coherence: a coherent WRITE
+            # needs its grant
             self.cache.wire.add(fh, node.fid, stream is None,
-                                writes=writable and node.writable and g is None)
+                                writes=writable and node.writable and g is None,
+                                release=not writable and g is None)
         return fh
+
+    def released(self) -> None:
+        """What :meth:`release` does for the handles whose RELEASE the wire
+        answered (``Wire.take_released``: read-only, their file clean then):
+        they go, and their node's count of opens with them.  Called before
+        each open (so a node's ``opens`` counts no handle closed before it)
+        and by a task soon after such RELEASEs (mount.py)."""
+        for fh in self.cache.wire.take_released():
+            h = self.handles.pop(fh, None)
+            if h is None:
+                continue
+            if h.stream is not None:
+                h.stream.close()
+            node = h.node
+            node.opens -= 1
+            self.ns.maybe_free(node)
 
     def written(self, fh: int) -> None:
         """The compiled wire took WRITEs of ``fh`` (Wire.take): what
@@ -100,6 +118,7 @@ class OpenFiles:
         # What the wire opened for this OPEN, if anything (Wire.expect):
         # ensure_open takes it, or closes it.
         ahead = self.cache.wire.take_ahead(AHEAD_OPEN, ino, ctx.uid, ctx.gid, ctx.pid)
+        self.released()
         try:
             node = self.ns.file(ino)
         except BaseException:

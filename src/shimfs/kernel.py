@@ -36,11 +36,16 @@ class Wire(Protocol):
     """The compiled reader in front of pyfuse3 (:class:`shimfs._wire.Wire`):
     it answers READs of registered handles whose pages the engine holds."""
 
-    def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False) -> None:
+    def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False,
+            release: bool = False) -> None:
         """Answer READs of handle ``fh`` (of engine file ``fid``) from the
         cache, and its random misses with compiled workers (all its misses:
         ``own_misses``, for a handle with no read-ahead policy); with
-        ``writes``, take its WRITEs that need no I/O too."""
+        ``writes``, take its WRITEs that need no I/O too; with ``release``,
+        answer its RELEASE while the file is clean (:meth:`take_released`)."""
+
+    def take_released(self) -> list[int]:
+        """The handles whose RELEASE was answered since the last call."""
 
     def remove(self, fh: int) -> bool:
         """Stop; once this returns, no reply of ``fh`` is being written.
@@ -76,7 +81,7 @@ class Wire(Protocol):
         ``fast_read_misses``, ``fast_read_miss_fallbacks``,
         ``fast_read_passed_trigger``, ``fast_read_passed_missing``,
         ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
-        ``fast_flushes``, ``fast_writes``, ``fast_write_bytes``,
+        ``fast_flushes``, ``fast_releases``, ``fast_writes``, ``fast_write_bytes``,
         ``read_arounds_refused``, ``read_around_bytes_refused``,
         ``reader_handles``, ``refused_range_loads``, ``refused_centre_loads``,
         ``opens_ahead``, ``stats_ahead``, ``ahead_dropped``."""
@@ -89,8 +94,12 @@ AHEAD_OPEN, AHEAD_LOOKUP = 1, 2
 class NullWire:
     """No compiled reader: every READ reaches Python."""
 
-    def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False) -> None:
+    def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False,
+            release: bool = False) -> None:
         pass
+
+    def take_released(self) -> list[int]:
+        return []
 
     def remove(self, fh: int) -> bool:
         return False
@@ -117,7 +126,7 @@ class NullWire:
         return dict(fast_reads=0, fast_read_bytes=0, forwarded_requests=0,
                     fast_read_misses=0, fast_read_miss_fallbacks=0,
                     fast_read_passed_trigger=0, fast_read_passed_missing=0,
-                    forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0,
+                    forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0, fast_releases=0,
                     fast_writes=0, fast_write_bytes=0, read_arounds_refused=0,
                     read_around_bytes_refused=0, reader_handles=0, refused_range_loads=0,
                     refused_centre_loads=0, opens_ahead=0, stats_ahead=0,
