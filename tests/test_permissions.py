@@ -51,6 +51,15 @@ def try_errno(user, code: str) -> int:
     return int(out)
 
 
+def shared_group(member) -> int:
+    """The gid of a group that ``member`` is in as a supplementary group."""
+    import grp
+    group = "shimfs-grp"
+    subprocess.run(["groupadd", "-f", group], check=True)
+    subprocess.run(["usermod", "-a", "-G", group, member.pw_name], check=True)
+    return grp.getgrnam(group).gr_gid
+
+
 @pytest.fixture
 def world():
     """A world-traversable tree: private and shared areas per user."""
@@ -163,11 +172,7 @@ def test_supplementary_groups_count(users, root_mount, world):
     shadow and read it; a non-member may not."""
     mnt, backing = root_mount
     u1, u2 = users
-    group = "shimfs-grp"
-    subprocess.run(["groupadd", "-f", group], check=True)
-    subprocess.run(["usermod", "-a", "-G", group, u2.pw_name], check=True)
-    import grp
-    gid = grp.getgrnam(group).gr_gid
+    gid = shared_group(u2)
     gdir = os.path.join(world, "groupdir")
     os.mkdir(gdir)
     os.chown(gdir, 0, gid)
@@ -189,11 +194,7 @@ def test_a_mirror_opens_and_looks_up_as_the_user(users, world):
     after the listing, so the kernel's check (the mount's cached modes)
     lets every user through and the backing decides."""
     u1, u2 = users
-    group = "shimfs-grp"
-    subprocess.run(["groupadd", "-f", group], check=True)
-    subprocess.run(["usermod", "-a", "-G", group, u2.pw_name], check=True)
-    import grp
-    gid = grp.getgrnam(group).gr_gid
+    gid = shared_group(u2)
     backing = os.path.join(world, "tree")
     os.mkdir(backing)
     os.chmod(backing, 0o755)

@@ -66,9 +66,8 @@ import os
 from libc.stdint cimport int64_t, uint64_t, uint32_t, int32_t, uint16_t
 from libc.errno cimport (errno, EIO, EINTR, ENOENT, EAGAIN, ENOBUFS, ENODATA, EACCES, EROFS,
                          EPERM, ETXTBSY, ENAMETOOLONG)
-from libc.stdlib cimport malloc, calloc, free, strtoul
-from libc.string cimport memset, memcpy, memcmp, strlen, strstr
-from libc.stdio cimport snprintf
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memset, memcpy, memcmp, strlen
 from posix.unistd cimport read, write, close, pipe, dup, dup2
 from posix.fcntl cimport open as c_open, O_RDWR, O_RDONLY, O_CLOEXEC
 from posix.stat cimport struct_stat, fstat, lstat
@@ -76,6 +75,7 @@ from posix.stat cimport struct_stat, fstat, lstat
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
+from shimcore._creds cimport Creds, MAX_GROUPS, own_creds, groups_of, take_creds, give_back
 from shimcore._engine cimport (PageCache, FileRec, iovec, writev, MAX_RUN, PAGE, PAGE_SHIFT,
                                pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
                                pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
@@ -103,15 +103,6 @@ cdef extern from "<poll.h>" nogil:
 cdef extern from "<fcntl.h>" nogil:
     int fcntl(int fd, int cmd, ...)
     int F_GETFL, F_SETFL, F_DUPFD_CLOEXEC, O_NONBLOCK
-
-cdef extern from "<unistd.h>" nogil:
-    long syscall(long number, ...)
-    int getgroups(int size, unsigned int *list)
-
-cdef extern from "<sys/syscall.h>" nogil:
-    long SYS_setfsuid
-    long SYS_setfsgid
-    long SYS_setgroups
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -218,10 +209,8 @@ cdef enum:
     # continue it, for refusing read-around: one request's span (1 MiB)
     # and the slack of READs in flight together.
     FAR = (256 << 12) + (64 << 10)
-    # Opens ahead: the longest backing path, the most supplementary groups
-    # of a requester (more: Python opens the file), results kept for Python.
+    # Work ahead of Python: the longest backing path, results kept for it.
     PATH_LEN = 4096
-    MAX_GROUPS = 256
     AHEAD = 64
 
 cdef struct Handle:
@@ -262,43 +251,6 @@ cdef struct Ahead:           # a backing file opened, or a name stat'ed, for Pyt
     int writable
     char *path
     struct_stat st
-
-
-cdef int _groups_of(uint32_t pid, unsigned int *out, int cap) noexcept nogil:
-    """The supplementary groups of process ``pid`` (its /proc status), or
-    -1 if they cannot be read or are more than ``cap``."""
-    cdef char path[48]
-    cdef char buf[4096]
-    cdef char *p
-    cdef char *end
-    cdef int fd, k = 0
-    cdef ssize_t n
-    snprintf(path, sizeof(path), "/proc/%u/status", pid)
-    fd = c_open(path, O_RDONLY | O_CLOEXEC)
-    if fd < 0:
-        return -1
-    n = read(fd, buf, sizeof(buf) - 1)
-    close(fd)
-    if n <= 0:
-        return -1
-    buf[n] = 0
-    p = strstr(buf, "\nGroups:")
-    if p == NULL:
-        return -1
-    p += 8
-    while True:
-        while p[0] == 32 or p[0] == 9:
-            p += 1
-        if p[0] < 48 or p[0] > 57:
-            break
-        if k == cap:
-            return -1
-        out[k] = <unsigned int>strtoul(p, &end, 10)
-        k += 1
-        p = end
-    if p[0] != 10:
-        return -1           # the line was cut off
-    return k
 
 
 cdef void *_in_thread(void *arg) noexcept with gil:
@@ -439,9 +391,7 @@ cdef class Wire:
     cdef uint64_t ahead_seq
     cdef bint ahead_off             # a credential could not be given back: no more
     cdef uint64_t opens_ahead, ahead_dropped, stats_ahead
-    cdef long fsuid0, fsgid0        # the in threads' own credentials
-    cdef unsigned int groups0[MAX_GROUPS]
-    cdef int ngroups0
+    cdef Creds own                  # the in threads' own credentials
 
     def __cinit__(self):
         cdef int i
@@ -481,10 +431,7 @@ cdef class Wire:
         self.tab = <Handle *>calloc(self.cap, sizeof(Handle))
         self.exp_cap = 64
         self.exp = <Expected *>calloc(self.exp_cap, sizeof(Expected))
-        self.fsuid0 = syscall(SYS_setfsuid, <long>-1)
-        self.fsgid0 = syscall(SYS_setfsgid, <long>-1)
-        self.ngroups0 = getgroups(MAX_GROUPS, self.groups0)
-        if self.ngroups0 < 0:
+        if own_creds(&self.own) < 0:
             self.ahead_off = True
         self.zeros = <char *>calloc(1, PAGE)
         self.outbuf = <char *>malloc(BUFSIZE)
@@ -951,15 +898,6 @@ cdef class Wire:
             self.exp[i].path = NULL
         self.exp_used = self.exp_live = 0
 
-    cdef bint _creds_back(self) noexcept nogil:
-        """Give an in thread its own credentials back; False if it cannot."""
-        syscall(SYS_setfsuid, self.fsuid0)
-        syscall(SYS_setfsgid, self.fsgid0)
-        if syscall(SYS_setgroups, self.ngroups0, self.groups0) != 0:
-            return False
-        return syscall(SYS_setfsuid, <long>-1) == self.fsuid0 and \
-            syscall(SYS_setfsgid, <long>-1) == self.fsgid0
-
     cdef void _ahead(self, InHeader *h, ssize_t n, int kind) noexcept nogil:
         """An OPEN of an expected file, or a LOOKUP in an expected
         directory: open the backing file, or lstat the backing name, as the
@@ -998,16 +936,11 @@ cdef class Wire:
         if path[0] == 0:
             return
         if h.uid != 0:
-            ng = _groups_of(h.pid, groups, MAX_GROUPS)
+            ng = groups_of(h.pid, groups, MAX_GROUPS)
             if ng < 0:
                 return
             switched = True
-            if syscall(SYS_setgroups, ng, groups) != 0:
-                self._creds_give_back()
-                return
-            syscall(SYS_setfsgid, <long>h.gid)
-            syscall(SYS_setfsuid, <long>h.uid)
-            if syscall(SYS_setfsuid, <long>-1) != h.uid or syscall(SYS_setfsgid, <long>-1) != h.gid:
+            if not take_creds(h.uid, h.gid, groups, ng):
                 self._creds_give_back()
                 return
         if kind == K_FILE:
@@ -1067,9 +1000,10 @@ cdef class Wire:
         pthread_mutex_unlock(&self.mu)
 
     cdef bint _creds_give_back(self) noexcept nogil:
-        """:meth:`_creds_back`; if that fails, no more opens ahead (the
-        thread keeps its READ work, which checks no credential)."""
-        if self._creds_back():
+        """Give an in thread its own credentials back; if that fails, no
+        more work ahead (the thread keeps its READ work, which checks no
+        credential)."""
+        if give_back(&self.own):
             return True
         pthread_mutex_lock(&self.mu)
         self.ahead_off = True
