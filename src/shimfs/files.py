@@ -124,6 +124,9 @@ class OpenFiles:
         except BaseException:
             _close_ahead(ahead)
             raise
+        if node.opened:             # nothing for it to stand in for
+            _close_ahead(ahead)
+            ahead = None
         # An unopened file (-o mirror) is checked by ensure_open, which opens
         # it and compares the inode: one backing round trip instead of two.
         # An opened one by still_bound, whose stat revalidate then uses.
@@ -133,7 +136,6 @@ class OpenFiles:
             # The kernel retries a path open that fails with ESTALE once, after
             # a fresh LOOKUP (LOOKUP_REVAL): that finds the file now at the
             # name, or none, and O_CREAT then creates a new backing file.
-            _close_ahead(ahead)
             raise FsError(errno.ESTALE, "backing file %s was removed or replaced" % node.path)
         proven = await self.ns.ensure_open(node, ctx, ahead)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY

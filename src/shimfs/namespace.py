@@ -41,6 +41,10 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
+#: ``_stat_ahead``: no stat to go by, take one.
+_UNKNOWN = object()
+
+
 class Namespace:
     """The inode and name tables, and every operation that changes them."""
 
@@ -141,7 +145,7 @@ class Namespace:
     async def ensure_open(self, node: File, ctx: Ctx, ahead: tuple | None = None) -> int:
         """Open an unopened file (found by ``-o mirror``) as the user, and hand
         it to the engine; a no-op for every other file.  ``ahead``: what the
-        wire opened for this OPEN already (``Wire.take_opened``), used when
+        wire opened for this OPEN already (``Wire.take_ahead``), used when
         it opened the node's path as it stands; it is closed otherwise.
 
         Returns the access modes (``os.R_OK``, ``os.W_OK``) that the open
@@ -246,7 +250,7 @@ class Namespace:
         self.maybe_free(node)
 
     # -- names shared with other nodes ----------------------------------------
-    async def still_bound(self, node: File, ctx: Ctx = Ctx(), st=None) -> File | None:
+    async def still_bound(self, node: File, ctx: Ctx = Ctx(), st=_UNKNOWN) -> File | None:
         """The file that ``node``'s name stands for now.
 
         Other nodes and scripts remove and replace files in a shared backing
@@ -258,13 +262,12 @@ class Namespace:
         to that one (a shadow follows its target's path, as a symlink does);
         else the name is gone (None).  Runs on every lookup and open of a
         file, so a name the kernel caches is checked again at least every
-        ``TIMEOUT`` seconds (its entry and attr timeouts).  ``st``: a stat
-        of ``node.path`` taken just now (``_stat_ahead``), else one is taken.
+        ``TIMEOUT`` seconds (its entry and attr timeouts).  ``st``: what a
+        stat of ``node.path`` just now gave (``_stat_ahead``: a result, or
+        None for nothing there); ``_UNKNOWN``: one is taken.
         """
-        if st is None or st is _UNKNOWN:
+        if st is _UNKNOWN:
             st = await self.cache.run(_stat_or_none, node.path)
-        elif st is _MISSING:
-            st = None
         if st is not None and (st.st_dev, st.st_ino) == node.ident:
             node.checked = (st, node.seen)
             await self._follow(node, st)
@@ -714,22 +717,18 @@ def _resolve_target(target: str, ctx: Ctx) -> str:
     return os.path.normpath(target)
 
 
-_UNKNOWN = object()      # _stat_ahead: no stat to go by, take one
-_MISSING = object()      # _stat_ahead: the path leads to nothing (for still_bound)
-
-
 def _stat_ahead(ahead: tuple | None, path: str, follow: bool = False):
     """The wire's lstat of a name (``Wire.take_ahead``) as ``_lstat_or_none``
     of ``path`` would have returned it: a stat result or None; ``_UNKNOWN``
     if it was of another path, or failed otherwise than with ENOENT or
     ENOTDIR (the call is then made again, and fails or not by itself).
     ``follow``: for ``_stat_or_none``, which follows a symlink: a symlink is
-    ``_UNKNOWN``, and nothing there is ``_MISSING``."""
+    ``_UNKNOWN``."""
     if ahead is None or ahead[0] != os.fsencode(path):
         return _UNKNOWN
     err, fields = ahead[3], ahead[4]
     if err in (errno.ENOENT, errno.ENOTDIR):
-        return _MISSING if follow else None
+        return None
     if err:
         return _UNKNOWN
     st = os.stat_result(fields)
@@ -778,7 +777,7 @@ class Opened(NamedTuple):
 
 
 def _close_ahead(ahead: tuple | None) -> None:
-    """Close what the wire opened ahead (``Wire.take_opened``), unused."""
+    """Close what the wire opened ahead (``Wire.take_ahead``), unused."""
     if ahead is not None and ahead[1] >= 0:
         os.close(ahead[1])
 
