@@ -12,12 +12,14 @@ import mmap
 import os
 import random
 import threading
+import time
 
 import pytest
 
 import shimfs
-from shimfs.names import XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PREFIX, XATTR_STATS
-from mounting import daemon_pid, make_file, shim_mount, shimfs_cmd, wait_gone, wait_until
+from shimfs.names import TIMEOUT, XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PREFIX, XATTR_STATS
+from mounting import (daemon_pid, make_file, read_file, shim_mount, shimfs_cmd, wait_gone,
+                      wait_until)
 
 PAGE = 4096
 
@@ -348,6 +350,70 @@ def test_a_readers_release_is_answered_in_c_and_opens_stay_counted(wired):
     assert holds_made()                             # the reader keeps it
     f.close()
     wait_until(lambda: not holds_made(), what="the removed file's backing descriptor closed")
+
+
+def test_a_mirror_lookup_is_answered_in_c_as_python_would(tmp_path, data_dir):
+    """-o mirror: once a listed file's entry has expired, the kernel's
+    LOOKUP of it is answered by the wire, after an lstat of its backing
+    path, with exactly what Python answered (the listing's attributes); a
+    file changed, replaced or removed on the backing side goes to Python,
+    which sees the change; and the references the wire gave the kernel are
+    all counted: once the files are gone and the kernel forgets them, the
+    daemon holds no node of them."""
+    names = ["f%02d" % i for i in range(20)]
+    for i, name in enumerate(names):
+        with open(os.path.join(data_dir, name), "wb") as f:
+            f.write(name.encode() * (i + 1))
+    fields = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns",
+              "st_mtime_ns", "st_ctime_ns", "st_blksize", "st_blocks")
+
+    def stat_all(mnt):
+        return {n: tuple(getattr(os.stat(os.path.join(mnt, n)), k) for k in fields)
+                for n in os.listdir(mnt) if n in names}
+
+    with shim_mount(str(tmp_path / "mnt"), data_dir, "mirror") as mnt:
+        listed = stat_all(mnt)                      # READDIRPLUS: Python's attributes
+        assert sorted(listed) == names
+        before = shimfs.stats(mnt)["mount"]
+        time.sleep(TIMEOUT + 0.2)                   # the entries expire: LOOKUPs
+        assert {n: tuple(getattr(os.stat(os.path.join(mnt, n)), k) for k in fields)
+                for n in names} == listed
+        after = shimfs.stats(mnt)["mount"]
+        assert after["fast_lookups"] - before["fast_lookups"] >= len(names), after
+
+        with open(os.path.join(data_dir, "f00"), "ab") as f:
+            f.write(b"+more")                       # changed in place by another node
+        with open(os.path.join(data_dir, "f01.new"), "wb") as f:
+            f.write(b"replaced")
+        os.rename(os.path.join(data_dir, "f01.new"), os.path.join(data_dir, "f01"))
+        os.unlink(os.path.join(data_dir, "f02"))
+        time.sleep(TIMEOUT + 0.2)
+        assert os.stat(os.path.join(mnt, "f00")).st_size == len(b"f00+more")
+        assert os.stat(os.path.join(mnt, "f01")).st_size == len(b"replaced")
+        assert os.stat(os.path.join(mnt, "f01")).st_ino != listed["f01"][0]
+        assert not os.path.exists(os.path.join(mnt, "f02"))
+        seen = shimfs.stats(mnt)["mount"]["fast_lookups"]
+        time.sleep(TIMEOUT + 0.2)                   # Python's new answers, now from the wire
+        assert os.stat(os.path.join(mnt, "f00")).st_size == len(b"f00+more")
+        assert os.stat(os.path.join(mnt, "f01")).st_size == len(b"replaced")
+        assert shimfs.stats(mnt)["mount"]["fast_lookups"] - seen >= 2
+        assert read_file(os.path.join(mnt, "f00")) == b"f00+more"
+        assert read_file(os.path.join(mnt, "f01")) == b"replaced"
+        assert read_file(os.path.join(mnt, "f03")) == b"f03" * 4
+
+        for name in names:
+            if name != "f02":
+                os.unlink(os.path.join(data_dir, name))
+        time.sleep(TIMEOUT + 0.2)
+        assert not any(os.path.exists(os.path.join(mnt, n)) for n in names)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")                            # the kernel forgets the inodes
+
+        def nodes() -> int:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2")
+            return shimfs.stats(mnt)["mount"]["nodes"]
+        wait_until(lambda: nodes() == 1, what="every node of the removed files freed", interval=0.5)
 
 
 def _readable_link(pid: int, fd: str) -> bool:

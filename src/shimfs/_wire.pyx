@@ -33,8 +33,11 @@
   (:meth:`take_released`).  An OPEN of an unopened ``-o mirror`` file,
   and a LOOKUP in a mirrored directory, have their backing call (the open,
   the lstat of the name) made by the in thread, as the requester, before
-  they go on to pyfuse3, which takes the result (:meth:`expect`).  Every
-  other request goes to pyfuse3 unchanged.
+  they go on to pyfuse3, which takes the result (:meth:`expect`).  A
+  LOOKUP of an unopened file whose lstat shows it unchanged since Python
+  answered is answered here, with Python's entry (:meth:`enter`); the
+  references it gives the kernel are counted for Python's FORGETs
+  (:meth:`take_lookups`).  Every other request goes to pyfuse3 unchanged.
 * The *out* thread copies what pyfuse3 writes (replies) to the device.
 * Notifications do not take the pair: :class:`shimfs._notify.SessionKernel`
   writes them to ``kernel_fd`` itself, since they block until the kernel is
@@ -70,7 +73,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy, memcmp, strlen
 from posix.unistd cimport read, write, close, pipe, dup, dup2
 from posix.fcntl cimport open as c_open, O_RDWR, O_RDONLY, O_CLOEXEC
-from posix.stat cimport struct_stat, fstat, lstat
+from posix.stat cimport struct_stat, fstat, lstat, S_ISREG
 
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
@@ -235,11 +238,34 @@ cdef enum:
     K_FILE = 1              # an unopened file: an OPEN of it opens its backing path
     K_DIR = 2               # a directory: a LOOKUP in it lstats the backing name
 
+cdef struct FuseAttr:        # fuse_attr
+    uint64_t ino, size, blocks, atime, mtime, ctime
+    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags
+
+cdef struct EntryOut:        # fuse_entry_out
+    uint64_t nodeid, generation, entry_valid, attr_valid
+    uint32_t entry_valid_nsec, attr_valid_nsec
+    FuseAttr attr
+
 cdef struct Expected:
     uint64_t nodeid
     char *path
     int kind                # K_FILE, K_DIR
     int state               # H_EMPTY, H_USED, H_GONE
+    # An unopened file's entry (Wire.enter): its name in its parent, what
+    # the lstat of its backing path must show, and Python's answer.
+    char *name              # NULL: no entry
+    size_t name_len
+    uint64_t parent, key
+    uint64_t dev, ino
+    int64_t size, mtime_ns
+    EntryOut out
+    uint64_t lookups        # LOOKUPs answered here, not yet taken by Python
+
+cdef struct Named:           # the entries by (parent, name): a key and its node
+    uint64_t key
+    uint64_t nodeid
+    int state
 
 cdef struct Ahead:           # a backing file opened, or a name stat'ed, for Python
     uint64_t nodeid
@@ -251,6 +277,15 @@ cdef struct Ahead:           # a backing file opened, or a name stat'ed, for Pyt
     int writable
     char *path
     struct_stat st
+
+
+cdef inline uint64_t _name_key(uint64_t parent, const char *name, size_t n) noexcept nogil:
+    """An entry's key: FNV-1a of its name, seeded with its parent's node id."""
+    cdef uint64_t h = 0xcbf29ce484222325ULL ^ (parent * 0x9E3779B97F4A7C15ULL)
+    cdef size_t i
+    for i in range(n):
+        h = (h ^ <unsigned char>name[i]) * 0x100000001b3ULL
+    return h
 
 
 cdef void *_in_thread(void *arg) noexcept with gil:
@@ -387,6 +422,9 @@ cdef class Wire:
     # opens ahead (see expect): unopened files by node id, and results
     cdef Expected *exp
     cdef int64_t exp_cap, exp_used, exp_live
+    cdef Named *nam
+    cdef int64_t nam_cap, nam_used, nam_live
+    cdef uint64_t fast_lookups
     cdef Ahead ahead[AHEAD]
     cdef int ahead_next
     cdef uint64_t ahead_seq
@@ -432,6 +470,8 @@ cdef class Wire:
         self.tab = <Handle *>calloc(self.cap, sizeof(Handle))
         self.exp_cap = 64
         self.exp = <Expected *>calloc(self.exp_cap, sizeof(Expected))
+        self.nam_cap = 64
+        self.nam = <Named *>calloc(self.nam_cap, sizeof(Named))
         if own_creds(&self.own) < 0:
             self.ahead_off = True
         self.zeros = <char *>calloc(1, PAGE)
@@ -444,7 +484,7 @@ cdef class Wire:
             raise ValueError("control_prefix: at most %d bytes" % (PREFIX_MAX - 1))
         memcpy(self.prefix, <const char *>control_prefix, len(control_prefix))
         self.prefix_len = len(control_prefix)
-        if not self.tab or not self.zeros or not self.outbuf or not self.exp:
+        if not self.tab or not self.zeros or not self.outbuf or not self.exp or not self.nam:
             raise MemoryError()
         if socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0:
             raise OSError(errno, "socketpair: " + os.strerror(errno))
@@ -496,6 +536,7 @@ cdef class Wire:
         self._drop_ahead()
         self._drop_expected()
         free(self.exp)
+        free(self.nam)
         free(self.tab)
         free(self.zeros)
         free(self.outbuf)
@@ -655,6 +696,7 @@ cdef class Wire:
             rf, rfb, rd, gl = self.refused, self.refused_bytes, self.readers, self.group_loads
             cl = self.centre_loads
             oa, od, sa = self.opens_ahead, self.ahead_dropped, self.stats_ahead
+            fl = self.fast_lookups
             pthread_mutex_unlock(&self.mu)
         return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
@@ -665,7 +707,7 @@ cdef class Wire:
                 "read_arounds_refused": rf, "read_around_bytes_refused": rfb,
                 "reader_handles": rd, "refused_range_loads": gl,
                 "refused_centre_loads": cl, "opens_ahead": oa, "stats_ahead": sa,
-                "ahead_dropped": od}
+                "ahead_dropped": od, "fast_lookups": fl}
 
     def take(self) -> tuple:
         """What waits on the side pair: the FALLOCATE requests (pyfuse3 has
@@ -813,18 +855,162 @@ cdef class Wire:
             pthread_mutex_unlock(&self.mu)
         free(copy)
 
-    def unexpect(self, uint64_t nodeid):
-        """Node ``nodeid`` is opened, or gone: its requests are left to Python."""
+    def unexpect(self, uint64_t nodeid) -> int:
+        """Node ``nodeid`` is opened, or gone: its requests are left to Python.
+        Returns the LOOKUPs of its entry answered here that Python has not
+        taken (:meth:`take_lookups`): references the kernel holds."""
         cdef Expected *e
+        cdef uint64_t n = 0
         with nogil:
             pthread_mutex_lock(&self.mu)
             e = self._exp_find(nodeid)
             if e != NULL:
+                n = e.lookups
+                self._unname(e)
                 free(e.path)
                 e.path = NULL
                 e.state = H_GONE
                 self.exp_live -= 1
             pthread_mutex_unlock(&self.mu)
+        return n
+
+    def enter(self, uint64_t nodeid, uint64_t parent, bytes name, tuple ident, tuple seen,
+              tuple attr, uint32_t blksize) -> bool:
+        """Let the in threads answer a LOOKUP of the unopened file ``nodeid``
+        (expected: :meth:`expect`), called ``name`` in directory ``parent``,
+        with what Python would answer: ``attr`` (nodes.Attr's fields, in
+        its order; ``blksize`` as the adapter sets it).  An in thread
+        answers only after its lstat of the name, as the requester, shows
+        the very file Python saw: ``ident`` (st_dev, st_ino), and ``seen``
+        (size, mtime in ns).  Anything else goes to Python, which may call
+        this again.  Again for the same node: the new entry replaces the
+        old, and the LOOKUPs answered stay counted.  False: not expected."""
+        cdef Py_ssize_t n = len(name)
+        cdef char *copy
+        cdef Expected *e
+        cdef EntryOut out
+        cdef bint done = False
+        ino, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, timeout = attr
+        memset(&out, 0, sizeof(out))
+        out.nodeid = nodeid
+        out.entry_valid = out.attr_valid = <uint64_t>int(timeout)
+        out.entry_valid_nsec = out.attr_valid_nsec = \
+            min(<uint32_t>((timeout - int(timeout)) * 1e9), 999999999)
+        out.attr.ino, out.attr.size, out.attr.blocks = ino, size, (size + 511) // 512
+        out.attr.atime, out.attr.atimensec = divmod(atime_ns, 1000000000)
+        out.attr.mtime, out.attr.mtimensec = divmod(mtime_ns, 1000000000)
+        out.attr.ctime, out.attr.ctimensec = divmod(ctime_ns, 1000000000)
+        out.attr.mode, out.attr.nlink, out.attr.uid, out.attr.gid = mode, nlink, uid, gid
+        out.attr.blksize = blksize
+        if n == 0 or n > 255:
+            return False
+        copy = <char *>malloc(n + 1)
+        if copy == NULL:
+            raise MemoryError()
+        memcpy(copy, <const char *>name, n)
+        copy[n] = 0
+        cdef uint64_t dev = ident[0], bino = ident[1]
+        cdef int64_t ssize = seen[0], smtime = seen[1]
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            e = self._exp_find(nodeid)
+            if e != NULL and e.kind == K_FILE:
+                self._unname(e)
+                e.name, e.name_len, e.parent = copy, n, parent
+                e.key = _name_key(parent, copy, n)
+                if self._name(e) == 0:
+                    copy = NULL
+                    e.dev, e.ino, e.size, e.mtime_ns = dev, bino, ssize, smtime
+                    e.out = out
+                    done = True
+                else:
+                    e.name = NULL
+            pthread_mutex_unlock(&self.mu)
+        free(copy)
+        return done
+
+    def take_lookups(self, uint64_t nodeid) -> int:
+        """The LOOKUPs of ``nodeid`` answered here since Python last took
+        them: references the kernel holds, which its FORGETs (to Python)
+        count; the entry stays."""
+        cdef Expected *e
+        cdef uint64_t n = 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            e = self._exp_find(nodeid)
+            if e != NULL:
+                n = e.lookups
+                e.lookups = 0
+            pthread_mutex_unlock(&self.mu)
+        return n
+
+    cdef Expected *_entry_find(self, uint64_t parent, const char *name, size_t n) noexcept nogil:
+        """The file called ``name`` in ``parent`` with an entry, or NULL (mu held)."""
+        cdef uint64_t key = _name_key(parent, name, n)
+        cdef int64_t i = <int64_t>(key >> 40) & (self.nam_cap - 1)
+        cdef Expected *e
+        while self.nam[i].state != H_EMPTY:
+            if self.nam[i].state == H_USED and self.nam[i].key == key:
+                e = self._exp_find(self.nam[i].nodeid)
+                if e != NULL and e.name != NULL and e.parent == parent and \
+                        e.name_len == n and memcmp(e.name, name, n) == 0:
+                    return e
+            i = (i + 1) & (self.nam_cap - 1)
+        return NULL
+
+    cdef int _name(self, Expected *e) noexcept nogil:
+        """Index ``e``'s entry by its key (mu held); -1: out of memory."""
+        cdef int64_t i
+        if (self.nam_used + 1) * 2 > self.nam_cap and self._nam_grow() < 0:
+            return -1
+        i = <int64_t>(e.key >> 40) & (self.nam_cap - 1)
+        while self.nam[i].state == H_USED:
+            i = (i + 1) & (self.nam_cap - 1)
+        if self.nam[i].state == H_EMPTY:
+            self.nam_used += 1
+        self.nam[i].state = H_USED
+        self.nam[i].key = e.key
+        self.nam[i].nodeid = e.nodeid
+        self.nam_live += 1
+        return 0
+
+    cdef void _unname(self, Expected *e) noexcept nogil:
+        """Drop ``e``'s entry, if it has one (mu held); its count stays."""
+        cdef int64_t i
+        if e.name == NULL:
+            return
+        i = <int64_t>(e.key >> 40) & (self.nam_cap - 1)
+        while self.nam[i].state != H_EMPTY:
+            if self.nam[i].state == H_USED and self.nam[i].key == e.key and \
+                    self.nam[i].nodeid == e.nodeid:
+                self.nam[i].state = H_GONE
+                self.nam_live -= 1
+                break
+            i = (i + 1) & (self.nam_cap - 1)
+        free(e.name)
+        e.name = NULL
+
+    cdef int _nam_grow(self) noexcept nogil:
+        """Rehash the entries' index into a table with room (mu held); -1:
+        out of memory."""
+        cdef Named *old = self.nam
+        cdef int64_t oldcap = self.nam_cap, i, j, cap = 64
+        while (self.nam_live + 1) * 2 > cap:
+            cap *= 2
+        new = <Named *>calloc(cap, sizeof(Named))
+        if new == NULL:
+            return -1
+        for i in range(oldcap):
+            if old[i].state == H_USED:
+                j = <int64_t>(old[i].key >> 40) & (cap - 1)
+                while new[j].state != H_EMPTY:
+                    j = (j + 1) & (cap - 1)
+                new[j] = old[i]
+        self.nam = new
+        self.nam_cap = cap
+        self.nam_used = self.nam_live
+        free(old)
+        return 0
 
     def take_ahead(self, int kind, uint64_t nodeid, uint32_t uid, uint32_t gid, uint32_t pid):
         """What an in thread did ahead of this requester's request on
@@ -895,14 +1081,21 @@ cdef class Wire:
         for i in range(self.exp_cap):
             if self.exp[i].state == H_USED:
                 free(self.exp[i].path)
+                free(self.exp[i].name)
             self.exp[i].state = H_EMPTY
             self.exp[i].path = NULL
+            self.exp[i].name = NULL
         self.exp_used = self.exp_live = 0
+        if self.nam != NULL:
+            memset(self.nam, 0, self.nam_cap * sizeof(Named))
+        self.nam_used = self.nam_live = 0
 
-    cdef void _ahead(self, InHeader *h, ssize_t n, int kind) noexcept nogil:
+    cdef bint _ahead(self, InHeader *h, ssize_t n, int kind) noexcept nogil:
         """An OPEN of an expected file, or a LOOKUP in an expected
         directory: open the backing file, or lstat the backing name, as the
         requester, and keep the result for Python (see :meth:`expect`).
+        A LOOKUP of a file with an entry (:meth:`enter`) whose lstat shows
+        the file as Python saw it is answered here instead (True).
         Anything unusual (no such node, a name too long, groups that cannot
         be read, a credential that does not take) leaves it to Python."""
         cdef char path[PATH_LEN]
@@ -919,7 +1112,7 @@ cdef class Wire:
         if kind == K_DIR:
             nl = strnlen(name, n - sizeof(InHeader))
             if nl == 0 or nl == <size_t>(n - sizeof(InHeader)):
-                return              # no name, or not NUL-terminated
+                return False        # no name, or not NUL-terminated
         pthread_mutex_lock(&self.mu)
         if not self.ahead_off:
             e = self._exp_find(h.nodeid)
@@ -935,15 +1128,15 @@ cdef class Wire:
                     memcpy(path + dl, name, nl + 1)
         pthread_mutex_unlock(&self.mu)
         if path[0] == 0:
-            return
+            return False
         if h.uid != 0:
             ng = groups_of(h.pid, groups, MAX_GROUPS)
             if ng < 0:
-                return
+                return False
             switched = True
             if not take_creds(h.uid, h.gid, groups, ng):
                 self._creds_give_back()
-                return
+                return False
         if kind == K_FILE:
             writable = 1
             fd = c_open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK)
@@ -958,7 +1151,10 @@ cdef class Wire:
         if switched and not self._creds_give_back():
             if fd >= 0:
                 close(fd)
-            return
+            return False
+        if kind == K_DIR and err == 0 and S_ISREG(st.st_mode) and \
+                self._answer_lookup(h, name, nl, &st):
+            return True
         if fd >= 0:
             if fstat(fd, &st) < 0:
                 err = errno
@@ -970,7 +1166,7 @@ cdef class Wire:
         if copy == NULL:
             if fd >= 0:
                 close(fd)
-            return
+            return False
         memcpy(copy, path, strlen(path) + 1)
         pthread_mutex_lock(&self.mu)
         a = NULL
@@ -999,6 +1195,36 @@ cdef class Wire:
         else:
             self.stats_ahead += 1
         pthread_mutex_unlock(&self.mu)
+        return False
+
+    cdef bint _answer_lookup(self, InHeader *h, const char *name, size_t nl,
+                             struct_stat *st) noexcept nogil:
+        """Answer a LOOKUP of ``name`` with the entry Python left
+        (:meth:`enter`) if ``st``, the lstat of its backing path just now as
+        the requester, shows the file Python saw; False to leave it to
+        Python.  The kernel holds a reference for each entry it gets: they
+        are counted (under the mutex, which is held until the reply is
+        written, so Python never takes a count that misses one)."""
+        cdef Expected *e
+        cdef iovec iov[2]
+        cdef int64_t total
+        cdef int r
+        pthread_mutex_lock(&self.mu)
+        e = self._entry_find(h.nodeid, name, nl)
+        if e == NULL or e.kind != K_FILE or e.dev != <uint64_t>st.st_dev or \
+                e.ino != <uint64_t>st.st_ino or e.size != st.st_size or \
+                e.mtime_ns != st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec:
+            pthread_mutex_unlock(&self.mu)
+            return False
+        iov[1].iov_base = &e.out
+        iov[1].iov_len = sizeof(EntryOut)
+        r = self._reply(h.unique, 0, iov, 1, &total)
+        if r == 0:
+            e.lookups += 1
+        self.reply_errors += r != 0 and r != ENOENT
+        self.fast_lookups += 1
+        pthread_mutex_unlock(&self.mu)
+        return True
 
     cdef bint _creds_give_back(self) noexcept nogil:
         """Give an in thread its own credentials back; if that fails, no
@@ -1433,8 +1659,8 @@ cdef class Wire:
                 continue            # for the daemon's Python (Wire.take)
             if h.opcode == FUSE_OPEN and self.exp_live:
                 self._ahead(h, n, K_FILE)
-            elif h.opcode == FUSE_LOOKUP and self.exp_live:
-                self._ahead(h, n, K_DIR)
+            elif h.opcode == FUSE_LOOKUP and self.exp_live and self._ahead(h, n, K_DIR):
+                continue
             self._forward(buf, n)
         free(buf)
 

@@ -114,7 +114,7 @@ class Control:
                              version=VERSION,
                              kernel_drops=coh.kernel_drops,
                              kernel_drops_pending=coh.kernel_drops_pending,
-                             files=len(self.ns.by_fid))}
+                             files=len(self.ns.by_fid), nodes=len(self.ns.inodes))}
         if isinstance(node, File) and not node.opened:
             out["file"] = dict(backing=node.path, shadow=False, backing_lost=node.lost,
                                opened=False, size=node.seen[0], dirty_bytes=0)

@@ -13,6 +13,7 @@ import os
 import pyfuse3
 
 from .errors import fs_error
+from .names import BLKSIZE
 from .nodes import Attr, Ctx
 from .vfs import Vfs
 
@@ -47,7 +48,7 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     e.st_gid = a.gid
     e.st_rdev = 0
     e.st_size = a.size
-    e.st_blksize = 1 << 20      # tells cp and friends to move 1 MiB at a time
+    e.st_blksize = BLKSIZE
     e.st_blocks = (a.size + 511) // 512
     e.st_atime_ns = a.atime_ns
     e.st_mtime_ns = a.mtime_ns

@@ -66,8 +66,22 @@ class Wire(Protocol):
         request), or a directory at ``path`` (a LOOKUP in it has the name
         lstat'ed there); see :meth:`take_ahead`."""
 
-    def unexpect(self, nodeid: int) -> None:
-        """``nodeid`` is opened or gone: nothing more is done ahead of it."""
+    def unexpect(self, nodeid: int) -> int:
+        """``nodeid`` is opened or gone: nothing more is done ahead of it.
+        Returns the LOOKUPs of it answered by the wire and not yet taken
+        (:meth:`take_lookups`): references the kernel holds."""
+
+    def enter(self, nodeid: int, parent: int, name: bytes, ident: tuple, seen: tuple,
+              attr: tuple, blksize: int) -> bool:
+        """The expected file ``nodeid`` is ``name`` in directory ``parent``:
+        a LOOKUP of it may be answered with ``attr`` (nodes.Attr's fields)
+        by the wire, after an lstat of its backing path as the requester
+        shows ``ident`` (st_dev, st_ino) and ``seen`` (size, mtime_ns).
+        False if ``nodeid`` is not expected."""
+
+    def take_lookups(self, nodeid: int) -> int:
+        """The LOOKUPs of ``nodeid`` the wire answered since the last call:
+        references the kernel holds, which its FORGETs count."""
 
     def take_ahead(self, kind: int, nodeid: int, uid: int, gid: int, pid: int
                    ) -> tuple | None:
@@ -84,7 +98,7 @@ class Wire(Protocol):
         ``fast_flushes``, ``fast_releases``, ``fast_writes``, ``fast_write_bytes``,
         ``read_arounds_refused``, ``read_around_bytes_refused``,
         ``reader_handles``, ``refused_range_loads``, ``refused_centre_loads``,
-        ``opens_ahead``, ``stats_ahead``, ``ahead_dropped``."""
+        ``opens_ahead``, ``stats_ahead``, ``ahead_dropped``, ``fast_lookups``."""
 
 
 #: Wire.take_ahead: what the wire did ahead of an OPEN, or of a LOOKUP.
@@ -116,8 +130,15 @@ class NullWire:
     def expect(self, nodeid: int, path: bytes, directory: bool = False) -> None:
         pass
 
-    def unexpect(self, nodeid: int) -> None:
-        pass
+    def unexpect(self, nodeid: int) -> int:
+        return 0
+
+    def enter(self, nodeid: int, parent: int, name: bytes, ident: tuple, seen: tuple,
+              attr: tuple, blksize: int) -> bool:
+        return False
+
+    def take_lookups(self, nodeid: int) -> int:
+        return 0
 
     def take_ahead(self, kind: int, nodeid: int, uid: int, gid: int, pid: int) -> None:
         return None
@@ -130,7 +151,7 @@ class NullWire:
                     fast_writes=0, fast_write_bytes=0, read_arounds_refused=0,
                     read_around_bytes_refused=0, reader_handles=0, refused_range_loads=0,
                     refused_centre_loads=0, opens_ahead=0, stats_ahead=0,
-                    ahead_dropped=0)
+                    ahead_dropped=0, fast_lookups=0)
 
 
 class NullKernel:

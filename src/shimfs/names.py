@@ -37,6 +37,9 @@ TIMEOUT = 1.0
 #: keep each batch fresh until the reader has gone through it.
 READDIR_ENTRIES = 256
 
+#: The st_blksize of every file: tells cp and friends to move 1 MiB at a time.
+BLKSIZE = 1 << 20
+
 #: The page size of the daemon's cache and of FUSE's page cache.
 PAGE = 4096
 

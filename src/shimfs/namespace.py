@@ -32,7 +32,7 @@ from .config import Config
 from .credentials import Credentials
 from .errors import FsError
 from .listing import Listing
-from .names import READDIR_ENTRIES, ROOT_INODE
+from .names import BLKSIZE, READDIR_ENTRIES, ROOT_INODE
 from .nodes import Attr, Ctx, Dir, DirHandle, File, Node
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,20 @@ class Namespace:
             node = File(next(self._ino), parent, name, st, -1, -1, path, shadow=False,
                         writable=False)
             self.cache.wire.expect(node.ino, os.fsencode(path))
+            self._enter(node)
         self.inodes[node.ino] = node
         parent.children[name] = node
         return node
+
+    def _enter(self, node: File) -> None:
+        """Let the wire answer LOOKUPs of the unopened file ``node`` with what
+        :meth:`lookup` would answer while its backing file is as seen
+        (``Wire.enter``); the references they give the kernel come back
+        through :meth:`forget` and ``Wire.unexpect``."""
+        a = self.attr(node)
+        self.cache.wire.enter(node.ino, node.parent.ino, node.name, node.ident, node.seen,
+                              (a.ino, a.mode, a.nlink, a.uid, a.gid, a.size, a.atime_ns,
+                               a.mtime_ns, a.ctime_ns, a.timeout), BLKSIZE)
 
     async def ensure_open(self, node: File, ctx: Ctx, ahead: tuple | None = None) -> int:
         """Open an unopened file (found by ``-o mirror``) as the user, and hand
@@ -178,7 +189,7 @@ class Namespace:
         node.seen = (st.st_size, st.st_mtime_ns)
         node.fresh = True                   # just read from the backing file: see revalidate
         self.by_fid[node.fid] = node
-        self.cache.wire.unexpect(node.ino)
+        node.nlookup += self.cache.wire.unexpect(node.ino)
         return os.R_OK | (os.W_OK if b.writable else 0)
 
     def _opened_ahead(self, node: File, ahead: tuple | None):
@@ -228,8 +239,8 @@ class Namespace:
             self.cache.unregister(node.fid)
             self.by_fid.pop(node.fid, None)
             os.close(node.fd)
-        else:
-            self.cache.wire.unexpect(node.ino)
+        elif self.cache.wire.unexpect(node.ino):
+            return          # (none: an unopened file's entry went at _detach)
         self.inodes.pop(node.ino, None)
 
     def close_all(self) -> None:
@@ -247,6 +258,9 @@ class Namespace:
             parent.touch()
         node.parent = None
         node.ctime_ns = time.time_ns()
+        if isinstance(node, File) and not node.opened:
+            # no more LOOKUPs of it in the wire; those it answered are references
+            node.nlookup += self.cache.wire.unexpect(node.ino)
         self.maybe_free(node)
 
     # -- names shared with other nodes ----------------------------------------
@@ -358,6 +372,8 @@ class Namespace:
         if node is None:
             raise FsError(errno.ENOENT)
         node.nlookup += 1
+        if isinstance(node, File) and not node.opened and node.parent is parent:
+            self._enter(node)       # its attributes may have followed the backing file
         return self.attr(node)
 
     def forget(self, ino: int, n: int) -> None:
@@ -367,6 +383,8 @@ class Namespace:
         node = self.inodes.get(ino)
         if node is None or node is self.root:
             return
+        if isinstance(node, File) and not node.opened:
+            node.nlookup += self.cache.wire.take_lookups(ino)
         node.nlookup = max(0, node.nlookup - n)
         self.maybe_free(node)
 
@@ -699,6 +717,8 @@ class Namespace:
         src_dir.touch()
         dst_dir.touch()
         node.ctime_ns = time.time_ns()
+        if isinstance(node, File) and not node.opened:
+            self._enter(node)       # by its new name
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         raise FsError(errno.EPERM, "hard links are not supported")
