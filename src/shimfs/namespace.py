@@ -239,8 +239,11 @@ class Namespace:
             self.cache.unregister(node.fid)
             self.by_fid.pop(node.fid, None)
             os.close(node.fd)
-        elif self.cache.wire.unexpect(node.ino):
-            return          # (none: an unopened file's entry went at _detach)
+        else:
+            n = self.cache.wire.unexpect(node.ino)
+            if n:           # (none: an unopened file's entry went at _detach)
+                node.nlookup += n
+                return
         self.inodes.pop(node.ino, None)
 
     def close_all(self) -> None:
