@@ -216,8 +216,9 @@ cdef enum:
     PATH_LEN = 4096
     AHEAD = 64
 
-cdef struct Handle:
+cdef struct Handle:           # a table slot (see Slot)
     uint64_t fh
+    int state
     int64_t fid
     FileRec *fr
     int64_t trigger
@@ -231,7 +232,6 @@ cdef struct Handle:
     int release             # its RELEASE is answered here while the file is clean
     int wrote               # one was, since Python last took note (Wire.written)
     int busy                # misses of this handle being loaded and answered
-    int state
 
 
 cdef enum:
@@ -247,11 +247,11 @@ cdef struct EntryOut:        # fuse_entry_out
     uint32_t entry_valid_nsec, attr_valid_nsec
     FuseAttr attr
 
-cdef struct Expected:
+cdef struct Expected:         # a table slot (see Slot)
     uint64_t nodeid
+    int state
     char *path
     int kind                # K_FILE, K_DIR
-    int state               # H_EMPTY, H_USED, H_GONE
     # An unopened file's entry (Wire.enter): its name in its parent, what
     # the lstat of its backing path must show, and Python's answer.
     char *name              # NULL: no entry
@@ -262,9 +262,17 @@ cdef struct Expected:
     EntryOut out
     uint64_t lookups        # LOOKUPs answered here, not yet taken by Python
 
-cdef struct Named:           # the entries by (parent, name): a key and its node
+cdef struct Named:           # the entries by (parent, name): a key and its node (a Slot)
     uint64_t key
+    int state
     uint64_t nodeid
+
+cdef struct Slot:
+    # What the wire's three hash tables (handles, expected nodes, entries)
+    # have in common: each slot starts with its key and its state (H_EMPTY,
+    # H_USED, H_GONE), so one probe function and one rehash serve them all.
+    # Open addressing, linear probing, tombstones; at most half full.
+    uint64_t key
     int state
 
 cdef struct Ahead:           # a backing file opened, or a name stat'ed, for Python
@@ -277,6 +285,39 @@ cdef struct Ahead:           # a backing file opened, or a name stat'ed, for Pyt
     int writable
     char *path
     struct_stat st
+
+
+cdef inline int64_t _home(uint64_t key, int64_t cap) noexcept nogil:
+    """Where a key's probe starts in a table of ``cap`` (a power of two) slots."""
+    return <int64_t>(key * 0x9E3779B97F4A7C15ULL >> 40) & (cap - 1)
+
+
+cdef int _regrow(void **table, int64_t *cap, int64_t *used, int64_t live,
+                 size_t size) noexcept nogil:
+    """Rehash ``table`` (``cap`` slots of ``size`` bytes, each a Slot first,
+    ``live`` of them in use) into a new one with room for one more at most
+    half full; ``used`` (slots not empty) becomes ``live``.  -1: out of
+    memory, and the table is left as it was."""
+    cdef int64_t c = 64, i, j
+    cdef char *new
+    cdef Slot *src
+    while (live + 1) * 2 > c:
+        c *= 2
+    new = <char *>calloc(c, size)
+    if new == NULL:
+        return -1
+    for i in range(cap[0]):
+        src = <Slot *>(<char *>table[0] + i * size)
+        if src.state == H_USED:
+            j = _home(src.key, c)
+            while (<Slot *>(new + j * size)).state != H_EMPTY:
+                j = (j + 1) & (c - 1)
+            memcpy(new + j * size, src, size)
+    free(table[0])
+    table[0] = new
+    cap[0] = c
+    used[0] = live
+    return 0
 
 
 cdef inline uint64_t _name_key(uint64_t parent, const char *name, size_t n) noexcept nogil:
@@ -465,6 +506,14 @@ cdef class Wire:
         cdef int fds[2]
         cdef int val = SOCKBUF, got = 0, i, opt, force
         cdef socklen_t sl = sizeof(int)
+        cdef Handle hs
+        cdef Expected es
+        cdef Named ns
+        cdef Slot ss
+        if <char *>&hs.state - <char *>&hs != <char *>&ss.state - <char *>&ss or \
+                <char *>&es.state - <char *>&es != <char *>&ss.state - <char *>&ss or \
+                <char *>&ns.state - <char *>&ns != <char *>&ss.state - <char *>&ss:
+            raise SystemError("a table slot does not start as Slot does")
         self.pc = engine
         self.cap = 64
         self.tab = <Handle *>calloc(self.cap, sizeof(Handle))
@@ -551,32 +600,12 @@ cdef class Wire:
 
     cdef Handle *_find(self, uint64_t fh) noexcept nogil:
         """The slot of ``fh``, or NULL (mu held)."""
-        cdef int64_t i = <int64_t>(fh * 0x9E3779B97F4A7C15ULL >> 40) & (self.cap - 1)
+        cdef int64_t i = _home(fh, self.cap)
         while self.tab[i].state != H_EMPTY:
             if self.tab[i].state == H_USED and self.tab[i].fh == fh:
                 return &self.tab[i]
             i = (i + 1) & (self.cap - 1)
         return NULL
-
-    cdef int _grow(self) noexcept nogil:
-        cdef Handle *old = self.tab
-        cdef int64_t oldcap = self.cap, i, j, cap = self.cap
-        while (self.live + 1) * 2 > cap:
-            cap *= 2
-        new = <Handle *>calloc(cap, sizeof(Handle))
-        if new == NULL:
-            return -1
-        self.tab = new
-        self.cap = cap
-        for i in range(oldcap):
-            if old[i].state == H_USED:
-                j = <int64_t>(old[i].fh * 0x9E3779B97F4A7C15ULL >> 40) & (cap - 1)
-                while new[j].state != H_EMPTY:
-                    j = (j + 1) & (cap - 1)
-                new[j] = old[i]
-        self.used = self.live
-        free(old)
-        return 0
 
     def add(self, uint64_t fh, int64_t fid, bint own_misses=False, bint writes=False,
             bint release=False):
@@ -595,11 +624,12 @@ cdef class Wire:
         with nogil:
             pthread_mutex_lock(&self.mu)
             if self._find(fh) == NULL and (self.used + 1) * 2 > self.cap:
-                err = self._grow()
+                err = _regrow(<void **>&self.tab, &self.cap, &self.used, self.live,
+                              sizeof(Handle))
             if not err:
                 h = self._find(fh)
                 if h == NULL:
-                    i = <int64_t>(fh * 0x9E3779B97F4A7C15ULL >> 40) & (self.cap - 1)
+                    i = _home(fh, self.cap)
                     while self.tab[i].state == H_USED:
                         i = (i + 1) & (self.cap - 1)
                     if self.tab[i].state == H_EMPTY:
@@ -780,33 +810,12 @@ cdef class Wire:
 
     cdef Expected *_exp_find(self, uint64_t nodeid) noexcept nogil:
         """The slot of ``nodeid`` in the table of unopened files, or NULL (mu held)."""
-        cdef int64_t i = <int64_t>(nodeid * 0x9E3779B97F4A7C15ULL >> 40) & (self.exp_cap - 1)
+        cdef int64_t i = _home(nodeid, self.exp_cap)
         while self.exp[i].state != H_EMPTY:
             if self.exp[i].state == H_USED and self.exp[i].nodeid == nodeid:
                 return &self.exp[i]
             i = (i + 1) & (self.exp_cap - 1)
         return NULL
-
-    cdef int _exp_grow(self) noexcept nogil:
-        """Rehash into a table with room (mu held); -1: out of memory."""
-        cdef Expected *old = self.exp
-        cdef int64_t oldcap = self.exp_cap, i, j, cap = 64
-        while (self.exp_live + 1) * 2 > cap:
-            cap *= 2
-        new = <Expected *>calloc(cap, sizeof(Expected))
-        if new == NULL:
-            return -1
-        for i in range(oldcap):
-            if old[i].state == H_USED:
-                j = <int64_t>(old[i].nodeid * 0x9E3779B97F4A7C15ULL >> 40) & (cap - 1)
-                while new[j].state != H_EMPTY:
-                    j = (j + 1) & (cap - 1)
-                new[j] = old[i]
-        self.exp = new
-        self.exp_cap = cap
-        self.exp_used = self.exp_live
-        free(old)
-        return 0
 
     def expect(self, uint64_t nodeid, bytes path, bint directory=False):
         """Work an in thread does before it passes a request on, so that
@@ -840,8 +849,10 @@ cdef class Wire:
                 e.path = copy
                 e.kind = kind
                 copy = NULL
-            elif (self.exp_used + 1) * 2 <= self.exp_cap or self._exp_grow() == 0:
-                i = <int64_t>(nodeid * 0x9E3779B97F4A7C15ULL >> 40) & (self.exp_cap - 1)
+            elif (self.exp_used + 1) * 2 <= self.exp_cap or \
+                    _regrow(<void **>&self.exp, &self.exp_cap, &self.exp_used, self.exp_live,
+                            sizeof(Expected)) == 0:
+                i = _home(nodeid, self.exp_cap)
                 while self.exp[i].state == H_USED:
                     i = (i + 1) & (self.exp_cap - 1)
                 if self.exp[i].state == H_EMPTY:
@@ -947,7 +958,7 @@ cdef class Wire:
     cdef Expected *_entry_find(self, uint64_t parent, const char *name, size_t n) noexcept nogil:
         """The file called ``name`` in ``parent`` with an entry, or NULL (mu held)."""
         cdef uint64_t key = _name_key(parent, name, n)
-        cdef int64_t i = <int64_t>(key >> 40) & (self.nam_cap - 1)
+        cdef int64_t i = _home(key, self.nam_cap)
         cdef Expected *e
         while self.nam[i].state != H_EMPTY:
             if self.nam[i].state == H_USED and self.nam[i].key == key:
@@ -961,9 +972,11 @@ cdef class Wire:
     cdef int _name(self, Expected *e) noexcept nogil:
         """Index ``e``'s entry by its key (mu held); -1: out of memory."""
         cdef int64_t i
-        if (self.nam_used + 1) * 2 > self.nam_cap and self._nam_grow() < 0:
+        if (self.nam_used + 1) * 2 > self.nam_cap and \
+                _regrow(<void **>&self.nam, &self.nam_cap, &self.nam_used, self.nam_live,
+                        sizeof(Named)) < 0:
             return -1
-        i = <int64_t>(e.key >> 40) & (self.nam_cap - 1)
+        i = _home(e.key, self.nam_cap)
         while self.nam[i].state == H_USED:
             i = (i + 1) & (self.nam_cap - 1)
         if self.nam[i].state == H_EMPTY:
@@ -979,7 +992,7 @@ cdef class Wire:
         cdef int64_t i
         if e.name == NULL:
             return
-        i = <int64_t>(e.key >> 40) & (self.nam_cap - 1)
+        i = _home(e.key, self.nam_cap)
         while self.nam[i].state != H_EMPTY:
             if self.nam[i].state == H_USED and self.nam[i].key == e.key and \
                     self.nam[i].nodeid == e.nodeid:
@@ -989,28 +1002,6 @@ cdef class Wire:
             i = (i + 1) & (self.nam_cap - 1)
         free(e.name)
         e.name = NULL
-
-    cdef int _nam_grow(self) noexcept nogil:
-        """Rehash the entries' index into a table with room (mu held); -1:
-        out of memory."""
-        cdef Named *old = self.nam
-        cdef int64_t oldcap = self.nam_cap, i, j, cap = 64
-        while (self.nam_live + 1) * 2 > cap:
-            cap *= 2
-        new = <Named *>calloc(cap, sizeof(Named))
-        if new == NULL:
-            return -1
-        for i in range(oldcap):
-            if old[i].state == H_USED:
-                j = <int64_t>(old[i].key >> 40) & (cap - 1)
-                while new[j].state != H_EMPTY:
-                    j = (j + 1) & (cap - 1)
-                new[j] = old[i]
-        self.nam = new
-        self.nam_cap = cap
-        self.nam_used = self.nam_live
-        free(old)
-        return 0
 
     def take_ahead(self, int kind, uint64_t nodeid, uint32_t uid, uint32_t gid, uint32_t pid):
         """What an in thread did ahead of this requester's request on
