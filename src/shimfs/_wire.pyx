@@ -1508,6 +1508,12 @@ cdef class Wire:
         (<uint64_t *>(msg + sizeof(InHeader)))[0] = r.fh
         pthread_mutex_lock(&self.mu)
         hd = self._find(r.fh)
+        # A miss of this handle may still be finishing in another in thread:
+        # its reply is out (which is how the reader got to close), its hold
+        # not yet let go.  Wait for it (the table may regrow meanwhile).
+        while hd != NULL and hd.busy and not self.stopping:
+            pthread_cond_wait(&self.idle, &self.mu)
+            hd = self._find(r.fh)
         if hd != NULL and hd.release and not hd.busy and hd.fr.ndirty == 0 \
                 and not self.stopping and send(self.rel_w, msg, NOTE_LEN, MSG_NOSIGNAL) == NOTE_LEN:
             self.rel_pending += 1
