@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
+import threading
 import os
 import statistics
 import time
@@ -204,6 +206,40 @@ def cpu_table() -> str:
             " | ".join("%.2f" % per[k] if k in per else "–" for k in CPU_COLUMNS),
             sum(per.values()), native_total))
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def split(offsets: list[int], threads: int) -> list[list[int]]:
+    """``offsets`` dealt out to ``threads`` parts."""
+    return [offsets[k::threads] for k in range(threads)]
+
+
+def in_threads(fn, parts: list[list[int]]) -> None:
+    """``fn(part)`` for each part, each in a thread of its own (one part: here)."""
+    if len(parts) == 1:
+        fn(parts[0])
+        return
+    ts = [threading.Thread(target=fn, args=(p,)) for p in parts]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def touch_pages(m: mmap.mmap, parts: list[list[int]]) -> None:
+    """Read one byte at each offset of ``parts`` in a mapping, a thread per
+    part (:func:`in_threads`), each touch with the GIL released (a ctypes
+    ``memmove`` from the mapping's address), as ``os.pread`` releases it for
+    native reads.  ``m[off]`` takes the page fault with the GIL held, so
+    threads would fault one at a time."""
+    import numpy
+    base = numpy.frombuffer(m, dtype=numpy.uint8).ctypes.data
+
+    def touch(part: list[int]) -> None:
+        one = ctypes.create_string_buffer(1)
+        move = ctypes.memmove
+        for off in part:
+            move(one, base + off, 1)
+    in_threads(touch, parts)
 
 
 def make_file(path: str, mib: int) -> str:

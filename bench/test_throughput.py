@@ -19,7 +19,7 @@ import pytest
 
 from mounting import daemon_pid
 from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, CpuMeter, Rate, drop_caches,
-                      make_file, median_rate, record)
+                      in_threads, make_file, median_rate, record, split, touch_pages)
 
 PAGE = 4096
 
@@ -164,21 +164,6 @@ def test_mapped_copy(benchmark, where, bigfile, mounts, peers):
                 bigfile, size, lambda: native_scan(bigfile), mapped_copy)
 
 
-def _split(offsets: list[int], threads: int) -> list[list[int]]:
-    return [offsets[k::threads] for k in range(threads)]
-
-
-def _in_threads(fn, parts: list[list[int]]) -> None:
-    if len(parts) == 1:
-        fn(parts[0])
-        return
-    ts = [threading.Thread(target=fn, args=(p,)) for p in parts]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-
-
 @pytest.mark.parametrize("touches,threads", [(2000, 1), (20000, 1), (20000, 8)],
                          ids=["sparse", "dense", "8-threads"])
 def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, threads):
@@ -187,19 +172,21 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
     every daemon (the C peer also with the kernel's default 128 KiB
     read-ahead), and shimfs at its defaults (sparse faults: the kernel's
     read-around refused) and with ``sparse_faults=0`` (the kernel's 4 MiB
-    read-around served).  The shimfs rows' note: bytes fetched from the
-    backing file per byte touched, and the daemon's CPU per READ request."""
+    read-around served).  Touches, like native reads, leave the GIL free
+    (``touch_pages``), so that threads fault at once.  The shimfs rows'
+    note: bytes fetched from the backing file per byte touched, and the
+    daemon's CPU per READ request."""
     from conftest import C_PEER_DEFAULT_RA
     import shimfs
     size = os.path.getsize(bigfile)
     rnd = random.Random(touches * 10 + threads)
     offsets = [rnd.randrange(size // PAGE) * PAGE for _ in range(touches)]
-    parts = _split(offsets, threads)
+    parts = split(offsets, threads)
 
     def native():
         fd = os.open(bigfile, os.O_RDONLY)
         try:
-            _in_threads(lambda part: [os.pread(fd, PAGE, off) for off in part], parts)
+            in_threads(lambda part: [os.pread(fd, PAGE, off) for off in part], parts)
         finally:
             os.close(fd)
 
@@ -211,7 +198,7 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
         fd = os.open(path, os.O_RDONLY)
         try:
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-                _in_threads(lambda part: [m[off] for off in part], parts)
+                touch_pages(m, parts)
         finally:
             os.close(fd)
         if probe:
