@@ -72,7 +72,22 @@ def page_reporting_state() -> str:
         state = "free page reporting: stopped for the run"
     else:
         state = "free page reporting: on (blocks of order %s)" % order
-    return state + "; " + damon_state()
+    return state + "; " + damon_state() + "; " + fuse_wake_state()
+
+
+#: A FUSE module parameter of some kernels (this VM's 6.18 build has it,
+#: off): on, cached READs cost the daemon less CPU (docs/performance.md,
+#: "The fuse module's wake_here").  Machine-wide: shimfs never sets it.
+FUSE_WAKE_HERE = "/sys/module/fuse/parameters/wake_here"
+
+
+def fuse_wake_state() -> str:
+    """What the results header says about ``wake_here``."""
+    try:
+        with open(FUSE_WAKE_HERE) as f:
+            return "fuse wake_here: " + f.read().strip()
+    except OSError:
+        return "fuse wake_here: not in this kernel"
 
 
 def damon_state() -> str:
