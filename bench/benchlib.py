@@ -4,9 +4,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
-import threading
 import os
 import statistics
+import threading
 import time
 
 import psutil
@@ -77,7 +77,7 @@ def page_reporting_state() -> str:
 
 #: A FUSE module parameter of some kernels (this VM's 6.18 build has it,
 #: off): on, cached READs cost the daemon less CPU (docs/performance.md,
-#: "The fuse module's wake_here").  Machine-wide: shimfs never sets it.
+#: "Threads, the GIL and wake-ups").  Machine-wide: shimfs never sets it.
 FUSE_WAKE_HERE = "/sys/module/fuse/parameters/wake_here"
 
 
