@@ -17,7 +17,9 @@ import time
 import pytest
 
 import shimfs
+from shimfs.files import RANDOM_REFUSALS
 from shimfs.names import TIMEOUT, XATTR_BACKING, XATTR_MULTIWRITE, XATTR_PREFIX, XATTR_STATS
+from shimfs.tuning import NARROW_PAGES
 from mounting import (daemon_pid, make_file, read_file, shim_mount, shimfs_cmd, wait_gone,
                       wait_until)
 
@@ -654,3 +656,46 @@ def test_refused_read_arounds_leave_no_error_behind(tmp_path, data_dir):
         assert mount_stats(path)["read_arounds_refused"] >= 1
     with open(path_b, "rb") as f:
         assert f.read() == bytes(expect)
+
+
+def test_a_file_touched_at_random_reopens_with_a_narrow_window(tmp_path, data_dir):
+    """A file whose mapping was touched at random (its read-arounds refused)
+    is opened next with the narrow read-around window: each fault sends one
+    small READ, served as asked (nothing refused), fetching at most
+    ``NARROW_PAGES`` pages, and the mount's own window is back once the open
+    is done.  A narrow open that reads the file in sequence gives it the
+    mount's window back at its next open.  Bytes exact throughout."""
+    path_b = os.path.join(data_dir, "narrow.bin")
+    data = make_file(path_b, BIG)
+    with shim_mount(str(tmp_path / "mnt"), data_dir) as m:
+        os.symlink(path_b, os.path.join(m, "n"))
+        path = os.path.join(m, "n")
+        dev = os.stat(m).st_dev
+        bdi = "/sys/class/bdi/%d:%d/read_ahead_kb" % (os.major(dev), os.minor(dev))
+
+        def window() -> str:
+            with open(bdi) as f:
+                return f.read().strip()
+        wide = window()
+        rnd = random.Random(11)
+        touch_pages(path, rnd.sample(range(BIG // PAGE), 100), data)
+        st = shimfs.stats(path)
+        assert st["file"]["read_arounds_refused"] >= RANDOM_REFUSALS
+        assert st["mount"]["narrow_opens"] == 0
+        pages = rnd.sample(range(BIG // PAGE), 100)
+        touch_pages(path, pages, data)                  # the narrow open
+        after = shimfs.stats(path)
+        assert after["mount"]["narrow_opens"] == 1
+        assert after["file"]["read_arounds_refused"] == st["file"]["read_arounds_refused"]
+        fetched = after["file"]["bytes_fetched"] - st["file"]["bytes_fetched"]
+        assert fetched <= len(pages) * NARROW_PAGES * PAGE
+        wait_until(lambda: window() == wide, what="the mount's read-around window put back")
+        with open(path, "rb") as f:                     # narrow too: read in sequence
+            for off in range(0, 16 << 20, 1 << 20):
+                assert f.read(1 << 20) == data[off:off + (1 << 20)], off
+        before = shimfs.stats(path)
+        touch_pages(path, rnd.sample(range(BIG // PAGE), 100), data)
+        st = shimfs.stats(path)
+        assert st["mount"]["narrow_opens"] == 2         # the reader's, not this one
+        assert st["file"]["read_arounds_refused"] > before["file"]["read_arounds_refused"]
+        assert window() == wide

@@ -140,6 +140,9 @@ cdef struct FileRec:
     uint64_t hits, misses, bytes_fetched, bytes_written, read_ops, write_ops, errors
     uint64_t bytes_pushed, push_ops
     uint64_t zero_fills, zero_fill_pages   # fetches answered with zeros, and their pages
+    # Read-arounds of random page faults that a front end refused (shimfs's
+    # FUSE wire counts them here, under its own mutex); the engine only keeps it.
+    uint64_t read_arounds_refused
 
 
 cdef struct PfItem:

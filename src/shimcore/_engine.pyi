@@ -71,6 +71,8 @@ class PageCache:
         """Reload the range from the backing file, keeping local dirty bytes, and forget
         its known zeros; return pages."""
     def file_stats(self, fid: int) -> Dict[str, Any]: ...
+    def read_arounds_refused(self, fid: int) -> int:
+        """Read-arounds of random faults a front end refused for the file."""
     def stats(self) -> Dict[str, int]: ...
     def check(self) -> None:
         """Assert the internal invariants (tests only)."""

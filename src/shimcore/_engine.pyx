@@ -1801,7 +1801,14 @@ cdef class PageCache:
                     bytes_pushed=fr.bytes_pushed, pushes=fr.push_ops,
                     zero_fills=fr.zero_fills, zero_fill_bytes=fr.zero_fill_pages * PAGE,
                     known_zero_bytes=self._known_zero_pages(fr) * PAGE,
-                    prefetch_pending=fr.pf_pending)
+                    prefetch_pending=fr.pf_pending,
+                    read_arounds_refused=fr.read_arounds_refused)
+
+    def read_arounds_refused(self, int64_t fid) -> int:
+        """How many read-arounds of random faults a front end refused for
+        file ``fid`` (``FileRec.read_arounds_refused``), without the rest
+        of :meth:`file_stats`."""
+        return self.record(fid).read_arounds_refused
 
     cdef int64_t _known_zero_pages(self, FileRec *fr):
         cdef int64_t w, n = 0

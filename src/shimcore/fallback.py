@@ -97,7 +97,8 @@ class _File:
         self.zeros = _Ranges()
         self.counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_written=0,
                              backing_reads=0, backing_writes=0, errors=0,
-                             bytes_pushed=0, pushes=0, zero_fills=0, zero_fill_bytes=0)
+                             bytes_pushed=0, pushes=0, zero_fills=0, zero_fill_bytes=0,
+                             read_arounds_refused=0)
 
 
 class PageCache:
@@ -587,6 +588,11 @@ class PageCache:
                         multiwrite=f.multiwrite, twin_bytes=cached * PAGE if f.multiwrite else 0,
                         known_zero_bytes=f.zeros.pages() * PAGE,
                         prefetch_pending=self._pf_files.get(fid, 0), **f.counters)
+
+    def read_arounds_refused(self, fid: int) -> int:
+        """Always 0 here: no front end refuses read-arounds of this engine."""
+        with self._lock:
+            return self._file(fid).counters["read_arounds_refused"]
 
     def stats(self) -> dict:
         return dict(capacity_bytes=self._nslots * PAGE, used_bytes=len(self._pages) * PAGE,

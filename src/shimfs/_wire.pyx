@@ -226,7 +226,7 @@ cdef struct Handle:           # a table slot (see Slot)
     int64_t grp_lo, grp_hi  # the last read-around refused (sparse faults)
     int grp_open            # refused, and no READ of the handle served since
     int64_t cand            # a READ here makes the handle a reader (-1: none)
-    int reader              # read(2) seen: its READs are never refused
+    int reader              # read(2) seen, or asked at add: its READs are never refused
     int own_misses          # no read-ahead policy: every miss is served here
     int writes              # WRITEs that need no I/O are taken here
     int release             # its RELEASE is answered here while the file is clean
@@ -608,7 +608,7 @@ cdef class Wire:
         return NULL
 
     def add(self, uint64_t fh, int64_t fid, bint own_misses=False, bint writes=False,
-            bint release=False):
+            bint release=False, bint asked=False):
         """Answer READs of handle ``fh`` (a file of the engine) from the cache.
         ``own_misses``: the handle has no read-ahead policy, so its misses
         are all served here; else a miss that continues a run goes to Python.
@@ -617,7 +617,9 @@ cdef class Wire:
         reported on the side pair (:meth:`take`).  ``release``: a RELEASE of
         the handle while its file has no dirty page here is answered here
         (the handle is forgotten, as by :meth:`remove`) and reported on the
-        release pair (:meth:`take_released`)."""
+        release pair (:meth:`take_released`).  ``asked``: its READs are
+        served as asked, never refused as a read-around (it was opened with
+        a small read-around window: ``OpenFiles.open_handle``)."""
         cdef FileRec *fr = self.pc.record(fid)
         cdef int64_t i
         cdef int err = 0
@@ -642,7 +644,8 @@ cdef class Wire:
                 h.trigger = NO_TRIGGER
                 h.last_end = 0
                 h.grp_lo = h.grp_hi = -1
-                h.grp_open = h.reader = 0
+                h.grp_open = 0
+                h.reader = asked
                 h.cand = -1
                 h.own_misses = own_misses
                 h.writes = writes
@@ -1402,6 +1405,7 @@ cdef class Wire:
             hd.grp_lo, hd.grp_hi, hd.grp_open = off, end, 1
         hd.last_end = prev_end              # a refused READ moves no run
         self.refused += 1
+        hd.fr.read_arounds_refused += 1     # the file's next open goes by it
         self.refused_bytes += end - off
         if not whole:
             pthread_mutex_unlock(&self.mu)

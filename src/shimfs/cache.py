@@ -250,6 +250,9 @@ class AsyncCache:
     def file_stats(self, fid: int) -> dict:
         return self.engine.file_stats(fid)
 
+    def read_arounds_refused(self, fid: int) -> int:
+        return self.engine.read_arounds_refused(fid)
+
     def pushing(self, fid: int) -> bool:
         """Whether prefetched pages of ``fid`` are pushed into the kernel now."""
         return self.gate(fid).closed == 0 and self.push and self.kernel.live

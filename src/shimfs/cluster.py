@@ -346,7 +346,7 @@ class Cluster:
         wire = self.cache.wire
         for h in self.files.handles.values():
             if h.node.grant is g:
-                wire.add(h.fh, h.node.fid, h.stream is None)
+                wire.add(h.fh, h.node.fid, h.stream is None, asked=h.narrow)
                 if h.stream is not None:
                     wire.set_trigger(h.fh, self.cache.trigger(h.stream))
 

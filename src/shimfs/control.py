@@ -114,6 +114,7 @@ class Control:
                              version=VERSION,
                              kernel_drops=coh.kernel_drops,
                              kernel_drops_pending=coh.kernel_drops_pending,
+                             narrow_opens=self.files.narrow_opens,
                              files=len(self.ns.by_fid), nodes=len(self.ns.inodes))}
         if isinstance(node, File) and not node.opened:
             out["file"] = dict(backing=node.path, shadow=False, backing_lost=node.lost,

@@ -5,7 +5,10 @@ Each open handle has a read-ahead stream (none for files in memory).  READ
 and WRITE go straight to the façade, which serves what it can from the cache
 on the trio thread and sends the rest to worker threads.  A writable handle
 closes the file's push gate until it is released, because the kernel may
-then hold dirty pages that a push would overwrite (cache.py).  Runs on the
+then hold dirty pages that a push would overwrite (cache.py).  A file whose
+mapping was touched at random (the wire refused its page faults'
+read-arounds) is opened with the narrow read-around window
+(``tuning.Window``) until a handle of it is seen scanning.  Runs on the
 trio thread.
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import stat
 import time
 
+import trio
+
 from .cache import AsyncCache
 from .config import Config
 from .credentials import Credentials
@@ -25,9 +30,18 @@ from .kernel import AHEAD_OPEN
 from .names import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOCATE_MODES
 from .namespace import Namespace, _close_ahead
 from .nodes import Attr, Ctx, Dir, File, Handle
+from .tuning import NARROW_HOLD
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
+
+#: Read-arounds refused for a file since its last open that make its next
+#: opens narrow: a scan's first fault may be refused once, random touches
+#: are refused about once each.
+RANDOM_REFUSALS = 16
+#: READs a narrow handle's read-ahead stream sees in sequence (a scan) that
+#: give its file the mount's window back at the next open.
+SCAN_READS = 8
 
 
 class OpenFiles:
@@ -44,6 +58,9 @@ class OpenFiles:
         self._fh = itertools.count(1)
         #: cluster.Cluster on a coherent mount (Vfs.attach_cluster), else None
         self.cluster = None
+        #: tuning.Window once the mount is tuned (root), else None
+        self.window = None
+        self.narrow_opens = 0
 
     def handle(self, fh: int) -> Handle:
         try:
@@ -62,7 +79,8 @@ class OpenFiles:
             await self.cache.close_gate(node.fid)
         fh = next(self._fh)
         stream = self.cache.stream() if self.config.read_ahead and not node.in_memory else None
-        self.handles[fh] = Handle(fh, node, stream, writable)
+        narrow = self._narrow(node)
+        self.handles[fh] = Handle(fh, node, stream, writable, narrow)
         node.opens += 1
         node.writers += writable
         g = node.grant
@@ -71,8 +89,44 @@ class OpenFiles:
             # needs its grant
             self.cache.wire.add(fh, node.fid, stream is None,
                                 writes=writable and node.writable and g is None,
-                                release=not writable and g is None)
+                                release=not writable and g is None, asked=narrow)
         return fh
+
+    def _narrow(self, node: File) -> bool:
+        """Whether this open of ``node`` gets the narrow read-around window:
+        its faults' read-arounds were refused since its last open (the
+        wire counts them in the engine), or before and no scan was seen
+        since.  The window stays narrow for ``NARROW_HOLD`` after the
+        handler returns, long enough for the kernel to copy it into the
+        file it opens; the wire then serves the handle's small READs as
+        asked, one per fault."""
+        refused = self.cache.read_arounds_refused(node.fid)
+        if refused - node.refused_seen >= RANDOM_REFUSALS:
+            node.random_faults = True
+        node.refused_seen = refused
+        nursery = self.cache.nursery
+        if not node.random_faults or self.window is None or nursery is None \
+                or not self.window.narrow():
+            return False
+        self.narrow_opens += 1
+        nursery.start_soon(self._widen_later)
+        return True
+
+    async def _widen_later(self) -> None:
+        try:
+            await trio.sleep(NARROW_HOLD)
+        finally:
+            self.window.widen()
+
+    @staticmethod
+    def _close_stream(h: Handle) -> None:
+        """A handle goes: its stream closes, and a narrow handle whose
+        stream saw a scan gives its file the mount's window back."""
+        if h.stream is None:
+            return
+        if h.narrow and h.stream.sequential >= SCAN_READS:
+            h.node.random_faults = False
+        h.stream.close()
 
     def released(self) -> None:
         """What :meth:`release` does for the handles whose RELEASE the wire
@@ -84,8 +138,7 @@ class OpenFiles:
             h = self.handles.pop(fh, None)
             if h is None:
                 continue
-            if h.stream is not None:
-                h.stream.close()
+            self._close_stream(h)
             node = h.node
             node.opens -= 1
             self.ns.maybe_free(node)
@@ -211,8 +264,7 @@ class OpenFiles:
             return
         if self.cache.wire.remove(fh):
             h.node.wrote()              # WRITEs the wire took that Python has not seen
-        if h.stream is not None:
-            h.stream.close()
+        self._close_stream(h)
         node = h.node
         try:
             await self.wb.writeback_if_dirty(node)

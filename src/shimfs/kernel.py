@@ -37,12 +37,13 @@ class Wire(Protocol):
     it answers READs of registered handles whose pages the engine holds."""
 
     def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False,
-            release: bool = False) -> None:
+            release: bool = False, asked: bool = False) -> None:
         """Answer READs of handle ``fh`` (of engine file ``fid``) from the
         cache, and its random misses with compiled workers (all its misses:
         ``own_misses``, for a handle with no read-ahead policy); with
         ``writes``, take its WRITEs that need no I/O too; with ``release``,
-        answer its RELEASE while the file is clean (:meth:`take_released`)."""
+        answer its RELEASE while the file is clean (:meth:`take_released`);
+        with ``asked``, never refuse its READs as read-arounds."""
 
     def take_released(self) -> list[int]:
         """The handles whose RELEASE was answered since the last call."""
@@ -109,7 +110,7 @@ class NullWire:
     """No compiled reader: every READ reaches Python."""
 
     def add(self, fh: int, fid: int, own_misses: bool = False, writes: bool = False,
-            release: bool = False) -> None:
+            release: bool = False, asked: bool = False) -> None:
         pass
 
     def take_released(self) -> list[int]:

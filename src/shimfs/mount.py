@@ -21,7 +21,7 @@ from .errors import UserError
 from ._notify import SessionKernel
 from .fuseops import ShimOperations
 from .names import XATTR_PREFIX
-from .tuning import tune
+from .tuning import Window, tune
 from .vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
             nursery.start_soon(_kernel_gone, wire)
             nursery.start_soon(_side_requests, wire, ops, nursery)
             nursery.start_soon(_released, wire, ops)
-        nursery.start_soon(_after_mount, mountpoint, config, ready)
+        nursery.start_soon(_after_mount, vfs, mountpoint, config, ready)
         nursery.start_soon(vfs.flusher)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -194,11 +194,12 @@ async def _kernel_gone(wire) -> None:
     pyfuse3.terminate()
 
 
-async def _after_mount(mountpoint: str, config: Config, ready) -> None:
+async def _after_mount(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
     # stat() needs the kernel's INIT answered, which main() does: thread it.
     notices = await trio.to_thread.run_sync(tune, mountpoint, config.read_ahead)
     for line in notices:
         log.info("%s", line)
+    vfs.files.window = await trio.to_thread.run_sync(Window.of, mountpoint, config.read_ahead)
     ready(notices)
 
 

@@ -112,6 +112,10 @@ class File(Node):
         # tmpfs or ramfs: no read-ahead, misses read inline (cache.AsyncCache.read)
         self.in_memory = in_memory
         self.grant = None           # cluster.Grant, on a coherent mount once opened
+        # Touched at random: opens get the narrow read-around window
+        # (OpenFiles.open_handle), until a narrow handle is seen scanning.
+        self.random_faults = False
+        self.refused_seen = 0       # the engine's read_arounds_refused at the last open
 
     def backing_path(self) -> str:
         return self.path
@@ -167,11 +171,13 @@ class DirHandle:
 
 
 class Handle:
-    """One open file description: its node, read-ahead stream and access."""
-    __slots__ = ("fh", "node", "stream", "writable")
+    """One open file description: its node, read-ahead stream and access;
+    ``narrow``: opened with the narrow read-around window (files.py)."""
+    __slots__ = ("fh", "node", "stream", "writable", "narrow")
 
-    def __init__(self, fh, node, stream, writable):
+    def __init__(self, fh, node, stream, writable, narrow=False):
         self.fh = fh
         self.node = node
         self.stream = stream
         self.writable = writable
+        self.narrow = narrow
