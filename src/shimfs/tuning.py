@@ -36,9 +36,10 @@ NARROW_PAGES = 4
 #: it: the kernel copies the bdi's window into the new file when it has the
 #: OPEN's reply (fs/open.c, ``do_dentry_open``: ``file_ra_state_init`` after
 #: ``->open``), and the reply leaves through the wire's out thread after
-#: the handler returns.  Another file opened meanwhile gets the narrow
-#: window too.
-NARROW_HOLD = 0.02
+#: the handler returns, within a millisecond unless the machine is busy;
+#: 50 ms leaves room for that.  Another file opened meanwhile gets the
+#: narrow window too (speed, never bytes).
+NARROW_HOLD = 0.05
 
 
 def _kb(read_ahead_pages: int) -> int:
