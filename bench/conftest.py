@@ -156,7 +156,7 @@ class Mounts:
         from shimfs.tuning import tune
         exe = cpeer.binary()
         mnt = self._daemon("c", [exe, "-f", "-o", "source=" + os.path.dirname(target)])
-        problems = tune(mnt, read_ahead_pages)
+        problems, _ = tune(mnt, read_ahead_pages)
         if problems:
             print("C peer not tuned: %s" % "; ".join(problems))
         return os.path.join(mnt, os.path.basename(target))

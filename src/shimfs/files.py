@@ -58,7 +58,7 @@ class OpenFiles:
         self._fh = itertools.count(1)
         #: cluster.Cluster on a coherent mount (Vfs.attach_cluster), else None
         self.cluster = None
-        #: tuning.Window once the mount is tuned (root), else None
+        #: tuning.Window once the mount's read_ahead_kb is set (root), else None
         self.window = None
         self.narrow_opens = 0
 

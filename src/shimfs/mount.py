@@ -21,7 +21,7 @@ from .errors import UserError
 from ._notify import SessionKernel
 from .fuseops import ShimOperations
 from .names import XATTR_PREFIX
-from .tuning import Window, tune
+from .tuning import tune
 from .vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -196,10 +196,10 @@ async def _kernel_gone(wire) -> None:
 
 async def _after_mount(vfs: Vfs, mountpoint: str, config: Config, ready) -> None:
     # stat() needs the kernel's INIT answered, which main() does: thread it.
-    notices = await trio.to_thread.run_sync(tune, mountpoint, config.read_ahead)
+    notices, vfs.files.window = await trio.to_thread.run_sync(tune, mountpoint,
+                                                              config.read_ahead)
     for line in notices:
         log.info("%s", line)
-    vfs.files.window = await trio.to_thread.run_sync(Window.of, mountpoint, config.read_ahead)
     ready(notices)
 
 

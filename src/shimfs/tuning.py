@@ -42,18 +42,6 @@ NARROW_PAGES = 4
 NARROW_HOLD = 0.05
 
 
-def _kb(read_ahead_pages: int) -> int:
-    """``read_ahead_kb`` for the option: exactly what it asks for, small
-    windows included (a 16 KiB window keeps random faults from fetching
-    more than they touch)."""
-    return max(read_ahead_pages * 4, 4)
-
-
-def _bdi(mountpoint: str) -> str:
-    dev = os.stat(mountpoint).st_dev
-    return "/sys/class/bdi/%d:%d/read_ahead_kb" % (os.major(dev), os.minor(dev))
-
-
 class Window:
     """The mount's ``read_ahead_kb``, narrowed to :data:`NARROW_PAGES` while
     any :meth:`narrow` holds it.  Runs on the trio thread: a write of the
@@ -65,13 +53,6 @@ class Window:
         self.narrow_kb = NARROW_PAGES * 4
         self.holders = 0
         self.usable = wide_kb > self.narrow_kb
-
-    @classmethod
-    def of(cls, mountpoint: str, read_ahead_pages: int) -> "Window | None":
-        """The mount's window, or None where it cannot be changed (not root)."""
-        if os.geteuid() != 0:
-            return None
-        return cls(_bdi(mountpoint), _kb(read_ahead_pages))
 
     def narrow(self) -> bool:
         """Narrow the window (until :meth:`widen`); False if it cannot be."""
@@ -104,15 +85,23 @@ def _write(path: str, value: int) -> None:
         f.write("%d\n" % value)
 
 
-def tune(mountpoint: str, read_ahead_pages: int) -> list[str]:
-    """Apply the settings; return one line per setting that could not be applied."""
+def tune(mountpoint: str, read_ahead_pages: int) -> tuple[list[str], Window | None]:
+    """Apply the settings; return one line per setting that could not be
+    applied, and the mount's :class:`Window` where its ``read_ahead_kb``
+    was set (None otherwise: not root, or the write failed)."""
     if os.geteuid() != 0:
-        return ["not root: kernel tuning (read_ahead_kb, max_background) skipped"]
+        return ["not root: kernel tuning (read_ahead_kb, max_background) skipped"], None
     problems = []
-    minor = os.minor(os.stat(mountpoint).st_dev)
-    ra_kb = _kb(read_ahead_pages)
+    dev = os.stat(mountpoint).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    # exactly what the option asks for, small windows included: a 16 KiB
+    # window is what keeps random faults from fetching more than they touch
+    ra_kb = max(read_ahead_pages * 4, 4)
+    bdi = "/sys/class/bdi/%d:%d/read_ahead_kb" % (major, minor)
+    window = None
     try:
-        _write(_bdi(mountpoint), ra_kb)
+        _write(bdi, ra_kb)
+        window = Window(bdi, ra_kb)
     except OSError as e:
         problems.append("read_ahead_kb not set: %s" % e.strerror)
     conn = os.path.join(FUSECTL, str(minor))
@@ -133,4 +122,4 @@ def tune(mountpoint: str, read_ahead_pages: int) -> list[str]:
             subprocess.run(["umount", FUSECTL], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
     log.debug("tuned %s: read_ahead_kb=%d max_background=%d", mountpoint, ra_kb, MAX_BACKGROUND)
-    return problems
+    return problems, window
