@@ -40,7 +40,7 @@ def timed_cold(fn, path: str, nbytes: int, daemon: int | None, drop: str) -> tup
 
 def interleaved(benchmark, mounts, peers, workload: str, where: str, target: str, nbytes: int,
                 native_fn, fn, *opts: str, cpu: bool = True, backing_dir: bool = False,
-                before=None, shim_fn=None, note=None) -> None:
+                before=None, shim_fn=None, note=None, opened=None, label="") -> None:
     """ROUNDS rounds of: native ``native_fn()``, ``fn`` through each peer, then
     ``fn`` through shimfs (timed by pytest-benchmark), each cold (client cache
     dropped, fresh mount).  Machines drift between minutes; in one round all
@@ -51,7 +51,9 @@ def interleaved(benchmark, mounts, peers, workload: str, where: str, target: str
     directory instead of shadowing ``target`` (for workloads that create the
     file).  ``before()`` runs ahead of every path's run, untimed.
     ``shim_fn`` replaces ``fn`` for shimfs; ``note()`` gives the shimfs row's
-    note once the rounds are done."""
+    note once the rounds are done.  ``opened(path)`` runs on the fresh shimfs
+    mount before its caches are dropped, untimed (an earlier open of the
+    file); ``label`` is added to the shimfs row's name."""
     before = before or (lambda: None)
     shim_fn = shim_fn or fn
     native: list[tuple[float, dict]] = []
@@ -73,6 +75,8 @@ def interleaved(benchmark, mounts, peers, workload: str, where: str, target: str
             path = os.path.join(path, os.path.basename(target))
         else:
             path = mounts.shimfs(target, *opts)
+        if opened:
+            opened(path)
         drop_caches(target)
         meter[0] = CpuMeter(mounts.pid)
         return (path,), {}
@@ -99,7 +103,7 @@ def interleaved(benchmark, mounts, peers, workload: str, where: str, target: str
     if benchmark is not None:
         benchmark.extra_info.update(native_MBps=nat[0], MBps=mine[0],
                                     ratio=statistics.median(ratios))
-    name = "shimfs" + "".join(" `-o %s`" % o for o in opts)
+    name = "shimfs" + "".join(" `-o %s`" % o for o in opts) + label
     record(workload, where, name, mine, nat, nbytes=nbytes if cpu else 0, ratios=ratios,
            note=note() if note else "")
     for fs, runs in peer_runs.items():
@@ -171,8 +175,9 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
     ``pread(4 KiB)`` at the same offsets with the same thread count, through
     every daemon (the C peer also with the kernel's default 128 KiB
     read-ahead), and shimfs at its defaults (sparse faults: the kernel's
-    read-around refused) and with ``sparse_faults=0`` (the kernel's 4 MiB
-    read-around served).  Touches, like native reads, leave the GIL free
+    read-around refused), with ``sparse_faults=0`` (the kernel's 1 MiB
+    read-around served) and, for the sparse touches, in the file's second
+    open of the mount (a narrow open).  Touches, like native reads, leave the GIL free
     (``touch_pages``), so that threads fault at once.  The shimfs rows'
     note: bytes fetched from the backing file per byte touched, and the
     daemon's CPU per READ request."""
@@ -194,7 +199,9 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
         if probe:
             daemon = psutil.Process(mounts.pid)
             cpu0 = sum(daemon.cpu_times()[:2])
-            reqs0 = shimfs.stats(path)["mount"]["read_requests"]
+            st0 = shimfs.stats(path)
+            reqs0 = st0["mount"]["read_requests"]
+            fetched0 = st0["file"].get("bytes_fetched", 0)
         fd = os.open(path, os.O_RDONLY)
         try:
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
@@ -203,23 +210,39 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
             os.close(fd)
         if probe:
             st = shimfs.stats(path)
-            probe(st, sum(daemon.cpu_times()[:2]) - cpu0,
+            probe(st["file"]["bytes_fetched"] - fetched0, sum(daemon.cpu_times()[:2]) - cpu0,
                   st["mount"]["read_requests"] - reqs0)
     name = "%s random 4 KiB touches%s" % (format(touches, ","),
                                           ", %d threads" % threads if threads > 1 else "")
-    for opts in ((), ("sparse_faults=0",)):
+    variants = [((), None, ""), (("sparse_faults=0",), None, "")]
+    if touches == 2000 and threads == 1:
+        # The file's second open in the mount: an earlier open touched 200
+        # other pages at random, so this one is narrow (docs/design.md,
+        # "Sparse faults", item 5).
+        earlier = [rnd.randrange(size // PAGE) * PAGE for _ in range(200)]
+
+        def opened(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                    touch_pages(m, [earlier])
+            finally:
+                os.close(fd)
+        variants.append(((), opened, ", second open"))
+    for opts, opened, label in variants:
         seen: list[str] = []
 
-        def probe(st, cpu, reqs, seen=seen):
+        def probe(fetched, cpu, reqs, seen=seen):
             seen.append("%.1f B/B %.0f µs/READ" % (
-                st["file"]["bytes_fetched"] / (touches * PAGE), cpu / max(reqs, 1) * 1e6))
-        interleaved(benchmark if not opts else None, mounts,
-                    (peers + [C_PEER_DEFAULT_RA]) if not opts else [],
+                fetched / (touches * PAGE), cpu / max(reqs, 1) * 1e6))
+        first = not opts and not opened
+        interleaved(benchmark if first else None, mounts,
+                    (peers + [C_PEER_DEFAULT_RA]) if first else [],
                     name + " vs pread(4 KiB), same offsets", where[0], bigfile,
                     touches * PAGE, native, touch, *opts, cpu=False,
                     shim_fn=lambda p, probe=probe: touch(p, probe),
                     note=lambda seen=seen: "fetched per touched, daemon CPU per READ: "
-                    + ", ".join(seen))
+                    + ", ".join(seen), opened=opened, label=label)
 
 
 #: The stretch of the file that ``test_cached_random_reads`` touches: it fits
