@@ -118,6 +118,33 @@ def test_a_mapped_scan_is_exact_and_mostly_compiled(wired):
     assert reads > 0 and fast * 2 > reads       # the cached file: mostly compiled
 
 
+
+def test_a_cold_scan_is_answered_in_c_and_the_policy_still_reads_ahead(tmp_path, data_dir):
+    """A scan of a file the daemon does not hold: once its stream
+    prefetches, READs past the trigger and misses are answered by the wire
+    and only noted for the policy (shimfs._wire, ``NOTED``), which still
+    reads ahead: nearly every READ is compiled, the file is fetched once,
+    the bytes are exact."""
+    with shim_mount(str(tmp_path / "mnt"), data_dir, "cache_size=64M", "push=0") as mnt:
+        path, data = linked(mnt, data_dir, "cold.bin", 48 << 20)
+        if shimfs.stats(path)["file"]["backing_in_memory"]:
+            pytest.skip("no read-ahead for files in memory")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                got = bytearray()
+                for i in range(0, len(m), 1 << 20):
+                    got += m[i:i + (1 << 20)]
+        finally:
+            os.close(fd)
+        assert got == data
+        st = mount_stats(path)
+    assert st["fast_reads_noted"] >= 1 and st["read_notes_dropped"] == 0
+    assert st["prefetches"] > 0                 # the policy saw the reader
+    assert st["forwarded_requests"] < 0.1 * st["read_requests"] + 20
+    assert st["fast_reads"] >= 0.9 * st["read_requests"]
+    assert st["bytes_fetched"] <= len(data) + (1 << 20)
+
 def test_known_zeros_are_answered_as_zeros(wired):
     mnt, backing = wired
     path = os.path.join(mnt, "z.bin")

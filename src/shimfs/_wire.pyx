@@ -15,8 +15,10 @@
   (:meth:`add`) and whose pages are all in the engine's cache (or known to
   be zeros) is answered at once: the pages are pinned in the arena
   (``PageCache.lend_whole``, _engine.pxd), written to the device with one
-  ``writev`` and handed back.  No GIL, no Python, no copy.  A random miss
-  is loaded by the same thread (``PageCache.lend_loaded``) and answered.
+  ``writev`` and handed back.  No GIL, no Python, no copy.  A random miss,
+  and any miss of a handle whose read-ahead stream prefetches, is loaded
+  by the same thread (``PageCache.lend_loaded``, which waits for pages a
+  prefetch is loading) and answered.
   A WRITE of a handle registered for writes that needs no I/O is taken
   into the cache (``PageCache.take_write``) and answered; the first such
   WRITE since Python last looked is noted on the side pair (:meth:`take`).
@@ -45,8 +47,14 @@
 
 The daemon's read-ahead policy (readahead.Stream) lives in Python and must
 keep seeing a sequential reader: each handle has a *trigger* offset
-(:meth:`set_trigger`).  A READ that ends past it goes to Python even when
-cached, so the policy sees one READ in each stretch it asked to see.
+(:meth:`set_trigger`).  A READ that ends past it, or misses, is answered
+here all the same, and the policy is told of it by a note on the side pair
+(:meth:`take`): the handle's trigger becomes ``NOTED`` (nothing passes it)
+until Python, having shown the READ to the policy, sets the next.  So the
+policy sees one READ in each stretch it asked to see, and a scan's bytes
+never cross the pair.  Only a handle without a prefetching stream sends
+its misses that continue a run to Python, where the policy may see a scan
+starting.
 
 End of the session: a read of the device that fails with ENODEV (unmounted,
 or the connection aborted) marks :attr:`ended_by_kernel` and makes
@@ -115,7 +123,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int AF_UNIX, SOCK_SEQPACKET, SOCK_CLOEXEC, SOL_SOCKET
-    int SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, MSG_NOSIGNAL
+    int SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, MSG_NOSIGNAL, MSG_DONTWAIT
 
 
 # <linux/fuse.h>
@@ -200,6 +208,9 @@ cdef enum:
     H_USED = 1
     H_GONE = 2
     NO_TRIGGER = 0x7fffffffffffffff
+    # A handle whose READ past its trigger was answered here and noted for
+    # Python: nothing passes until Python sets the next trigger.
+    NOTED = 0x7ffffffffffffffe
     MAX_THREADS = 64
     # The control xattrs' prefix (names.XATTR_PREFIX) fits in this.
     PREFIX_MAX = 32
@@ -208,6 +219,9 @@ cdef enum:
     # A note on the side pair that WRITEs of a handle were taken: a
     # fuse_in_header (opcode FUSE_WRITE) and the handle.
     NOTE_LEN = 48
+    # A note on the side pair of a READ answered past its trigger: a
+    # fuse_in_header (opcode FUSE_READ), the handle, offset and size.
+    NOTE_READ_LEN = 64
     # A READ this far from where the handle's last one ended does not
     # continue it, for refusing read-around: one request's span (1 MiB)
     # and the slack of READs in flight together.
@@ -451,7 +465,8 @@ cdef class Wire:
     cdef char *outbuf
     # counters (read under the mutex)
     cdef uint64_t fast_reads, fast_read_bytes, forwarded, forward_errors, reply_errors
-    cdef uint64_t pass_trigger, pass_missing, fast_misses, miss_fallbacks
+    cdef uint64_t pass_missing, fast_misses, miss_fallbacks
+    cdef uint64_t noted, notes_dropped
     cdef uint64_t fast_getxattrs, fast_flushes, fast_writes, fast_write_bytes, fast_releases
     cdef uint64_t refused, refused_bytes, readers, group_loads, centre_loads
     cdef int64_t sparse             # the kernel's read-around, when refused (0: never)
@@ -713,8 +728,9 @@ cdef class Wire:
 
     def counters(self) -> dict:
         """READs answered here and their bytes, and among them misses the
-        workers loaded; requests passed to pyfuse3, and among them READs past
-        their trigger, misses that continue a run, and misses a worker could
+        workers loaded, and READs noted for the read-ahead policy (and notes
+        the side pair had no room for); requests passed to pyfuse3, and among
+        them misses that continue a run, and misses a worker could
         not serve (a full cache, a backing error: Python retries them);
         writes to the pair or the device that failed; GETXATTRs and FLUSHes
         answered here; WRITEs taken here and their bytes."""
@@ -722,7 +738,8 @@ cdef class Wire:
             pthread_mutex_lock(&self.mu)
             r, b, f = self.fast_reads, self.fast_read_bytes, self.forwarded
             fe, re = self.forward_errors, self.reply_errors
-            pt, pm = self.pass_trigger, self.pass_missing
+            pm = self.pass_missing
+            nt, nd = self.noted, self.notes_dropped
             fm, mf = self.fast_misses, self.miss_fallbacks
             fx, ff, fr = self.fast_getxattrs, self.fast_flushes, self.fast_releases
             fw, fwb = self.fast_writes, self.fast_write_bytes
@@ -733,7 +750,8 @@ cdef class Wire:
             pthread_mutex_unlock(&self.mu)
         return {"fast_reads": r, "fast_read_bytes": b, "forwarded_requests": f,
                 "fast_read_misses": fm, "fast_read_miss_fallbacks": mf,
-                "fast_read_passed_trigger": pt, "fast_read_passed_missing": pm,
+                "fast_read_passed_missing": pm,
+                "fast_reads_noted": nt, "read_notes_dropped": nd,
                 "forward_errors": fe, "reply_errors": re,
                 "fast_getxattrs": fx, "fast_flushes": ff, "fast_releases": fr,
                 "fast_writes": fw, "fast_write_bytes": fwb,
@@ -745,14 +763,17 @@ cdef class Wire:
     def take(self) -> tuple:
         """What waits on the side pair: the FALLOCATE requests (pyfuse3 has
         no handler for them), as (unique, fh, offset, length, mode, uid,
-        gid, pid), each to be answered with :meth:`reply_error`; and the
-        handles whose WRITEs were taken here (see :meth:`written`)."""
+        gid, pid), each to be answered with :meth:`reply_error`; the
+        handles whose WRITEs were taken here (see :meth:`written`); and the
+        READs answered here past their handle's trigger, as (fh, offset,
+        size), for the read-ahead policy, whose trigger stays ``NOTED``
+        until :meth:`set_trigger`."""
         cdef char msg[256]
         cdef ssize_t n
         cdef InHeader *h = <InHeader *>msg
         cdef FallocateIn *f = <FallocateIn *>(msg + sizeof(InHeader))
         cdef uint64_t *wfh = <uint64_t *>(msg + sizeof(InHeader))
-        out, wrote = [], []
+        out, wrote, seen = [], [], []
         while True:
             n = recv(self.side_fd, msg, sizeof(msg), 0)
             if n < 0:
@@ -760,10 +781,13 @@ cdef class Wire:
             if h.opcode == FUSE_WRITE and n == NOTE_LEN:
                 wrote.append(wfh[0])
                 continue
+            if h.opcode == FUSE_READ and n == NOTE_READ_LEN:
+                seen.append((wfh[0], wfh[1], wfh[2]))
+                continue
             if n < <ssize_t>(sizeof(InHeader) + sizeof(FallocateIn)):
                 continue
             out.append((h.unique, f.fh, f.offset, f.length, f.mode, h.uid, h.gid, h.pid))
-        return out, wrote
+        return out, wrote, seen
 
     def reply_error(self, uint64_t unique, int err):
         """Answer request ``unique`` with errno ``err`` (0: success, no data)."""
@@ -1279,7 +1303,7 @@ cdef class Wire:
         cdef int64_t slot_of[MAX_RUN]
         cdef iovec iov[MAX_RUN + 1]
         cdef int64_t k, m, i, off, end, fid, total = 0, prev_end, bulk_end
-        cdef bint run, far
+        cdef bint run, far, passed, streamed
         cdef int err = 0
         if n != REQ_LEN or sizeof(InHeader) + sizeof(ReadIn) != REQ_LEN:
             return False
@@ -1300,18 +1324,20 @@ cdef class Wire:
                 hd.reader = 1
                 self.readers += 1
             hd.cand = -1
-        if end > hd.trigger:
-            self.pass_trigger += 1
-            pthread_mutex_unlock(&self.mu)
-            return False
+        passed = end > hd.trigger
         k = self.pc.lend_whole(hd.fr, hd.fid, off, r.size, slot_of, &iov[1], self.zeros)
         if k >= 0:
             if hd.grp_open:
                 self._after_refusal(hd, off, end)
+            if passed:
+                hd.trigger = NOTED      # until Python has shown it to the policy
+                self.noted += 1
             err = self._reply(h.unique, 0, iov, k, &total)
             self._sent(k, iov, slot_of, err, total)
             self.pc.give_back_read(hd.fr, slot_of, &iov[1], k, True)
             pthread_mutex_unlock(&self.mu)
+            if passed:
+                self._note_read(r.fh, off, r.size)
             return True
         bulk_end = end
         if self.sparse and hd.trigger == NO_TRIGGER and not self.stopping:
@@ -1340,17 +1366,23 @@ cdef class Wire:
                 self.group_loads += 1
         elif hd.grp_open:
             hd.grp_open = 0
-        # A miss.  One that continues a run goes to the read-ahead policy
-        # (a scan starting), unless it reaches the end of the file (a small
-        # file read whole: nothing to read ahead); so does every miss of a
-        # stream that prefetches.
-        if hd.trigger != NO_TRIGGER or self.stopping or (
+        # A miss.  One of a handle without a prefetching stream that
+        # continues a run goes to the read-ahead policy (a scan starting),
+        # unless it reaches the end of the file (a small file read whole:
+        # nothing to read ahead).
+        streamed = hd.trigger != NO_TRIGGER
+        if self.stopping or (not streamed and
                 run and not hd.own_misses and end < hd.fr.size and bulk_end == end):
             self.pass_missing += 1
             pthread_mutex_unlock(&self.mu)
             return False
-        # A random miss: loaded here, without the mutex; the handle is busy
-        # meanwhile, so it stays (Wire.remove waits).
+        # A random miss, or one of a stream that prefetches (noted for its
+        # policy, as a READ past the trigger is): loaded here, without the
+        # mutex; the handle is busy meanwhile, so it stays (Wire.remove waits).
+        passed = streamed and hd.trigger != NOTED
+        if passed:
+            hd.trigger = NOTED
+            self.noted += 1
         fr, fid = hd.fr, hd.fid
         self._hold(hd)
         k = self.pc.lend_loaded(fr, fid, off, bulk_end - off, slot_of, &iov[1], self.zeros)
@@ -1375,7 +1407,25 @@ cdef class Wire:
         if k < 0:
             return False                # Python reads it, and reports errors
         self.pc.give_back_read(fr, slot_of, &iov[1], k, False)
+        if passed:
+            self._note_read(r.fh, off, r.size)
         return True
+
+    cdef void _note_read(self, uint64_t fh, int64_t off, uint32_t size) noexcept nogil:
+        """Tell Python of a READ answered past its handle's trigger (see
+        :meth:`take`).  Never blocks: a note the pair has no room for is
+        dropped and counted; the handle's next miss reaches Python anyway."""
+        cdef char msg[NOTE_READ_LEN]
+        cdef InHeader *nh = <InHeader *>msg
+        cdef uint64_t *p = <uint64_t *>(msg + sizeof(InHeader))
+        memset(msg, 0, sizeof(msg))
+        nh.len = sizeof(msg)
+        nh.opcode = FUSE_READ
+        p[0], p[1], p[2] = fh, <uint64_t>off, size
+        if send(self.side_w, msg, sizeof(msg), MSG_NOSIGNAL | MSG_DONTWAIT) != sizeof(msg):
+            pthread_mutex_lock(&self.mu)
+            self.notes_dropped += 1
+            pthread_mutex_unlock(&self.mu)
 
     cdef void _refuse(self, InHeader *h, Handle *hd, int64_t off, int64_t end,
                       int64_t prev_end) noexcept nogil:

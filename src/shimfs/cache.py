@@ -352,18 +352,8 @@ class AsyncCache:
         c = self.counters
         c["read_requests"] += 1
         c["read_request_bytes"] += size
-        if stream is not None and self.nursery is not None:
-            plan = stream.on_read(off, size)
-            if plan is not None:
-                engine = self.engine
-                pushing = self.push and self.kernel.live
-                for c_off, c_len in chunks(*plan):
-                    # Pushes need the gate, which lives on this thread: they,
-                    # and whatever the engine's queue refuses, take a trio task.
-                    if not pushing and engine.prefetch_async(fid, c_off, c_len):
-                        c["prefetches"] += 1
-                    else:
-                        self.nursery.start_soon(self._prefetch, fid, ino, stream, c_off, c_len)
+        if stream is not None:
+            self.observe(fid, ino, stream, off, size)
         data = self.engine.read_cached(fid, off, size)   # no I/O: fine on this thread
         if data is not None:
             c["reads_from_cache"] += 1
@@ -375,6 +365,26 @@ class AsyncCache:
             finally:
                 self.check_lost_twins()
         return await self.run(self.engine.read, fid, off, size)
+
+    def observe(self, fid: int, ino: int, stream: Stream, off: int, size: int) -> None:
+        """Show a READ of [off, off+size) to ``stream``'s read-ahead policy
+        and start the prefetches it asks for: every READ that reaches
+        Python, and those the compiled path answered past their trigger
+        (Wire.take)."""
+        if self.nursery is None:
+            return
+        plan = stream.on_read(off, size)
+        if plan is None:
+            return
+        engine = self.engine
+        pushing = self.push and self.kernel.live
+        for c_off, c_len in chunks(*plan):
+            # Pushes need the gate, which lives on this thread: they,
+            # and whatever the engine's queue refuses, take a trio task.
+            if not pushing and engine.prefetch_async(fid, c_off, c_len):
+                self.counters["prefetches"] += 1
+            else:
+                self.nursery.start_soon(self._prefetch, fid, ino, stream, c_off, c_len)
 
     def trigger(self, stream: Stream) -> int:
         """Where the compiled path hands ``stream``'s READs back to Python

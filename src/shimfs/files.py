@@ -229,6 +229,21 @@ class OpenFiles:
             self.cache.wire.set_trigger(fh, self.cache.trigger(stream))
         return data
 
+    def noted(self, fh: int, off: int, size: int) -> None:
+        """The compiled path answered a READ of ``fh`` past its trigger from
+        the cache (Wire.take): show it to the read-ahead policy, as
+        :meth:`read` does, and set the next trigger.  A coherent file's
+        READ is shown only while its grant holds the range; otherwise the
+        handle's next miss reaches :meth:`read`, which waits for it."""
+        h = self.handles.get(fh)
+        if h is None or h.stream is None:
+            return
+        g = h.node.grant
+        if g is not None and self.cluster.state(g, self.cluster.for_read(g, off, size)) != "held":
+            return
+        self.cache.observe(h.node.fid, h.node.ino, h.stream, off, size)
+        self.cache.wire.set_trigger(fh, self.cache.trigger(h.stream))
+
     async def write(self, fh: int, off: int, data: bytes) -> int:
         node = self.handle(fh).node
         if not node.writable:

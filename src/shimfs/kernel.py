@@ -94,8 +94,7 @@ class Wire(Protocol):
     def counters(self) -> dict:
         """``fast_reads``, ``fast_read_bytes``, ``forwarded_requests``,
         ``fast_read_misses``, ``fast_read_miss_fallbacks``,
-        ``fast_read_passed_trigger``, ``fast_read_passed_missing``,
-        ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
+        ``fast_read_passed_missing``, ``fast_reads_noted``, ``read_notes_dropped``, ``forward_errors``, ``reply_errors``, ``fast_getxattrs``,
         ``fast_flushes``, ``fast_releases``, ``fast_writes``, ``fast_write_bytes``,
         ``read_arounds_refused``, ``read_around_bytes_refused``,
         ``reader_handles``, ``refused_range_loads``, ``refused_centre_loads``,
@@ -147,8 +146,8 @@ class NullWire:
     def counters(self) -> dict:
         return dict(fast_reads=0, fast_read_bytes=0, forwarded_requests=0,
                     fast_read_misses=0, fast_read_miss_fallbacks=0,
-                    fast_read_passed_trigger=0, fast_read_passed_missing=0,
-                    forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0, fast_releases=0,
+                    fast_read_passed_missing=0,
+                    fast_reads_noted=0, read_notes_dropped=0, forward_errors=0, reply_errors=0, fast_getxattrs=0, fast_flushes=0, fast_releases=0,
                     fast_writes=0, fast_write_bytes=0, read_arounds_refused=0,
                     read_around_bytes_refused=0, reader_handles=0, refused_range_loads=0,
                     refused_centre_loads=0, opens_ahead=0, stats_ahead=0,

@@ -152,8 +152,10 @@ async def _main(vfs: Vfs, mountpoint: str, config: Config, ready, wire=None,
 
 async def _side_requests(wire, ops: ShimOperations, nursery) -> None:
     """Serve the requests pyfuse3 has no handler for (FALLOCATE), which the
-    compiled reader sets aside (Wire.take), each in a task of its own; and
-    take note of the handles whose WRITEs it took (OpenFiles.written)."""
+    compiled reader sets aside (Wire.take), each in a task of its own; take
+    note of the handles whose WRITEs it took (OpenFiles.written); and show
+    the read-ahead policy the READs it answered past their trigger
+    (OpenFiles.noted)."""
     async def one(unique, fh, offset, length, mode) -> None:
         try:
             await ops.fallocate(fh, offset, length, mode)
@@ -166,9 +168,11 @@ async def _side_requests(wire, ops: ShimOperations, nursery) -> None:
             log.debug("fallocate reply: %s", exc)
     while True:
         await trio.lowlevel.wait_readable(wire.side_fd)
-        fallocates, wrote = wire.take()
+        fallocates, wrote, seen = wire.take()
         for fh in wrote:
             ops.vfs.files.written(fh)
+        for fh, off, size in seen:
+            ops.vfs.files.noted(fh, off, size)
         for unique, fh, offset, length, mode, _uid, _gid, _pid in fallocates:
             nursery.start_soon(one, unique, fh, offset, length, mode)
 
