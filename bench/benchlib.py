@@ -257,6 +257,16 @@ def touch_pages(m: mmap.mmap, parts: list[list[int]]) -> None:
     in_threads(touch, parts)
 
 
+def touch_file(path: str, parts: list[list[int]]) -> None:
+    """Open ``path``, map it and :func:`touch_pages` it at ``parts``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            touch_pages(m, parts)
+    finally:
+        os.close(fd)
+
+
 def make_file(path: str, mib: int) -> str:
     if os.path.exists(path) and os.path.getsize(path) == mib * MIB:
         return path

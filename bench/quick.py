@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from benchlib import (MIB, PAGE_REPORTING, in_threads, make_file,  # noqa: E402
-                      page_reporting, page_reporting_state, split, touch_pages)
+                      page_reporting, page_reporting_state, split, touch_file,
+                      touch_pages)
 from mounting import daemon_pid, shim_mount  # noqa: E402
 from test_throughput import (mapped_checkpoint, mapped_copy, mapped_scan,  # noqa: E402
                              mapped_write, native_checkpoint, native_scan, native_write,
@@ -126,12 +127,7 @@ def main() -> None:
         earlier = [rnd.randrange(mib * MIB // 4096) * 4096 for _ in range(200)]
 
         def before_fn(p):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-                    touch_pages(m, [earlier])
-            finally:
-                os.close(fd)
+            touch_file(p, [earlier])
 
         def nat_fn(p):
             fd = os.open(p, os.O_RDONLY)

@@ -19,7 +19,8 @@ import pytest
 
 from mounting import daemon_pid
 from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, CpuMeter, Rate, drop_caches,
-                      in_threads, make_file, median_rate, record, split, touch_pages)
+                      in_threads, make_file, median_rate, record, split, touch_file,
+                      touch_pages)
 
 PAGE = 4096
 
@@ -222,12 +223,7 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
         earlier = [rnd.randrange(size // PAGE) * PAGE for _ in range(200)]
 
         def opened(path):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-                    touch_pages(m, [earlier])
-            finally:
-                os.close(fd)
+            touch_file(path, [earlier])
         variants.append(((), opened, ", second open"))
     for opts, opened, label in variants:
         seen: list[str] = []

@@ -41,6 +41,16 @@ def drop_kernel_pages(path: str) -> None:
         os.close(fd)
 
 
+def mapped_bytes(path: str) -> bytes:
+    """The whole file, read through a shared mapping 1 MiB at a time, in order."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            return b"".join(m[i:i + (1 << 20)] for i in range(0, len(m), 1 << 20))
+    finally:
+        os.close(fd)
+
+
 def linked(mnt: str, backing: str, name: str, size: int) -> tuple[str, bytes]:
     data = make_file(os.path.join(backing, name), size)
     os.symlink(os.path.join(backing, name), os.path.join(mnt, name))
@@ -95,15 +105,7 @@ def test_unaligned_reads_and_the_end_of_file(wired):
 def test_a_mapped_scan_is_exact_and_mostly_compiled(wired):
     mnt, backing = wired
     path, data = linked(mnt, backing, "m.bin", 24 << 20)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-            got = bytearray()
-            for i in range(0, len(m), 1 << 20):
-                got += m[i:i + (1 << 20)]
-        assert got == data
-    finally:
-        os.close(fd)
+    assert mapped_bytes(path) == data
     drop_kernel_pages(path)
     before = mount_stats(path)
     fd = os.open(path, os.O_RDONLY)
@@ -129,15 +131,7 @@ def test_a_cold_scan_is_answered_in_c_and_the_policy_still_reads_ahead(tmp_path,
         path, data = linked(mnt, data_dir, "cold.bin", 48 << 20)
         if shimfs.stats(path)["file"]["backing_in_memory"]:
             pytest.skip("no read-ahead for files in memory")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-                got = bytearray()
-                for i in range(0, len(m), 1 << 20):
-                    got += m[i:i + (1 << 20)]
-        finally:
-            os.close(fd)
-        assert got == data
+        assert mapped_bytes(path) == data
         st = mount_stats(path)
     assert st["fast_reads_noted"] >= 1 and st["read_notes_dropped"] == 0
     assert st["prefetches"] > 0                 # the policy saw the reader
