@@ -1381,8 +1381,7 @@ cdef class Wire:
         # mutex; the handle is busy meanwhile, so it stays (Wire.remove waits).
         passed = streamed and hd.trigger != NOTED
         if passed:
-            hd.trigger = NOTED
-            self.noted += 1
+            hd.trigger = NOTED      # counted once the note goes (a failed load: Python's)
         fr, fid = hd.fr, hd.fid
         self._hold(hd)
         k = self.pc.lend_loaded(fr, fid, off, bulk_end - off, slot_of, &iov[1], self.zeros)
@@ -1400,6 +1399,8 @@ cdef class Wire:
         if k >= 0:
             self._sent(m, iov, slot_of, err, total)
             self.fast_misses += 1
+            if passed:
+                self.noted += 1
         else:
             self.miss_fallbacks += 1
         self._unhold(r.fh)
