@@ -19,8 +19,7 @@ import pytest
 
 from mounting import daemon_pid
 from benchlib import (MIB, ROUNDS, RSS_MIB, SCAN_MIB, WRITE_MIB, CpuMeter, Rate, drop_caches,
-                      in_threads, make_file, median_rate, record, split, touch_file,
-                      touch_pages)
+                      in_threads, make_file, median_rate, record, split, touch_file)
 
 PAGE = 4096
 
@@ -179,7 +178,7 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
     read-around refused), with ``sparse_faults=0`` (the kernel's 1 MiB
     read-around served) and, for the sparse touches, in the file's second
     open of the mount (a narrow open).  Touches, like native reads, leave the GIL free
-    (``touch_pages``), so that threads fault at once.  The shimfs rows'
+    (``touch_file``), so that threads fault at once.  The shimfs rows'
     note: bytes fetched from the backing file per byte touched, and the
     daemon's CPU per READ request."""
     from conftest import C_PEER_DEFAULT_RA
@@ -203,12 +202,7 @@ def test_random_page_touches(benchmark, where, bigfile, mounts, peers, touches, 
             st0 = shimfs.stats(path)
             reqs0 = st0["mount"]["read_requests"]
             fetched0 = st0["file"].get("bytes_fetched", 0)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-                touch_pages(m, parts)
-        finally:
-            os.close(fd)
+        touch_file(path, parts)
         if probe:
             st = shimfs.stats(path)
             probe(st["file"]["bytes_fetched"] - fetched0, sum(daemon.cpu_times()[:2]) - cpu0,
