@@ -27,6 +27,14 @@ RESULTS: list[dict] = []
 COLD = os.environ.get("SHIMFS_BENCH_COLD", "client")
 
 
+def results_stem() -> str:
+    """Where a run's table and chart go, by how cold it ran: ``results``
+    (.md, .png) for every cache cold, the headline; ``results-brick-warm``
+    with the brick's cache kept warm (``client``).  Each run replaces only
+    its own pair."""
+    return "results" if COLD == "all" else "results-brick-warm"
+
+
 def drop_caches(*paths: str) -> None:
     """Empty the client's page cache; with COLD=client, re-warm the brick's
     copies of ``paths`` (files on the stand-in) by reading them on the brick."""

@@ -8,7 +8,9 @@ is in that minute.  Sizes come from the environment: SHIMFS_BENCH_MIB
 1024), SHIMFS_BENCH_RSS_MIB (default 4096).  SHIMFS_BENCH_PAGE_REPORTING=off
 stops the VM's free page reporting for the run (benchlib.page_reporting).  Every figure is reported
 as a ratio against the native path measured in the same run; the table is
-printed at the end and written to bench/results.md.
+printed at the end and written to bench/results.md with its chart
+bench/results.png, or, with the brick warm (SHIMFS_BENCH_COLD=client, the
+default), to bench/results-brick-warm.md and .png (benchlib.results_stem).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from mounting import daemon_pid, shim_mount  # noqa: E402  (the tests' helpers)
 from shimfs import standin  # noqa: E402
 
 from benchlib import (COLD, RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, chart, cpu_table,  # noqa: E402
-                      make_file, page_reporting, page_reporting_state)
+                      make_file, page_reporting, page_reporting_state, results_stem)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -51,11 +53,12 @@ def pytest_sessionfinish(session, exitstatus):
     if cpu:
         table += ("\n\nCPU seconds per GiB moved (medians; the machine has 2 cores, so the"
                   " total over the run's wall time shows how busy it was):\n\n" + cpu)
-    with open(os.path.join(os.path.dirname(__file__), "results.md"), "w") as f:
+    stem = os.path.join(os.path.dirname(__file__), results_stem())
+    with open(stem + ".md", "w") as f:
         f.write("Sizes: scan %d MiB, write %d MiB; %d rounds; %s; caches cold: %s.\n\n%s\n" % (
             SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], COLD, table))
     print("\n" + table)
-    chart(RESULTS, os.path.join(os.path.dirname(__file__), "results.png"))
+    chart(RESULTS, stem + ".png")
 
 
 STATE = ["free page reporting: not recorded"]
