@@ -27,12 +27,20 @@ RESULTS: list[dict] = []
 COLD = os.environ.get("SHIMFS_BENCH_COLD", "client")
 
 
-def results_stem() -> str:
+def results_stem(partial: bool = False) -> str:
     """Where a run's table and chart go, by how cold it ran: ``results``
     (.md, .png) for every cache cold, the headline; ``results-brick-warm``
     with the brick's cache kept warm (``client``).  Each run replaces only
-    its own pair."""
-    return "results" if COLD == "all" else "results-brick-warm"
+    its own pair.  A ``partial`` run (some workloads, smaller sizes, fewer
+    rounds) gets ``-partial`` added, which git ignores, so that it never
+    replaces a published run's files."""
+    return ("results" if COLD == "all" else "results-brick-warm") + ("-partial" if partial else "")
+
+
+def is_partial(keyword: str, markexpr: str) -> bool:
+    """A run that is not the whole bench at its published sizes: pytest's
+    ``-k``/``-m``, or sizes or rounds below the defaults."""
+    return bool(keyword or markexpr) or SCAN_MIB < 2048 or WRITE_MIB < 1024 or ROUNDS < 3
 
 
 def drop_caches(*paths: str) -> None:

@@ -10,7 +10,9 @@ stops the VM's free page reporting for the run (benchlib.page_reporting).  Every
 as a ratio against the native path measured in the same run; the table is
 printed at the end and written to bench/results.md with its chart
 bench/results.png, or, with the brick warm (SHIMFS_BENCH_COLD=client, the
-default), to bench/results-brick-warm.md and .png (benchlib.results_stem).
+default), to bench/results-brick-warm.md and .png; a partial run (-k, -m,
+smaller sizes, fewer rounds) to the same names with -partial added
+(benchlib.results_stem).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from mounting import daemon_pid, shim_mount  # noqa: E402  (the tests' helpers)
 from shimfs import standin  # noqa: E402
 
 from benchlib import (COLD, RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, chart, cpu_table,  # noqa: E402
-                      make_file, page_reporting, page_reporting_state, results_stem)
+                      is_partial, make_file, page_reporting, page_reporting_state,
+                      results_stem)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -53,12 +56,14 @@ def pytest_sessionfinish(session, exitstatus):
     if cpu:
         table += ("\n\nCPU seconds per GiB moved (medians; the machine has 2 cores, so the"
                   " total over the run's wall time shows how busy it was):\n\n" + cpu)
-    stem = os.path.join(os.path.dirname(__file__), results_stem())
+    partial = is_partial(session.config.getoption("keyword"), session.config.getoption("markexpr"))
+    stem = os.path.join(os.path.dirname(__file__), results_stem(partial))
     with open(stem + ".md", "w") as f:
         f.write("Sizes: scan %d MiB, write %d MiB; %d rounds; %s; caches cold: %s.\n\n%s\n" % (
             SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], COLD, table))
     print("\n" + table)
     chart(RESULTS, stem + ".png")
+    print("written to %s.md and .png" % os.path.relpath(stem))
 
 
 STATE = ["free page reporting: not recorded"]
