@@ -6,6 +6,7 @@ import ctypes
 import mmap
 import os
 import statistics
+import subprocess
 import threading
 import time
 
@@ -293,7 +294,24 @@ def make_file(path: str, mib: int) -> str:
     return path
 
 
-def chart(results: list[dict], path: str) -> None:
+def source_state() -> str:
+    """Which code a run measured: the commit, and whether the tree had
+    changes of its own (for the results header and the chart)."""
+    top = os.path.join(os.path.dirname(__file__), "..")
+    try:
+        head = subprocess.run(["git", "-C", top, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", top, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "commit unknown"
+    if head.returncode != 0:
+        return "commit unknown"
+    return "commit %s%s" % (head.stdout.strip(),
+                            " with uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def chart(results: list[dict], path: str, title: str = "") -> None:
     """A PNG of every row's ratio to native (median of its rounds), one bar
     per path, grouped by workload and backing; skipped (with a line) when
     matplotlib is missing (``pip install -e '.[bench]'``)."""
@@ -323,6 +341,8 @@ def chart(results: list[dict], path: str) -> None:
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("ratio to native access in the same rounds (median)")
+    if title:
+        ax.set_title(title, fontsize=8)
     for i, v in enumerate(values):
         ax.text(v, i, " %.2f" % v, va="center", fontsize=6)
     fig.tight_layout()

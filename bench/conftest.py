@@ -34,7 +34,7 @@ from shimfs import standin  # noqa: E402
 
 from benchlib import (COLD, RESULTS, ROUNDS, SCAN_MIB, WRITE_MIB, chart, cpu_table,  # noqa: E402
                       is_partial, make_file, page_reporting, page_reporting_state,
-                      results_stem)
+                      results_stem, source_state)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -58,11 +58,13 @@ def pytest_sessionfinish(session, exitstatus):
                   " total over the run's wall time shows how busy it was):\n\n" + cpu)
     partial = is_partial(session.config.getoption("keyword"), session.config.getoption("markexpr"))
     stem = os.path.join(os.path.dirname(__file__), results_stem(partial))
+    header = "%s, %s; sizes: scan %d MiB, write %d MiB; %d rounds; %s; caches cold: %s." % (
+        time.strftime("%Y-%m-%d"), source_state(), SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], COLD)
     with open(stem + ".md", "w") as f:
-        f.write("Sizes: scan %d MiB, write %d MiB; %d rounds; %s; caches cold: %s.\n\n%s\n" % (
-            SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], COLD, table))
+        f.write("%s\n\n%s\n" % (header, table))
     print("\n" + table)
-    chart(RESULTS, stem + ".png")
+    chart(RESULTS, stem + ".png", title="%s, %s; caches cold: %s; %d rounds" % (
+        time.strftime("%Y-%m-%d"), source_state(), COLD, ROUNDS))
     print("written to %s.md and .png" % os.path.relpath(stem))
 
 
