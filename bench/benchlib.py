@@ -13,10 +13,12 @@ import time
 import psutil
 
 MIB = 1 << 20
-SCAN_MIB = int(os.environ.get("SHIMFS_BENCH_MIB", "2048"))
-WRITE_MIB = int(os.environ.get("SHIMFS_BENCH_WRITE_MIB", "1024"))
+#: The published run's sizes and rounds (a run below them is partial).
+FULL_SCAN_MIB, FULL_WRITE_MIB, FULL_ROUNDS = 2048, 1024, 3
+SCAN_MIB = int(os.environ.get("SHIMFS_BENCH_MIB", FULL_SCAN_MIB))
+WRITE_MIB = int(os.environ.get("SHIMFS_BENCH_WRITE_MIB", FULL_WRITE_MIB))
 RSS_MIB = int(os.environ.get("SHIMFS_BENCH_RSS_MIB", "4096"))
-ROUNDS = int(os.environ.get("SHIMFS_BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("SHIMFS_BENCH_ROUNDS", FULL_ROUNDS))
 RESULTS: list[dict] = []
 
 
@@ -41,7 +43,8 @@ def results_stem(partial: bool = False) -> str:
 def is_partial(keyword: str, markexpr: str) -> bool:
     """A run that is not the whole bench at its published sizes: pytest's
     ``-k``/``-m``, or sizes or rounds below the defaults."""
-    return bool(keyword or markexpr) or SCAN_MIB < 2048 or WRITE_MIB < 1024 or ROUNDS < 3
+    return (bool(keyword or markexpr) or SCAN_MIB < FULL_SCAN_MIB or WRITE_MIB < FULL_WRITE_MIB
+            or ROUNDS < FULL_ROUNDS)
 
 
 def drop_caches(*paths: str) -> None:

@@ -58,13 +58,13 @@ def pytest_sessionfinish(session, exitstatus):
                   " total over the run's wall time shows how busy it was):\n\n" + cpu)
     partial = is_partial(session.config.getoption("keyword"), session.config.getoption("markexpr"))
     stem = os.path.join(os.path.dirname(__file__), results_stem(partial))
-    header = "%s, %s; sizes: scan %d MiB, write %d MiB; %d rounds; %s; caches cold: %s." % (
-        time.strftime("%Y-%m-%d"), source_state(), SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], COLD)
+    made = "%s, %s" % (time.strftime("%Y-%m-%d"), source_state())
+    header = "%s; sizes: scan %d MiB, write %d MiB; %d rounds; %s; caches cold: %s." % (
+        made, SCAN_MIB, WRITE_MIB, ROUNDS, STATE[0], COLD)
     with open(stem + ".md", "w") as f:
         f.write("%s\n\n%s\n" % (header, table))
     print("\n" + table)
-    chart(RESULTS, stem + ".png", title="%s, %s; caches cold: %s; %d rounds" % (
-        time.strftime("%Y-%m-%d"), source_state(), COLD, ROUNDS))
+    chart(RESULTS, stem + ".png", title="%s; caches cold: %s; %d rounds" % (made, COLD, ROUNDS))
     print("written to %s.md and .png" % os.path.relpath(stem))
 
 
